@@ -1,0 +1,40 @@
+"""Named model presets. Backbone numbers come from the public HF configs (shared/REFERENCE.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from medmoe_mcore.config import ConfigError, LanguageConfig
+
+PHI_BLOCK = dict(family="phi", parallel_residual=True, gated_linear_unit=False,
+                 activation="gelu_tanh", add_bias_linear=True, add_qkv_bias=True,
+                 output_layer_bias=True)
+STABLELM_BLOCK = dict(family="stablelm", parallel_residual=False, gated_linear_unit=True,
+                      activation="silu", add_bias_linear=False, add_qkv_bias=True,
+                      output_layer_bias=False)
+
+LANGUAGE_FLAVORS = {
+    "phi2": LanguageConfig(
+        **PHI_BLOCK, vocab_size=51200, hidden_size=2560, num_layers=32, num_attention_heads=32,
+        num_query_groups=32, ffn_hidden_size=10240, max_position_embeddings=2048,
+        rotary_percent=0.4),
+    "stablelm2_1_6b": LanguageConfig(
+        **STABLELM_BLOCK, vocab_size=100352, hidden_size=2048, num_layers=24,
+        num_attention_heads=32, num_query_groups=32, ffn_hidden_size=5632,
+        max_position_embeddings=4096, rotary_percent=0.25),
+    # CPU demos and tests: Phi-shaped, a few hundred thousand parameters.
+    "tiny": LanguageConfig(
+        **PHI_BLOCK, vocab_size=1000, hidden_size=64, num_layers=4, num_attention_heads=4,
+        num_query_groups=4, ffn_hidden_size=256, max_position_embeddings=512,
+        rotary_percent=0.5, make_vocab_size_divisible_by=8),
+    "tiny_stablelm": LanguageConfig(
+        **STABLELM_BLOCK, vocab_size=1000, hidden_size=64, num_layers=4, num_attention_heads=4,
+        num_query_groups=2, ffn_hidden_size=176, max_position_embeddings=512,
+        rotary_percent=0.25, make_vocab_size_divisible_by=8),
+}
+
+
+def language_flavor(name: str) -> LanguageConfig:
+    if name not in LANGUAGE_FLAVORS:
+        raise ConfigError(f"flavor={name!r}: unknown; choose from {sorted(LANGUAGE_FLAVORS)}")
+    return dataclasses.replace(LANGUAGE_FLAVORS[name])

@@ -1,0 +1,53 @@
+"""Process-group set-up for CPU (gloo) and GPU (nccl) runs; reads no global args."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from medmoe_mcore import cpu_runtime
+from medmoe_mcore.config import ParallelConfig
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Init torch.distributed from torchrun's env (or a single process) and Megatron's groups."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_runtime.activate()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size x "
+                         f"pipeline_model_parallel_size = {model_parallel}")
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,1 @@
+"""Megatron-Core layer specs (ModuleSpec trees) of the Med-MoE language models."""

@@ -1,0 +1,103 @@
+"""Layer specs of the Phi-2 and StableLM-2 decoders, for the local and Transformer Engine
+backends. Which layer class and which norm placement a model gets is read from its config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from medmoe_mcore.config import LanguageConfig
+from medmoe_mcore.specs.layers import ParallelResidualTransformerLayer
+from medmoe_mcore.specs.norm import LayerNorm
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The module classes one backend provides; a spec is built from exactly these."""
+
+    name: str
+    norm: type
+    column_linear: type
+    row_linear: type
+    core_attention: type
+
+
+LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention)
+
+
+def transformer_engine_backend() -> Backend | None:
+    """The TE backend when Transformer Engine is importable (GPU/NGC), else None.
+
+    Un-fused TE modules keep the local parameter names, so one conversion table serves both.
+    """
+    try:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return None
+    return Backend("te", TENorm, TEColumnParallelLinear, TERowParallelLinear,
+                   TEDotProductAttention)
+
+
+def default_backend() -> Backend:
+    return transformer_engine_backend() or LOCAL
+
+
+def attention_spec(backend: Backend) -> ModuleSpec:
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=backend.column_linear,
+            core_attention=backend.core_attention,
+            linear_proj=backend.row_linear,
+            q_layernorm=IdentityOp,
+            k_layernorm=IdentityOp,
+        ),
+    )
+
+
+def dense_mlp_spec(backend: Backend) -> ModuleSpec:
+    return ModuleSpec(module=MLP, submodules=MLPSubmodules(
+        linear_fc1=backend.column_linear, linear_fc2=backend.row_linear))
+
+
+def language_layer_spec(lm: LanguageConfig, backend: Backend = LOCAL,
+                        mlp: ModuleSpec | None = None) -> ModuleSpec:
+    """Decoder layer spec: parallel residual (Phi-2, one norm) or sequential (StableLM-2)."""
+    return ModuleSpec(
+        module=ParallelResidualTransformerLayer if lm.parallel_residual else TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=backend.norm,
+            self_attention=attention_spec(backend),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if lm.parallel_residual else backend.norm,
+            mlp=mlp or dense_mlp_spec(backend),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def language_block_spec(lm: LanguageConfig, backend: Backend = LOCAL) -> TransformerBlockSubmodules:
+    """Per-layer specs plus the final norm (Megatron's default final norm refuses SP)."""
+    layer = language_layer_spec(lm, backend)
+    return TransformerBlockSubmodules(layer_specs=[layer] * lm.num_layers,
+                                      layer_norm=backend.norm)
