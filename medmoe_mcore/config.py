@@ -130,17 +130,17 @@ class ModelConfig:
                  f"params_dtype={self.params_dtype!r}: must be float32, bfloat16 or float16")
         return self
 
-    # The architecture travels with checkpoints; parallel layout does not.
+    # Architecture and storage dtype travel with checkpoints; the parallel layout does not.
     def to_json(self) -> str:
-        return json.dumps({"language": dataclasses.asdict(self.language)}, indent=2,
-                          sort_keys=True)
+        return json.dumps({"language": dataclasses.asdict(self.language),
+                           "params_dtype": self.params_dtype}, indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, parallel: Optional[ParallelConfig] = None,
-                  params_dtype: str = "float32") -> "ModelConfig":
+    def from_json(cls, text: str, parallel: Optional[ParallelConfig] = None) -> "ModelConfig":
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(LanguageConfig)}
         unknown = sorted(set(data["language"]) - known)
         _require(not unknown, f"language config has unknown field(s) {unknown}")
         return cls(language=LanguageConfig(**data["language"]),
-                   parallel=parallel or ParallelConfig(), params_dtype=params_dtype)
+                   parallel=parallel or ParallelConfig(),
+                   params_dtype=data.get("params_dtype", "float32"))

@@ -69,6 +69,9 @@ class CudaToCpuMode(TorchFunctionMode):
 class _CpuStream:
     """Fix 2: a stream stand-in; CPU work is already executed in order."""
 
+    def __init__(self, *args, **kwargs):
+        pass
+
     def wait_stream(self, stream):
         pass
 
@@ -109,7 +112,7 @@ def _patch_cuda_namespace():
     """Fix 2: CPU stand-ins for the torch.cuda functions Megatron calls unconditionally."""
     cuda = torch.cuda
     cuda.current_device = lambda: 0
-    cuda.Stream = lambda *a, **k: _CpuStream()
+    cuda.Stream = _CpuStream  # a class: libraries use torch.cuda.Stream in annotations
     cuda.Event = _CpuEvent
     cuda.stream = lambda stream=None: contextlib.nullcontext()
     cuda.current_stream = lambda device=None: _DEFAULT_STREAM

@@ -1,0 +1,97 @@
+"""Mapping kinds. Each is a pair of inverse pure functions between HF tensors and one Megatron
+tensor; names are patterns where `{i}` stands for a layer index. Format only: TP/EP sharding is
+Megatron's job (its sharded state dict), never done here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from medmoe_mcore.config import LanguageConfig
+
+
+@dataclass(frozen=True)
+class Mapping:
+    megatron: str
+    hf: tuple[str, ...]
+
+    def to_megatron(self, tensors: Sequence[torch.Tensor], lm: LanguageConfig) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_hf(self, tensor: torch.Tensor, lm: LanguageConfig) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class Direct(Mapping):
+    """Same tensor, same name on both sides (up to the pattern)."""
+
+    def __init__(self, megatron: str, hf: str):
+        super().__init__(megatron, (hf,))
+
+    def to_megatron(self, tensors, lm):
+        return tensors[0]
+
+    def to_hf(self, tensor, lm):
+        return [tensor]
+
+
+class PaddedVocab(Mapping):
+    """Embedding / LM-head rows padded from `vocab_size` to `padded_vocab_size` with zeros."""
+
+    def __init__(self, megatron: str, hf: str):
+        super().__init__(megatron, (hf,))
+
+    def to_megatron(self, tensors, lm):
+        (t,) = tensors
+        if t.shape[0] != lm.vocab_size:
+            raise ValueError(f"{self.hf[0]}: {t.shape[0]} rows, expected vocab_size "
+                             f"{lm.vocab_size}")
+        pad = t.new_zeros((lm.padded_vocab_size - lm.vocab_size, *t.shape[1:]))
+        return torch.cat([t, pad]) if pad.shape[0] else t
+
+    def to_hf(self, tensor, lm):
+        return [tensor[: lm.vocab_size]]
+
+
+class QKV(Mapping):
+    """Separate q/k/v (weights or biases) <-> Megatron's fused linear_qkv, grouped per query
+    group as [q heads of the group, k, v] so that TP row-sharding splits whole groups."""
+
+    def __init__(self, megatron: str, q: str, k: str, v: str):
+        super().__init__(megatron, (q, k, v))
+
+    def to_megatron(self, tensors, lm):
+        q, k, v = tensors
+        ng, hn = lm.num_query_groups, lm.head_dim
+        rest = q.shape[1:]
+        if q.shape[0] != lm.num_attention_heads * hn or k.shape[0] != ng * hn \
+                or v.shape[0] != ng * hn:
+            raise ValueError(f"{self.megatron}: q/k/v rows {q.shape[0]}/{k.shape[0]}/"
+                             f"{v.shape[0]} do not match heads={lm.num_attention_heads}, "
+                             f"groups={ng}, head_dim={hn}")
+        fused = torch.cat([q.reshape(ng, -1, hn, *rest), k.reshape(ng, 1, hn, *rest),
+                           v.reshape(ng, 1, hn, *rest)], dim=1)
+        return fused.reshape(-1, *rest)
+
+    def to_hf(self, tensor, lm):
+        ng, hn = lm.num_query_groups, lm.head_dim
+        per_group = lm.num_attention_heads // ng
+        rest = tensor.shape[1:]
+        grouped = tensor.reshape(ng, per_group + 2, hn, *rest)
+        q, k, v = torch.split(grouped, [per_group, 1, 1], dim=1)
+        return [x.reshape(-1, *rest).contiguous() for x in (q, k, v)]
+
+
+class GatedMLP(Mapping):
+    """gate_proj and up_proj <-> Megatron's fused linear_fc1 = [gate; up]."""
+
+    def __init__(self, megatron: str, gate: str, up: str):
+        super().__init__(megatron, (gate, up))
+
+    def to_megatron(self, tensors, lm):
+        return torch.cat(tensors, dim=0)
+
+    def to_hf(self, tensor, lm):
+        return [x.contiguous() for x in torch.chunk(tensor, 2, dim=0)]

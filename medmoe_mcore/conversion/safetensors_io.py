@@ -1,0 +1,134 @@
+"""Streaming safetensors I/O: zero-copy memory-mapped reads, sharded atomic writes."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import struct
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors.torch import save_file
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class SafetensorsDir:
+    """All tensors of an HF folder (single file or index + shards), read lazily via mmap.
+
+    `get` returns a tensor viewing the mapped file: nothing is copied until a transform needs to,
+    so peak memory stays near one copy of what is being converted."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / SINGLE).exists():
+            files = [SINGLE]
+        else:
+            raise FileNotFoundError(f"{self.folder}: neither {INDEX} nor {SINGLE} found")
+        self._entries: dict[str, tuple[str, dict, int]] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        for name in files:
+            path = self.folder / name
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+                self._maps[name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                if key in self._entries:
+                    raise ValueError(f"{path}: tensor {key!r} also in {self._entries[key][0]}")
+                self._entries[key] = (name, info, 8 + header_len)
+
+    def keys(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, key: str) -> torch.Tensor:
+        name, info, base = self._entries[key]
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        if end == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        buf = memoryview(self._maps[name])[base + start: base + end]
+        with warnings.catch_warnings():  # read-only mapping: tensors are never written in place
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(buf, dtype=dtype).view(info["shape"])
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {k: _DTYPES[info["dtype"]] for k, (_, info, _) in self._entries.items()}
+
+
+def write_sharded(items: Iterable[tuple[str, torch.Tensor]], folder: str | os.PathLike,
+                  max_shard_bytes: int = 2 << 30, progress=None) -> list[str]:
+    """Write tensors as HF safetensors shards + index into `folder`, streaming: at most one
+    shard is held in memory. Returns the tensor names written."""
+    folder = Path(folder)
+    shard: dict[str, torch.Tensor] = {}
+    size, files, weight_map = 0, [], {}
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"shard-{len(files):05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            files.append((name, list(shard)))
+            shard, size = {}, 0
+
+    for key, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().nbytes() != nbytes:  # a view into a bigger tensor
+            tensor = tensor.clone()
+        shard[key] = tensor
+        size += nbytes
+        if progress:
+            progress(key)
+    flush()
+    total = len(files)
+    if total == 1:
+        os.replace(folder / files[0][0], folder / SINGLE)
+        return files[0][1]
+    for n, (name, keys) in enumerate(files, start=1):
+        final = f"model-{n:05d}-of-{total:05d}.safetensors"
+        os.replace(folder / name, folder / final)
+        weight_map.update({k: final for k in keys})
+    (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return sorted(weight_map)
+
+
+class AtomicDir:
+    """Write into `<target>.tmp-<pid>` and move it into place only when the block succeeds."""
+
+    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
+        self.target = Path(target)
+        self.tmp = self.target.with_name(f"{self.target.name}.tmp-{os.getpid()}")
+        if self.target.exists() and any(self.target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{self.target} exists and is not empty")
+        self.overwrite = overwrite
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.target.exists():
+            shutil.rmtree(self.target)
+        os.replace(self.tmp, self.target)
+        return False
