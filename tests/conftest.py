@@ -1,0 +1,40 @@
+import os
+import sys
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """A single-process gloo group + Megatron parallel state (TP=EP=1)."""
+    from medmoe_mcore import parallel
+    from medmoe_mcore.config import ParallelConfig
+
+    parallel.initialize(ParallelConfig())
+    return True
+
+
+def run_tool(*args, nproc: int = 1, timeout: int = 300):
+    """Run a tool as a user would: python, or torchrun for nproc > 1. Returns CompletedProcess."""
+    import subprocess
+
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), *args]
+    else:
+        cmd = [sys.executable, *args]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
