@@ -1,0 +1,77 @@
+"""One forward/backward through Megatron DDP + finalize_model_grads, run under torchrun.
+
+Rank 0 writes the loss and every parameter's full (TP-gathered) gradient to --out, so that a
+test can compare TP=1 against TP=2 with sequence parallelism.
+"""
+
+import argparse
+
+import torch
+import torch.distributed as dist
+
+
+def full_tensor(param, tensor, tp_group, gated: bool):
+    """Gather a TP-sharded tensor into Megatron's TP=1 layout."""
+    if not getattr(param, "tensor_model_parallel", False) or tp_group.size() == 1:
+        return tensor.clone()
+    dim = param.partition_dim
+    parts = [torch.empty_like(tensor) for _ in range(tp_group.size())]
+    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
+    if gated:  # each rank holds [gate_r; up_r]
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--load", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--drop-sp-tag", action="store_true",
+                   help="negative control: forget the norms' sequence_parallel tag")
+    args = p.parse_args()
+
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from medmoe_mcore import checkpointing, parallel
+    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.model import LanguageModel
+
+    par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1)
+    parallel.initialize(par)
+    cfg = checkpointing.read_config(args.load, par).validate()
+    model = LanguageModel(cfg)
+    checkpointing.load_into(model, args.load)
+    if args.drop_sp_tag:
+        for name, param in model.named_parameters():
+            if "layernorm" in name:
+                param.sequence_parallel = False
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    ddp.zero_grad_buffer()
+
+    gen = torch.Generator().manual_seed(0)
+    b, s, v = 2, 16, cfg.language.vocab_size
+    tokens = torch.randint(0, v, (b, s), generator=gen)
+    labels = torch.randint(0, v, (b, s), generator=gen)
+    positions = torch.arange(s).unsqueeze(0).expand(b, -1)
+    loss = ddp(tokens, positions, None, labels=labels).float().mean()
+    loss.backward()
+    finalize_model_grads([ddp])
+
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    grads = {}
+    for name, param in model.named_parameters():
+        gated = cfg.language.gated_linear_unit and name.endswith("linear_fc1.weight")
+        grads[name] = full_tensor(param, param.main_grad, tp_group, gated)
+    if dist.get_rank() == 0:
+        torch.save({"loss": loss.detach(), "grads": grads}, args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
