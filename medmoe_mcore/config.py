@@ -122,10 +122,15 @@ class ModelConfig:
     language: LanguageConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Activation recompute (a run-time choice, not saved with checkpoints): None or "full".
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
 
     def validate(self) -> "ModelConfig":
         self.language.validate()
         self.parallel.validate(self.language)
+        _require(self.recompute_granularity in (None, "full", "selective"),
+                 f"recompute_granularity={self.recompute_granularity!r}: must be None, 'full' "
+                 "or 'selective'")
         _require(self.params_dtype in ("float32", "bfloat16", "float16"),
                  f"params_dtype={self.params_dtype!r}: must be float32, bfloat16 or float16")
         return self

@@ -46,6 +46,9 @@ def language_transformer_config(cfg: ModelConfig, use_cpu_initialization: bool =
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
         pipeline_dtype=dtype,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
     )

@@ -30,6 +30,8 @@ def main():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--drop-sp-tag", action="store_true",
                    help="negative control: forget the norms' sequence_parallel tag")
+    p.add_argument("--recompute", action="store_true", help="full activation recompute")
+    p.add_argument("--dropout", type=float, default=0.0, help="hidden and attention dropout")
     args = p.parse_args()
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -41,7 +43,10 @@ def main():
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1)
     parallel.initialize(par)
-    cfg = checkpointing.read_config(args.load, par).validate()
+    cfg = checkpointing.read_config(args.load, par)
+    cfg.language.hidden_dropout = cfg.language.attention_dropout = args.dropout
+    cfg.recompute_granularity = "full" if args.recompute else None
+    cfg.validate()
     model = LanguageModel(cfg)
     checkpointing.load_into(model, args.load)
     if args.drop_sp_tag:
