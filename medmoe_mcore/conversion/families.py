@@ -26,6 +26,17 @@ class Family:
     requires: dict[str, tuple[Any, str]] = field(default_factory=dict)
 
 
+# Both families name their embedding, input norm and q/k/v projections alike.
+EMBEDDING_AND_QKV = (
+    PaddedVocab("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+    Direct(L + "input_layernorm.weight", H + "input_layernorm.weight"),
+    Direct(L + "input_layernorm.bias", H + "input_layernorm.bias"),
+    QKV(L + "self_attention.linear_qkv.weight", H + "self_attn.q_proj.weight",
+        H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"),
+    QKV(L + "self_attention.linear_qkv.bias", H + "self_attn.q_proj.bias",
+        H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"),
+)
+
 COMMON_CONFIG_KEYS = (
     ("vocab_size", "vocab_size"),
     ("hidden_size", "hidden_size"),
@@ -45,13 +56,7 @@ PHI = Family(
     hf_model_type="phi",
     hf_architecture="PhiForCausalLM",
     weights=(
-        PaddedVocab("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
-        Direct(L + "input_layernorm.weight", H + "input_layernorm.weight"),
-        Direct(L + "input_layernorm.bias", H + "input_layernorm.bias"),
-        QKV(L + "self_attention.linear_qkv.weight", H + "self_attn.q_proj.weight",
-            H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"),
-        QKV(L + "self_attention.linear_qkv.bias", H + "self_attn.q_proj.bias",
-            H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"),
+        *EMBEDDING_AND_QKV,
         Direct(L + "self_attention.linear_proj.weight", H + "self_attn.dense.weight"),
         Direct(L + "self_attention.linear_proj.bias", H + "self_attn.dense.bias"),
         Direct(L + "mlp.linear_fc1.weight", H + "mlp.fc1.weight"),
@@ -78,13 +83,7 @@ STABLELM = Family(
     hf_model_type="stablelm",
     hf_architecture="StableLmForCausalLM",
     weights=(
-        PaddedVocab("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
-        Direct(L + "input_layernorm.weight", H + "input_layernorm.weight"),
-        Direct(L + "input_layernorm.bias", H + "input_layernorm.bias"),
-        QKV(L + "self_attention.linear_qkv.weight", H + "self_attn.q_proj.weight",
-            H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"),
-        QKV(L + "self_attention.linear_qkv.bias", H + "self_attn.q_proj.bias",
-            H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"),
+        *EMBEDDING_AND_QKV,
         Direct(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight"),
         Direct(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
         Direct(L + "pre_mlp_layernorm.bias", H + "post_attention_layernorm.bias"),
