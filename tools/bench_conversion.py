@@ -10,8 +10,6 @@ The round trip is also checked bit-exact. Prints one JSON object as its last lin
 
 import argparse
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys

@@ -7,6 +7,7 @@ partial checkpoint."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -50,7 +51,7 @@ def plan(table: Sequence[Mapping], source_keys: Iterable[str], expected_keys: It
     found: dict[tuple, dict[int, str]] = {}
     unmatched, doubly = [], []
     for key in sorted(source_keys):
-        hits = [(m, slot, rx.match(key)) for m, slot, rx in compiled if rx.match(key)]
+        hits = [(m, slot, match) for m, slot, rx in compiled if (match := rx.match(key))]
         if not hits:
             unmatched.append(key)
             continue
@@ -75,7 +76,7 @@ def plan(table: Sequence[Mapping], source_keys: Iterable[str], expected_keys: It
 
     produced = [t for g in groups for t in g.targets]
     expected = set(expected_keys)
-    dup = sorted({t for t in produced if produced.count(t) > 1})
+    dup = sorted(t for t, n in Counter(produced).items() if n > 1)
     not_provided = sorted(expected - set(produced))
     unexpected = sorted(set(produced) - expected)
     problems = []

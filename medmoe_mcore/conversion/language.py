@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from medmoe_mcore import checkpointing, parallel
-from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
+from medmoe_mcore.config import ModelConfig, ParallelConfig
 from medmoe_mcore.conversion.engine import ConversionError, convert, plan
 from medmoe_mcore.conversion.families import FAMILIES
 from medmoe_mcore.conversion.hf_config import (
@@ -42,8 +42,9 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     return AutoConfig.from_pretrained(str(hf_dir), local_files_only=True).to_dict()
 
 
-def _non_extra(keys):
-    return {k for k in keys if not k.endswith("._extra_state")}
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without Megatron's (empty) `_extra_state` entries."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
 
 
 def _storage_dtype(src: SafetensorsDir) -> str:
@@ -74,7 +75,7 @@ def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=
     # Parameters are left uninitialised (never touched), then swapped for converted tensors.
     model = LanguageModel(cfg, backend=LOCAL, perform_initialization=False)
     params = dict(model.named_parameters())
-    groups = plan(family.weights, src.keys(), _non_extra(model.state_dict()), to_megatron=True)
+    groups = plan(family.weights, src.keys(), _weights(model).keys(), to_megatron=True)
     bar = _progress(len(params), "HF -> Megatron", show_progress)
     for key, tensor in convert(groups, src.get, lm, to_megatron=True):
         param = params[key]
@@ -119,7 +120,7 @@ def export_hf(load_root, hf_dir, overwrite=False, show_progress=True,
     parallel.initialize(cfg.parallel)
     model = LanguageModel(cfg, backend=LOCAL, perform_initialization=False)
     checkpointing.load_into(model, folder)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+    state = _weights(model)
     groups = plan(family.weights, state.keys(), expected_hf_keys(hf_cfg), to_megatron=False)
     with AtomicDir(hf_dir, overwrite=overwrite) as out:
         bar = _progress(sum(len(g.targets) for g in groups), "Megatron -> HF", show_progress)
@@ -133,5 +134,3 @@ def export_hf(load_root, hf_dir, overwrite=False, show_progress=True,
                 shutil.copy(item, out / item.name)
     return Path(hf_dir)
 
-
-__all__ = ["import_hf", "export_hf", "read_hf_config", "ConfigError", "ConversionError"]
