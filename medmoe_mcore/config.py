@@ -1,7 +1,8 @@
 """One config tree for the whole model; validation names the field and the value.
 
-Only `LanguageConfig` and `ParallelConfig` are used by the language models today; the vision,
-projector and MoE sub-configs join the tree in their own issues.
+`LanguageConfig` (backbone shape), `MoEConfig` (stage-3 Mixture of Experts, None for a dense
+model) and `ParallelConfig` (layout, never saved with checkpoints); vision and projector
+sub-configs join the tree in their own issue.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -90,17 +91,83 @@ class LanguageConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Med-MoE layers: E domain experts chosen by a fixed modality router + a meta expert.
+
+    Defaults are the authors' release: 4 experts, top-1, MoE FFN in layers 0, 2, 4, ...,
+    per-token routing with the router's softmax probabilities (not renormalised).
+    """
+
+    num_experts: int = 4
+    router_topk: int = 1
+    # int N: layers 0, N, 2N, ... are MoE; a list: one 0/1 per layer (Megatron's moe_layer_freq).
+    layer_freq: Union[int, list] = 2
+    # "modality": fixed, pretrained linear classifier (frozen); "learned": Megatron TopKRouter.
+    router_type: Literal["modality", "learned"] = "modality"
+    # "token": each token routed by its own state; "sample": by the sample's mean state.
+    routing_granularity: Literal["token", "sample"] = "token"
+    renormalize: bool = False  # renormalise the chosen top-k probabilities to sum to 1
+    aux_loss_coeff: float = 0.0  # load-balancing loss, learned router only (MoE-LLaVA: 0.01)
+    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    meta_expert: bool = True  # always-on shared expert, added unweighted
+    modalities: Optional[list] = None  # modality name of each expert (index = expert)
+
+    def moe_layers(self, num_layers: int) -> list[bool]:
+        if isinstance(self.layer_freq, int):
+            return [i % self.layer_freq == 0 for i in range(num_layers)]
+        return [bool(x) for x in self.layer_freq]
+
+    def validate(self, language: "LanguageConfig") -> None:
+        p = "moe"
+        _require(isinstance(self.num_experts, int) and self.num_experts >= 2,
+                 f"{p}.num_experts={self.num_experts!r}: must be an integer >= 2")
+        _require(isinstance(self.router_topk, int) and 1 <= self.router_topk <= self.num_experts,
+                 f"{p}.router_topk={self.router_topk!r}: must be in [1, num_experts="
+                 f"{self.num_experts}]")
+        if isinstance(self.layer_freq, int):
+            _require(self.layer_freq >= 1, f"{p}.layer_freq={self.layer_freq}: must be >= 1")
+        else:
+            _require(len(self.layer_freq) == language.num_layers
+                     and all(x in (0, 1, True, False) for x in self.layer_freq),
+                     f"{p}.layer_freq={self.layer_freq!r}: a list needs one 0/1 per layer "
+                     f"(language.num_layers={language.num_layers})")
+        _require(any(self.moe_layers(language.num_layers)),
+                 f"{p}.layer_freq={self.layer_freq!r} makes no layer an MoE layer")
+        _require(self.router_type in ("modality", "learned"),
+                 f"{p}.router_type={self.router_type!r}: must be 'modality' or 'learned'")
+        _require(self.routing_granularity in ("token", "sample"),
+                 f"{p}.routing_granularity={self.routing_granularity!r}: must be 'token' or "
+                 "'sample'")
+        _require(self.router_type == "modality" or self.routing_granularity == "token",
+                 f"{p}.routing_granularity='sample' needs router_type='modality'")
+        _require(self.token_dispatcher in ("alltoall", "allgather"),
+                 f"{p}.token_dispatcher={self.token_dispatcher!r}: must be 'alltoall' or "
+                 "'allgather'")
+        _require(self.aux_loss_coeff >= 0.0, f"{p}.aux_loss_coeff={self.aux_loss_coeff}: "
+                 "must be >= 0")
+        _require(self.router_type == "learned" or self.aux_loss_coeff == 0.0,
+                 f"{p}.aux_loss_coeff={self.aux_loss_coeff}: the fixed modality router has no "
+                 "load-balancing loss")
+        if self.modalities is not None:
+            _require(len(self.modalities) == self.num_experts,
+                     f"{p}.modalities has {len(self.modalities)} names for num_experts="
+                     f"{self.num_experts}")
+
+
+@dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     sequence_parallel: bool = False
     expert_model_parallel_size: int = 1
+    # Experts are whole on each rank by default (biased experts require it in Megatron).
+    expert_tensor_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
 
     def validate(self, language: LanguageConfig) -> None:
         p = "parallel"
         tp = self.tensor_model_parallel_size
         for name in ("tensor_model_parallel_size", "expert_model_parallel_size",
-                     "pipeline_model_parallel_size"):
+                     "expert_tensor_parallel_size", "pipeline_model_parallel_size"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0,
                      f"{p}.{name}={value!r}: must be a positive integer")
@@ -116,11 +183,29 @@ class ParallelConfig:
         _require(not self.sequence_parallel or tp > 1,
                  f"{p}.sequence_parallel=True needs tensor_model_parallel_size > 1 (got {tp})")
 
+    def validate_experts(self, language: LanguageConfig, moe: Optional[MoEConfig]) -> None:
+        p = "parallel"
+        ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
+        if moe is None:
+            _require(ep == 1 and etp == 1, f"{p}.expert_model_parallel_size={ep} / "
+                     f"expert_tensor_parallel_size={etp} need an MoE model (moe is None)")
+            return
+        _require(moe.num_experts % ep == 0,
+                 f"{p}.expert_model_parallel_size={ep} does not divide moe.num_experts="
+                 f"{moe.num_experts}")
+        _require(etp == 1 or not language.add_bias_linear,
+                 f"{p}.expert_tensor_parallel_size={etp}: experts with biases "
+                 "(language.add_bias_linear=True) need 1")
+        _require(language.ffn_hidden_size % etp == 0,
+                 f"{p}.expert_tensor_parallel_size={etp} does not divide "
+                 f"language.ffn_hidden_size={language.ffn_hidden_size}")
+
 
 @dataclass
 class ModelConfig:
     language: LanguageConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: Optional[MoEConfig] = None
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Activation recompute (a run-time choice, not saved with checkpoints): None or "full".
     recompute_granularity: Optional[Literal["full", "selective"]] = None
@@ -128,6 +213,9 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         self.language.validate()
         self.parallel.validate(self.language)
+        if self.moe is not None:
+            self.moe.validate(self.language)
+        self.parallel.validate_experts(self.language, self.moe)
         _require(self.recompute_granularity in (None, "full", "selective"),
                  f"recompute_granularity={self.recompute_granularity!r}: must be None, 'full' "
                  "or 'selective'")
@@ -137,15 +225,20 @@ class ModelConfig:
 
     # Architecture and storage dtype travel with checkpoints; the parallel layout does not.
     def to_json(self) -> str:
-        return json.dumps({"language": dataclasses.asdict(self.language),
-                           "params_dtype": self.params_dtype}, indent=2, sort_keys=True)
+        data = {"language": dataclasses.asdict(self.language), "params_dtype": self.params_dtype}
+        if self.moe is not None:
+            data["moe"] = dataclasses.asdict(self.moe)
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, parallel: Optional[ParallelConfig] = None) -> "ModelConfig":
         data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(LanguageConfig)}
-        unknown = sorted(set(data["language"]) - known)
-        _require(not unknown, f"language config has unknown field(s) {unknown}")
+        for name, kind in (("language", LanguageConfig), ("moe", MoEConfig)):
+            known = {f.name for f in dataclasses.fields(kind)}
+            unknown = sorted(set(data.get(name) or {}) - known)
+            _require(not unknown, f"{name} config has unknown field(s) {unknown}")
+        moe = data.get("moe")
         return cls(language=LanguageConfig(**data["language"]),
                    parallel=parallel or ParallelConfig(),
+                   moe=MoEConfig(**moe) if moe is not None else None,
                    params_dtype=data.get("params_dtype", "float32"))

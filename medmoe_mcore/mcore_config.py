@@ -51,4 +51,27 @@ def language_transformer_config(cfg: ModelConfig, use_cpu_initialization: bool =
         recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
+        **(_moe_fields(cfg) if cfg.moe is not None else {}),
+    )
+
+
+def _moe_fields(cfg: ModelConfig) -> dict:
+    """Megatron MoE settings of a Med-MoE model: no capacity limit, no token dropping."""
+    moe, lm = cfg.moe, cfg.language
+    aux = moe.router_type == "learned" and moe.aux_loss_coeff > 0
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.router_topk,
+        moe_ffn_hidden_size=lm.ffn_hidden_size,
+        moe_shared_expert_intermediate_size=lm.ffn_hidden_size if moe.meta_expert else None,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        expert_tensor_parallel_size=cfg.parallel.expert_tensor_parallel_size,
+        # Softmax over all experts, then top-k (pre-softmax) keeps the probabilities
+        # unnormalised; top-k logits, then softmax renormalises them.
+        moe_router_pre_softmax=not moe.renormalize,
+        moe_router_load_balancing_type="aux_loss" if aux else "none",
+        moe_aux_loss_coeff=moe.aux_loss_coeff if aux else 0.0,
+        moe_router_dtype="fp32",
+        moe_layer_freq=moe.layer_freq,
+        moe_grouped_gemm=False,
     )

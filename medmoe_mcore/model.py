@@ -26,7 +26,8 @@ class LanguageModel(GPTModel):
         config = language_transformer_config(cfg, perform_initialization=perform_initialization)
         super().__init__(
             config=config,
-            transformer_layer_spec=language_block_spec(lm, backend or default_backend()),
+            transformer_layer_spec=language_block_spec(lm, backend or default_backend(),
+                                                       cfg.moe),
             vocab_size=lm.padded_vocab_size,
             max_sequence_length=lm.max_position_embeddings,
             parallel_output=parallel_output,

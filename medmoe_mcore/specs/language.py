@@ -19,8 +19,13 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from medmoe_mcore.config import LanguageConfig
-from medmoe_mcore.specs.layers import ParallelResidualTransformerLayer
+from medmoe_mcore.config import LanguageConfig, MoEConfig
+from medmoe_mcore.specs.layers import (
+    ExpertColumnParallelLinear,
+    ExpertRowParallelLinear,
+    ParallelResidualTransformerLayer,
+)
+from medmoe_mcore.specs.moe import moe_mlp_spec
 from medmoe_mcore.specs.norm import LayerNorm
 
 
@@ -33,9 +38,12 @@ class Backend:
     column_linear: type
     row_linear: type
     core_attention: type
+    expert_column_linear: type
+    expert_row_linear: type
 
 
-LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention)
+LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention,
+                ExpertColumnParallelLinear, ExpertRowParallelLinear)
 
 
 def transformer_engine_backend() -> Backend | None:
@@ -54,7 +62,7 @@ def transformer_engine_backend() -> Backend | None:
     except ImportError:
         return None
     return Backend("te", TENorm, TEColumnParallelLinear, TERowParallelLinear,
-                   TEDotProductAttention)
+                   TEDotProductAttention, TEColumnParallelLinear, TERowParallelLinear)
 
 
 def default_backend() -> Backend:
@@ -96,8 +104,15 @@ def language_layer_spec(lm: LanguageConfig, backend: Backend = LOCAL,
     )
 
 
-def language_block_spec(lm: LanguageConfig, backend: Backend = LOCAL) -> TransformerBlockSubmodules:
-    """Per-layer specs plus the final norm (Megatron's default final norm refuses SP)."""
-    layer = language_layer_spec(lm, backend)
-    return TransformerBlockSubmodules(layer_specs=[layer] * lm.num_layers,
-                                      layer_norm=backend.norm)
+def language_block_spec(lm: LanguageConfig, backend: Backend = LOCAL,
+                        moe: MoEConfig | None = None) -> TransformerBlockSubmodules:
+    """Per-layer specs plus the final norm (Megatron's default final norm refuses SP).
+
+    With `moe`, the layers that `moe.layer_freq` selects get the Med-MoE FFN."""
+    dense = language_layer_spec(lm, backend)
+    layers = [dense] * lm.num_layers
+    if moe is not None:
+        sparse = language_layer_spec(
+            lm, backend, mlp=moe_mlp_spec(moe, backend))
+        layers = [sparse if is_moe else dense for is_moe in moe.moe_layers(lm.num_layers)]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=backend.norm)

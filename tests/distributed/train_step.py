@@ -5,22 +5,14 @@ test can compare TP=1 against TP=2 with sequence parallelism.
 """
 
 import argparse
+import os
+import sys
 
 import torch
 import torch.distributed as dist
 
-
-def full_tensor(param, tensor, tp_group, gated: bool):
-    """Gather a TP-sharded tensor into Megatron's TP=1 layout."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_group.size() == 1:
-        return tensor.clone()
-    dim = param.partition_dim
-    parts = [torch.empty_like(tensor) for _ in range(tp_group.size())]
-    dist.all_gather(parts, tensor.contiguous(), group=tp_group)
-    if gated:  # each rank holds [gate_r; up_r]
-        halves = [p.chunk(2, dim=dim) for p in parts]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
-    return torch.cat(parts, dim=dim)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gather import full_grads  # noqa: E402
 
 
 def main():
@@ -65,13 +57,7 @@ def main():
     loss.backward()
     finalize_model_grads([ddp])
 
-    from megatron.core import parallel_state
-
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    grads = {}
-    for name, param in model.named_parameters():
-        gated = cfg.language.gated_linear_unit and name.endswith("linear_fc1.weight")
-        grads[name] = full_tensor(param, param.main_grad, tp_group, gated)
+    grads = full_grads(model, cfg.language.gated_linear_unit)
     if dist.get_rank() == 0:
         torch.save({"loss": loss.detach(), "grads": grads}, args.out)
     dist.barrier()

@@ -1,0 +1,119 @@
+"""Med-MoE layer spec: Megatron-Core's MoELayer with a fixed modality router and a meta expert.
+
+    O = sum_{i in top-k} G_i * E_i(x) + E_meta(x)
+
+G are the router's softmax probabilities over all experts (renormalisation is a choice), the
+meta expert is Megatron's shared-expert slot, added unweighted. Experts are Megatron's
+SequentialMLP (biases allowed; the bias is scaled with G like the rest of the expert output).
+"""
+
+from __future__ import annotations
+
+import functools
+from copy import copy
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from medmoe_mcore.config import ConfigError, MoEConfig
+
+
+class ModalityRouter(MegatronModule):
+    """Frozen `Linear(hidden, E)` with bias, in float32, trained offline as a modality classifier.
+
+    Called by MoELayer as `router(hidden_states [S_local, B, H], padding_mask)`; returns float32
+    probs [T, E] (zero outside the top-k) and a bool routing map [T, E] with exactly top-k
+    experts per token, tokens in Megatron's order s * B + b.
+    """
+
+    def __init__(self, config, pg_collection=None, granularity: str = "token"):
+        super().__init__(config)
+        self.num_experts = config.num_moe_experts
+        self.topk = config.moe_router_topk
+        self.renormalize = not config.moe_router_pre_softmax
+        self.granularity = granularity
+        self.tp_group = pg_collection.tp if pg_collection is not None else None
+        self.layer_number = None
+        # Placeholder values: the real weights come from a router file (upcycling) or a
+        # checkpoint. Frozen: never in an optimizer, never reduced by DDP.
+        self.weight = torch.nn.Parameter(
+            torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32),
+            requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.zeros(self.num_experts, dtype=torch.float32),
+                                       requires_grad=False)
+        for p in (self.weight, self.bias):
+            p.sequence_parallel = config.sequence_parallel
+
+    def set_layer_number(self, layer_number: int) -> None:
+        self.layer_number = layer_number
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None):
+        x = hidden_states.float()
+        if self.granularity == "sample":
+            # Pool over the whole sequence: with SP each rank holds S/TP positions, so gather
+            # them first (its backward reduce-scatters, summing every rank's gradient).
+            full = x
+            if self.config.sequence_parallel:
+                full = gather_from_sequence_parallel_region(x, group=self.tp_group)
+            logits = torch.nn.functional.linear(full.mean(dim=0), self.weight, self.bias)
+            logits = logits.unsqueeze(0).expand(x.shape[0], -1, -1)
+        else:
+            logits = torch.nn.functional.linear(x, self.weight, self.bias)
+        scores = torch.softmax(logits.reshape(-1, self.num_experts), dim=-1)
+        top, index = torch.topk(scores, self.topk, dim=-1)
+        if self.renormalize:
+            top = top / top.sum(dim=-1, keepdim=True)
+        probs = torch.zeros_like(scores).scatter(1, index, top)
+        routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, index, True)
+        return probs, routing_map
+
+
+class MetaExpertMLP(MLP):
+    """The always-on meta expert in Megatron's shared-expert slot.
+
+    Megatron's SharedExpertMLP refuses biases; Phi-2's FFN has them, so this is a plain MLP of
+    the shared-expert size that returns `output + bias` (MoELayer adds it to the routed output).
+    """
+
+    def __init__(self, config, submodules: MLPSubmodules, gate: bool = False,
+                 pg_collection=None):
+        if gate:
+            raise ConfigError("moe_shared_expert_gate=True: the meta expert is added unweighted")
+        config = copy(config)
+        config.ffn_hidden_size = config.moe_shared_expert_intermediate_size
+        super().__init__(config=config, submodules=submodules,
+                         tp_group=pg_collection.tp if pg_collection is not None else None)
+
+    def forward(self, hidden_states, **kwargs):
+        output, bias = super().forward(hidden_states)
+        return output if bias is None else output + bias
+
+
+def router_spec(moe: MoEConfig):
+    """The router builder MoELayer calls as `router(config=..., pg_collection=...)`."""
+    if moe.router_type == "learned":
+        return TopKRouter
+    return functools.partial(ModalityRouter, granularity=moe.routing_granularity)
+
+
+def moe_mlp_spec(moe: MoEConfig, backend) -> ModuleSpec:
+    """`backend`: a specs.language.Backend (experts use its expert linears)."""
+    expert = MLPSubmodules(linear_fc1=backend.expert_column_linear,
+                           linear_fc2=backend.expert_row_linear)
+    meta = MLPSubmodules(linear_fc1=backend.column_linear, linear_fc2=backend.row_linear)
+    return ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(
+            experts=ModuleSpec(module=SequentialMLP, submodules=expert),
+            shared_experts=ModuleSpec(module=MetaExpertMLP, submodules=meta)
+            if moe.meta_expert else None,
+            router=router_spec(moe),
+        ),
+        metainfo={"fuse_pre_mlp_layernorm": False},
+    )
