@@ -140,6 +140,10 @@ class MoEConfig:
                  "'sample'")
         _require(self.router_type == "modality" or self.routing_granularity == "token",
                  f"{p}.routing_granularity='sample' needs router_type='modality'")
+        _require(not (self.router_type == "learned" and self.renormalize
+                      and self.router_topk == 1),
+                 f"{p}.renormalize=True with router_topk=1 and router_type='learned': Megatron's "
+                 "TopKRouter gives no gradient to a renormalised single expert")
         _require(self.token_dispatcher in ("alltoall", "allgather"),
                  f"{p}.token_dispatcher={self.token_dispatcher!r}: must be 'alltoall' or "
                  "'allgather'")

@@ -66,9 +66,10 @@ def _moe_fields(cfg: ModelConfig) -> dict:
         moe_shared_expert_intermediate_size=lm.ffn_hidden_size if moe.meta_expert else None,
         moe_token_dispatcher_type=moe.token_dispatcher,
         expert_tensor_parallel_size=cfg.parallel.expert_tensor_parallel_size,
-        # Softmax over all experts, then top-k (pre-softmax) keeps the probabilities
-        # unnormalised; top-k logits, then softmax renormalises them.
-        moe_router_pre_softmax=not moe.renormalize,
+        # Learned router: softmax over all experts, then top-k (pre-softmax) keeps the
+        # probabilities unnormalised; top-k logits, then softmax renormalises them. (The
+        # modality router takes the choice from its spec.)
+        moe_router_pre_softmax=not (moe.router_type == "learned" and moe.renormalize),
         moe_router_load_balancing_type="aux_loss" if aux else "none",
         moe_aux_loss_coeff=moe.aux_loss_coeff if aux else 0.0,
         moe_router_dtype="fp32",

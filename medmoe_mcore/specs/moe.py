@@ -32,11 +32,12 @@ class ModalityRouter(MegatronModule):
     experts per token, tokens in Megatron's order s * B + b.
     """
 
-    def __init__(self, config, pg_collection=None, granularity: str = "token"):
+    def __init__(self, config, pg_collection=None, granularity: str = "token",
+                 renormalize: bool = False):
         super().__init__(config)
         self.num_experts = config.num_moe_experts
         self.topk = config.moe_router_topk
-        self.renormalize = not config.moe_router_pre_softmax
+        self.renormalize = renormalize
         self.granularity = granularity
         self.tp_group = pg_collection.tp if pg_collection is not None else None
         self.layer_number = None
@@ -99,7 +100,8 @@ def router_spec(moe: MoEConfig):
     """The router builder MoELayer calls as `router(config=..., pg_collection=...)`."""
     if moe.router_type == "learned":
         return TopKRouter
-    return functools.partial(ModalityRouter, granularity=moe.routing_granularity)
+    return functools.partial(ModalityRouter, granularity=moe.routing_granularity,
+                             renormalize=moe.renormalize)
 
 
 def moe_mlp_spec(moe: MoEConfig, backend) -> ModuleSpec:

@@ -1,0 +1,111 @@
+"""Router files, the authors' released routers, and upcycling (dense FFN -> experts)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmoe_mcore import checkpointing, router_file
+from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig
+from medmoe_mcore.flavors import language_flavor
+from medmoe_mcore.router_file import RouterWeights
+
+AUTHORS = Path(__file__).resolve().parents[1] / "data" / "authors-routers"
+MODALITIES = ["CT", "MRI", "X-Ray", "pathology"]
+
+
+def _router(hidden, experts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return RouterWeights(torch.randn(experts, hidden, generator=gen),
+                         torch.randn(experts, generator=gen),
+                         [f"m{i}" for i in range(experts)])
+
+
+def test_router_file_round_trip_and_refusals(tmp_path):
+    r = _router(64, 4)
+    path = router_file.save(r, tmp_path / "r.safetensors")
+    back = router_file.load(path, hidden_size=64, num_experts=4)
+    assert torch.equal(back.weight, r.weight) and torch.equal(back.bias, r.bias)
+    assert back.modalities == r.modalities
+    with pytest.raises(ConfigError, match=r"router hidden size 64 does not match the model's "
+                                          r"hidden_size=2560"):
+        router_file.load(path, hidden_size=2560)
+    with pytest.raises(ConfigError, match=r"router has 4 experts \(rows\) but num_experts=6"):
+        router_file.load(path, num_experts=6)
+    from safetensors.torch import save_file
+
+    save_file({"weight": r.weight, "bias": r.bias, "extra": r.bias.clone()}, str(tmp_path / "x.st"),
+              metadata={"modalities": "[]"})
+    with pytest.raises(ConfigError, match=r"unknown \['extra'\]"):
+        router_file.load(tmp_path / "x.st")
+    with pytest.raises(ConfigError, match="modalities"):
+        router_file.save(RouterWeights(r.weight, r.bias, ["a", "a", "b", "c"]), tmp_path / "d")
+
+
+@pytest.mark.parametrize("pth,flavor", [("phi_router.pth", "phi2"),
+                                        ("stablelm_router.pth", "stablelm2_1_6b")])
+def test_authors_routers_import_with_flavor_shapes(tmp_path, pth, flavor):
+    lm = language_flavor(flavor)
+    r = router_file.from_authors_pth(AUTHORS / pth, MODALITIES)
+    out = router_file.save(r, tmp_path / "router.safetensors")
+    back = router_file.load(out, hidden_size=lm.hidden_size, num_experts=4)
+    assert back.modalities == MODALITIES
+    assert back.weight.dtype == torch.float32 and back.weight.abs().sum() > 0
+    with pytest.raises(ConfigError, match="modalities"):
+        router_file.from_authors_pth(AUTHORS / pth, MODALITIES[:3])
+
+
+def _dense_checkpoint(root, flavor):
+    from medmoe_mcore.model import LanguageModel
+
+    cfg = ModelConfig(language=language_flavor(flavor)).validate()
+    model = LanguageModel(cfg)
+    with torch.no_grad():  # non-zero biases so that bias scaling is checked too
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    checkpointing.save(model.sharded_state_dict(), root, cfg)
+    return model
+
+
+@pytest.mark.parametrize("flavor,topk", [("tiny", 2), ("tiny_stablelm", 1)])
+def test_upcycled_moe_layer_is_scaled_dense_ffn(tmp_path, single_rank, flavor, topk):
+    """Right after upcycling: MoE layer output == (1 + sum of chosen G_i) * FFN(x)."""
+    from medmoe_mcore.model import LanguageModel
+    from medmoe_mcore.upcycling import upcycle
+
+    dense = _dense_checkpoint(tmp_path / "dense", flavor)
+    lm = dense.model_config.language
+    router = _router(lm.hidden_size, 4, seed=1)
+    router_file.save(router, tmp_path / "router.safetensors")
+    upcycle(tmp_path / "dense", tmp_path / "moe", MoEConfig(num_experts=4, router_topk=topk),
+            tmp_path / "router.safetensors")
+    cfg = checkpointing.read_config(tmp_path / "moe").validate()
+    assert cfg.moe.modalities == router.modalities
+    moe = LanguageModel(cfg)
+    checkpointing.load_into(moe, tmp_path / "moe")
+    x = torch.randn(8, 2, lm.hidden_size)
+    with torch.no_grad():
+        for i, is_moe in enumerate(cfg.moe.moe_layers(lm.num_layers)):
+            out, bias = dense.decoder.layers[i].mlp(x)
+            ffn = out + bias if bias is not None else out
+            got, _ = moe.decoder.layers[i].mlp(x)
+            if not is_moe:
+                assert torch.allclose(got, out, atol=1e-6)
+                continue
+            g = torch.softmax(x.reshape(-1, lm.hidden_size) @ router.weight.T + router.bias, -1)
+            chosen = g.topk(topk, dim=-1).values.sum(-1).reshape(8, 2, 1)
+            assert torch.allclose(got, (1 + chosen) * ffn, atol=1e-5)
+
+
+def test_upcycle_refuses_a_router_of_the_wrong_shape(tmp_path, single_rank):
+    from medmoe_mcore.upcycling import upcycle
+
+    _dense_checkpoint(tmp_path / "dense", "tiny")
+    router_file.save(_router(32, 4), tmp_path / "r.safetensors")
+    with pytest.raises(ConfigError, match="does not match the model's hidden_size=64"):
+        upcycle(tmp_path / "dense", tmp_path / "moe", MoEConfig(), tmp_path / "r.safetensors")
+    router_file.save(_router(64, 2), tmp_path / "r2.safetensors")
+    with pytest.raises(ConfigError, match="router has 2 experts"):
+        upcycle(tmp_path / "dense", tmp_path / "moe", MoEConfig(), tmp_path / "r2.safetensors")
+    assert not (tmp_path / "moe").exists()
