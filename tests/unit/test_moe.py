@@ -109,3 +109,42 @@ def test_upcycle_refuses_a_router_of_the_wrong_shape(tmp_path, single_rank):
     with pytest.raises(ConfigError, match="router has 2 experts"):
         upcycle(tmp_path / "dense", tmp_path / "moe", MoEConfig(), tmp_path / "r2.safetensors")
     assert not (tmp_path / "moe").exists()
+
+
+def test_stage3_updates_experts_only(tmp_path, single_rank):
+    """Over optimizer steps: router, attention, embeddings, norms and LM head stay bitwise
+    unchanged; experts, meta expert and the non-MoE dense FFNs change."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from medmoe_mcore.freezing import apply_stage
+    from medmoe_mcore.model import LanguageModel
+
+    cfg = ModelConfig(language=language_flavor("tiny"),
+                      moe=MoEConfig(num_experts=4, router_topk=2)).validate()
+    model = LanguageModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.normal_()
+    trainable = apply_stage(model, 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=1.0), [ddp])
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 1000, (2, 16), generator=gen)
+    positions = torch.arange(16).unsqueeze(0).expand(2, -1)
+    for _ in range(3):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        ddp(tokens, positions, None, labels=tokens).float().mean().backward()
+        finalize_model_grads([ddp])
+        assert opt.step()[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(trainable)
+    assert any(".mlp.router." in n for n in before) and not any("router" in n for n in changed)
+    for kind in (".mlp.experts.local_experts.3.", ".mlp.shared_experts.", "layers.1.mlp.linear_fc1"):
+        assert any(kind in n for n in changed), kind
+    for kind in ("self_attention", "layernorm", "embedding", "output_layer"):
+        assert not any(kind in n for n in changed), kind

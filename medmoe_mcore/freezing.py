@@ -1,0 +1,53 @@
+"""Which parameters train in each stage, as name patterns (data, not branches).
+
+Stage 1 trains the projector; stage 2 the projector and the language model; stage 3 the
+experts, the meta expert and the dense FFNs of the non-MoE layers (the authors' name filter
+also leaves the projector trainable: a choice here). The modality router and the vision tower
+never train; the learned-router baseline trains its router in stage 3.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+PROJECTOR = r"^projector\."
+STAGE_TRAINABLE = {
+    1: (PROJECTOR,),
+    2: (PROJECTOR, r"^embedding\.", r"^decoder\.", r"^output_layer\."),
+    3: (r"\.mlp\.experts\.", r"\.mlp\.shared_experts\.",
+        r"^decoder\.layers\.\d+\.mlp\.linear_fc[12]\."),
+}
+NEVER_TRAINABLE = (r"^vision\.", r"\.mlp\.router\.")
+LEARNED_ROUTER = r"\.mlp\.router\."
+
+
+def trainable_patterns(stage: int, train_projector: bool = True,
+                       learned_router: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(patterns that train, patterns that never do) for one stage."""
+    if stage not in STAGE_TRAINABLE:
+        raise ValueError(f"stage={stage!r}: must be one of {sorted(STAGE_TRAINABLE)}")
+    train = STAGE_TRAINABLE[stage]
+    never = NEVER_TRAINABLE
+    if stage == 3 and train_projector:
+        train += (PROJECTOR,)
+    if stage == 3 and learned_router:
+        train += (LEARNED_ROUTER,)
+        never = tuple(p for p in never if p != LEARNED_ROUTER)
+    return train, never
+
+
+def apply_stage(model: torch.nn.Module, stage: int, train_projector: bool = True,
+                learned_router: bool = False) -> list[str]:
+    """Set requires_grad for `stage`; returns the names of the trainable parameters."""
+    train, never = trainable_patterns(stage, train_projector, learned_router)
+    trainable = []
+    for name, param in model.named_parameters():
+        on = any(re.search(p, name) for p in train) and not any(re.search(p, name) for p in never)
+        param.requires_grad_(on)
+        if on:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(f"stage {stage}: no parameter of the model is trainable")
+    return trainable
