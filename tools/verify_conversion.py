@@ -59,7 +59,9 @@ def main(argv=None):
     positions = torch.arange(args.seq_length, device=device).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
         logits = model(tokens, positions, None)[..., : cfg.language.vocab_size].float()
-        hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype).to(device).eval()
+        # trust_remote_code: MoE exports carry their own model code (auto_map).
+        hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype,
+                                                  trust_remote_code=True).to(device).eval()
         ref = hf(input_ids=tokens).logits.float()
     diff = (logits - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
@@ -68,6 +70,7 @@ def main(argv=None):
     if tolerance is None:
         tolerance = 1e-4 if args.dtype == "float32" else 5e-2 * max(1.0, ref.abs().max().item())
     result = {"max_abs_logit_diff": diff, "tp": tp, "ep": par.expert_model_parallel_size,
+              "moe": cfg.moe is not None,
               "sp": par.sequence_parallel, "dtype": args.dtype, "family": cfg.language.family,
               "device": device.type, "tokens": list(tokens.shape), "tolerance": tolerance,
               "passed": diff <= tolerance}

@@ -23,12 +23,20 @@ class ConversionError(ValueError):
     """Keys that cannot be converted; the message lists them."""
 
 
+_INDICES = ("i", "j")  # layer, expert
+
+
 def _regex(pattern: str) -> re.Pattern:
-    return re.compile(re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + r"\Z")
+    rx = re.escape(pattern)
+    for name in _INDICES:
+        rx = rx.replace(r"\{" + name + r"\}", rf"(?P<{name}>\d+)")
+    return re.compile(rx + r"\Z")
 
 
 def _fill(pattern: str, captures: dict) -> str:
-    return pattern.replace("{i}", captures.get("i", "{i}"))
+    for name in _INDICES:
+        pattern = pattern.replace("{" + name + "}", captures.get(name, "{" + name + "}"))
+    return pattern
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,27 @@ class Family:
     block: dict[str, Any]
     # HF config values this implementation requires: key -> (value, why).
     requires: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    # The Med-MoE export of this family (the authors' MoE-LLaVA model type) and the config
+    # keys it adds.
+    hf_moe_model_type: str = ""
+    hf_moe_architecture: str = ""
+    moe_config_keys: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def moe_weights(self) -> tuple[Mapping, ...]:
+        """The dense table plus router, experts and meta expert in the authors' layout; the
+        expert and meta-expert entries are the family's own FFN entries, renamed."""
+        ffn = [m for m in self.weights if m.megatron.startswith(L + "mlp.")]
+        return (
+            *self.weights,
+            Direct(L + "mlp.router.weight", H + "mlp.deepspeed_moe.gate.wg.weight"),
+            Direct(L + "mlp.router.bias", H + "mlp.deepspeed_moe.gate.wg.bias"),
+            *(m.renamed(("mlp.", "mlp.experts.local_experts.{j}."),
+                        ("mlp.", "mlp.deepspeed_moe.experts.deepspeed_experts.{j}."))
+              for m in ffn),
+            *(m.renamed(("mlp.", "mlp.shared_experts."), ("mlp.", "mlp.meta_moe."))
+              for m in ffn),
+        )
 
 
 # Both families name their embedding, input norm and q/k/v projections alike.
@@ -76,6 +97,10 @@ PHI = Family(
         "tie_word_embeddings": (False, "tied embeddings are not supported"),
         "embd_pdrop": (0.0, "embedding dropout is not supported"),
     },
+    hf_moe_model_type="moe_llava_phi",
+    hf_moe_architecture="MedMoePhiForCausalLM",
+    # HF Phi-2 has an LM-head bias; the authors' MoE-LLaVA-Phi has none.
+    moe_config_keys=(("lm_head_bias", "output_layer_bias"),),
 )
 
 STABLELM = Family(
@@ -103,7 +128,10 @@ STABLELM = Family(
         "use_parallel_residual": (False, "use_parallel_residual=True is not supported yet"),
         "tie_word_embeddings": (False, "tied embeddings are not supported"),
     },
+    hf_moe_model_type="moe_llava_stablelm",
+    hf_moe_architecture="MedMoeStableLmForCausalLM",
 )
 
 FAMILIES = {f.name: f for f in (PHI, STABLELM)}
-BY_HF_MODEL_TYPE = {f.hf_model_type: f for f in FAMILIES.values()}
+BY_HF_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in (f.hf_model_type,
+                                                                f.hf_moe_model_type)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from medmoe_mcore.config import ConfigError, LanguageConfig
+from medmoe_mcore.config import ConfigError, LanguageConfig, MoEConfig
 from medmoe_mcore.conversion.families import BY_HF_MODEL_TYPE, FAMILIES, Family
 
 _MISSING = object()
@@ -34,6 +34,14 @@ def family_of_hf(hf: dict) -> Family:
     return BY_HF_MODEL_TYPE[model_type]
 
 
+def is_moe(hf: dict) -> bool:
+    return hf.get("model_type") == family_of_hf(hf).hf_moe_model_type
+
+
+def _config_keys(family: Family, moe: bool) -> tuple[tuple[str, str], ...]:
+    return family.config_keys + (family.moe_config_keys if moe else ())
+
+
 def language_config_from_hf(hf: dict) -> LanguageConfig:
     """`hf` is an HF config as a dict (`PretrainedConfig.to_dict()`)."""
     family = family_of_hf(hf)
@@ -43,7 +51,7 @@ def language_config_from_hf(hf: dict) -> LanguageConfig:
             raise ConfigError(f"config.json {key}={got!r} is not supported: {why} "
                               f"(expected {value!r})")
     fields: dict[str, Any] = dict(family.block)
-    for hf_key, field_name in family.config_keys:
+    for hf_key, field_name in _config_keys(family, is_moe(hf)):
         value = _get(hf, hf_key)
         if hf_key == "num_key_value_heads" and value in (None, _MISSING):
             value = _get(hf, "num_attention_heads")
@@ -56,19 +64,89 @@ def language_config_from_hf(hf: dict) -> LanguageConfig:
     return lm
 
 
-def hf_config_from_language(lm: LanguageConfig, base: dict | None = None) -> dict:
-    """HF config dict for `lm`; `base` (the imported model's own config) keeps every other key."""
+def hf_config_from_language(lm: LanguageConfig, base: dict | None = None,
+                            moe: MoEConfig | None = None) -> dict:
+    """HF config dict for `lm` (+ `moe`); `base` (the imported model's own config) keeps every
+    other key."""
     family = FAMILIES[lm.family]
+    keys = _config_keys(family, moe is not None)
+    carried = {field_name for _, field_name in keys}
+    architecture = family.hf_moe_architecture if moe else family.hf_architecture
     mismatched = [f"{k}={getattr(lm, k)!r} (family {family.name} needs {v!r})"
-                  for k, v in family.block.items() if getattr(lm, k) != v]
+                  for k, v in family.block.items() if k not in carried and getattr(lm, k) != v]
     if mismatched:
-        raise ConfigError("cannot export as HF " + family.hf_architecture + ": "
-                          + ", ".join(mismatched))
+        raise ConfigError(f"cannot export as HF {architecture}: " + ", ".join(mismatched))
     hf = copy.deepcopy(base) if base else {}
-    hf["model_type"] = family.hf_model_type
-    hf["architectures"] = [family.hf_architecture]
+    for stale in ("moe", "auto_map", "lm_head_bias"):
+        hf.pop(stale, None)
+    hf["model_type"] = family.hf_moe_model_type if moe else family.hf_model_type
+    hf["architectures"] = [architecture]
     for key, (value, _) in family.requires.items():
         _set(hf, key, value)
-    for hf_key, field_name in family.config_keys:
+    for hf_key, field_name in keys:
         _set(hf, hf_key, getattr(lm, field_name))
+    if moe is not None:
+        from medmoe_mcore.hf import auto_map
+
+        hf["moe"] = moe_to_hf(moe, lm)
+        hf["auto_map"] = auto_map(hf["model_type"])
     return hf
+
+
+def moe_to_hf(moe: MoEConfig, lm: LanguageConfig) -> dict:
+    """The authors' `moe` dict (MoE-LLaVA keys) plus the choices they did not have."""
+    layers = [i for i, on in enumerate(moe.moe_layers(lm.num_layers)) if on]
+    return {
+        "moe_enable": True,
+        "moe_mode": "sparse" if moe.layer_freq == 2 else "custom",
+        "moe_layers_idx": layers,
+        "num_experts": [moe.num_experts] * len(layers),
+        "top_k_experts": moe.router_topk,
+        "ep_size": 1,
+        # No capacity limit and no token dropping (the authors' drop_tokens=False).
+        "capacity_factor": 0.0,
+        "eval_capacity_factor": 0.0,
+        "min_capacity": 0,
+        "use_residual": False,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "train_modules": [],
+        "router_type": moe.router_type,
+        "router_bias": moe.router_type == "modality" or lm.add_bias_linear,
+        "routing_granularity": moe.routing_granularity,
+        "renormalize": moe.renormalize,
+        "meta_expert": moe.meta_expert,
+        "token_dispatcher": moe.token_dispatcher,
+        "modalities": moe.modalities,
+    }
+
+
+def moe_config_from_hf(hf: dict) -> MoEConfig | None:
+    """MoEConfig of an MoE HF config (ours or the authors'), None for a dense one."""
+    if not is_moe(hf):
+        return None
+    d = hf.get("moe")
+    if not isinstance(d, dict) or "moe_layers_idx" not in d or "num_experts" not in d:
+        raise ConfigError(f"config.json model_type={hf['model_type']!r} needs a 'moe' dict with "
+                          "'moe_layers_idx' and 'num_experts'")
+    layers, n = list(d["moe_layers_idx"]), hf["num_hidden_layers"]
+    counts = d["num_experts"] if isinstance(d["num_experts"], list) else [d["num_experts"]]
+    if len(set(counts)) != 1:
+        raise ConfigError(f"config.json moe.num_experts={counts}: one expert count for every "
+                          "MoE layer is supported")
+    if d.get("use_residual"):
+        raise ConfigError("config.json moe.use_residual=True (Residual-MoE) is not supported")
+    router_type = d.get("router_type", "modality")
+    moe = MoEConfig(
+        num_experts=counts[0],
+        router_topk=d["top_k_experts"],
+        layer_freq=2 if layers == list(range(0, n, 2)) else [int(i in layers) for i in range(n)],
+        router_type=router_type,
+        routing_granularity=d.get("routing_granularity", "token"),
+        renormalize=d.get("renormalize", False),
+        # The authors' configs carry 0.01 even with their fixed router, which has no aux loss.
+        aux_loss_coeff=d.get("router_aux_loss_coef", 0.0) if router_type == "learned" else 0.0,
+        token_dispatcher=d.get("token_dispatcher", "alltoall"),
+        meta_expert=d.get("meta_expert", True),
+        modalities=d.get("modalities"),
+    )
+    return moe

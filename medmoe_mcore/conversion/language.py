@@ -15,10 +15,13 @@ from medmoe_mcore import checkpointing, parallel
 from medmoe_mcore.config import ModelConfig, ParallelConfig
 from medmoe_mcore.conversion.engine import ConversionError, convert, plan
 from medmoe_mcore.conversion.families import FAMILIES
+from medmoe_mcore import hf as hf_classes
 from medmoe_mcore.conversion.hf_config import (
     family_of_hf,
     hf_config_from_language,
+    is_moe,
     language_config_from_hf,
+    moe_config_from_hf,
 )
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
 from medmoe_mcore.mcore_config import DTYPES
@@ -37,9 +40,21 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    model_type = json.loads(path.read_text()).get("model_type")
-    family_of_hf({"model_type": model_type})  # a clear error before transformers' own
+    raw = json.loads(path.read_text())
+    family_of_hf(raw)  # a clear error before transformers' own
+    if is_moe(raw):  # our classes, never the folder's code
+        return hf_config_object(raw).to_dict()
     return AutoConfig.from_pretrained(str(hf_dir), local_files_only=True).to_dict()
+
+
+def hf_config_object(hf_cfg: dict):
+    """The `transformers` config object of a config dict (Med-MoE types: our classes)."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in hf_cfg.items() if k != "model_type"}
+    if hf_cfg["model_type"] in hf_classes.MOE_CLASSES:
+        return hf_classes.config_class(hf_cfg["model_type"])(**fields)
+    return AutoConfig.for_model(hf_cfg["model_type"], **fields)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,16 +81,17 @@ def _progress(total, desc, enabled=True):
 def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=True) -> Path:
     """HF Phi/StableLM folder -> Megatron dist checkpoint (loadable at any TP)."""
     hf_cfg = read_hf_config(hf_dir)
-    family = family_of_hf(hf_cfg)
     lm = language_config_from_hf(hf_cfg)
+    moe = moe_config_from_hf(hf_cfg)
     src = SafetensorsDir(hf_dir)
     cast = DTYPES[params_dtype] if params_dtype else None
-    cfg = ModelConfig(language=lm, params_dtype=params_dtype or _storage_dtype(src)).validate()
+    cfg = ModelConfig(language=lm, moe=moe,
+                      params_dtype=params_dtype or _storage_dtype(src)).validate()
     parallel.initialize(cfg.parallel)
     # Parameters are left uninitialised (never touched), then swapped for converted tensors.
     model = LanguageModel(cfg, backend=LOCAL, perform_initialization=False)
     params = dict(model.named_parameters())
-    groups = plan(family.weights, src.keys(), _weights(model).keys(), to_megatron=True)
+    groups = plan(weight_table(cfg), src.keys(), _weights(model).keys(), to_megatron=True)
     bar = _progress(len(params), "HF -> Megatron", show_progress)
     for key, tensor in convert(groups, src.get, lm, to_megatron=True):
         param = params[key]
@@ -95,39 +111,49 @@ def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=
             extra_dirs={checkpointing.TOKENIZER: tok} if copied else None)
 
 
+def weight_table(cfg: ModelConfig):
+    family = FAMILIES[cfg.language.family]
+    return family.moe_weights if cfg.moe is not None else family.weights
+
+
 def expected_hf_keys(hf_cfg: dict) -> set[str]:
     """State-dict keys of the HF model, built on the meta device (no memory, no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**hf_cfg)
+    config = hf_config_object(hf_cfg)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        if hf_cfg["model_type"] in hf_classes.MOE_CLASSES:
+            model = hf_classes.model_class(hf_cfg["model_type"])(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     return set(model.state_dict())
 
 
 def export_hf(load_root, hf_dir, overwrite=False, show_progress=True,
               max_shard_bytes: int = 2 << 30) -> Path:
-    """Megatron dist checkpoint -> HF folder (safetensors + config.json [+ tokenizer])."""
-    from transformers import AutoConfig
-
+    """Megatron dist checkpoint -> HF folder (safetensors + config.json [+ tokenizer]; MoE
+    checkpoints also get the `transformers` code named in the config's auto_map)."""
     folder = checkpointing.resolve(load_root)
     cfg = checkpointing.read_config(folder, ParallelConfig())
     lm = cfg.language
-    family = FAMILIES[lm.family]
     base = folder / checkpointing.HF_CONFIG
-    hf_cfg = hf_config_from_language(lm, json.loads(base.read_text()) if base.exists() else None)
+    hf_cfg = hf_config_from_language(lm, json.loads(base.read_text()) if base.exists() else None,
+                                     cfg.moe)
     hf_cfg["torch_dtype"] = cfg.params_dtype
     parallel.initialize(cfg.parallel)
     model = LanguageModel(cfg, backend=LOCAL, perform_initialization=False)
     checkpointing.load_into(model, folder)
     state = _weights(model)
-    groups = plan(family.weights, state.keys(), expected_hf_keys(hf_cfg), to_megatron=False)
+    groups = plan(weight_table(cfg), state.keys(), expected_hf_keys(hf_cfg), to_megatron=False)
     with AtomicDir(hf_dir, overwrite=overwrite) as out:
         bar = _progress(sum(len(g.targets) for g in groups), "Megatron -> HF", show_progress)
         write_sharded(convert(groups, state.__getitem__, lm, to_megatron=False), out,
                       max_shard_bytes=max_shard_bytes, progress=lambda _: bar.update())
         bar.close()
-        AutoConfig.for_model(**hf_cfg).save_pretrained(str(out))
+        hf_config_object(hf_cfg).save_pretrained(str(out))
+        if cfg.moe is not None:
+            for path in hf_classes.REMOTE_CODE_FILES:
+                shutil.copy(path, out / path.name)
         tok = folder / checkpointing.TOKENIZER
         if tok.is_dir():
             for item in tok.iterdir():

@@ -1,9 +1,10 @@
 """Mapping kinds. Each is a pair of inverse pure functions between HF tensors and one Megatron
-tensor; names are patterns where `{i}` stands for a layer index. Format only: TP/EP sharding is
+tensor; names are patterns where `{i}` stands for a layer index and `{j}` for an expert index. Format only: TP/EP sharding is
 Megatron's job (its sharded state dict), never done here."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,6 +23,14 @@ class Mapping:
 
     def to_hf(self, tensor: torch.Tensor, lm: LanguageConfig) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def renamed(self, megatron: tuple[str, str], hf: tuple[str, str]) -> "Mapping":
+        """The same transform on other names: replace megatron[0] by megatron[1] in the
+        Megatron name and hf[0] by hf[1] in every HF name (first occurrence)."""
+        out = copy.copy(self)
+        object.__setattr__(out, "megatron", self.megatron.replace(*megatron, 1))
+        object.__setattr__(out, "hf", tuple(n.replace(*hf, 1) for n in self.hf))
+        return out
 
 
 class Direct(Mapping):
