@@ -69,3 +69,33 @@ def test_hf_config_round_trip():
 def test_hf_config_refusals(key, value, match):
     with pytest.raises(ConfigError, match=match):
         language_config_from_hf(_stablelm_hf(**{key: value}))
+
+
+@pytest.mark.parametrize("moe,par,message", [
+    (dict(num_experts=6), dict(expert_model_parallel_size=4),
+     r"parallel.expert_model_parallel_size=4 does not divide moe.num_experts=6"),
+    (dict(num_experts=4, router_topk=5), {}, r"moe.router_topk=5: must be in \[1, num_experts=4\]"),
+    (dict(layer_freq=[1, 0]), {}, r"moe.layer_freq=\[1, 0\]: a list needs one 0/1 per layer"),
+    (dict(aux_loss_coeff=0.01), {}, r"the fixed modality router has no load-balancing loss"),
+    (dict(), dict(expert_tensor_parallel_size=2, tensor_model_parallel_size=2),
+     r"expert_tensor_parallel_size=2: experts with biases"),
+])
+def test_moe_configs_that_cannot_work_fail_by_name(moe, par, message):
+    from medmoe_mcore.config import MoEConfig
+
+    cfg = ModelConfig(language=language_flavor("tiny"), parallel=ParallelConfig(**par),
+                      moe=MoEConfig(**moe))
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
+def test_moe_config_round_trips_through_json():
+    from medmoe_mcore.config import MoEConfig
+
+    cfg = ModelConfig(language=language_flavor("tiny"),
+                      moe=MoEConfig(num_experts=6, router_topk=2, layer_freq=[1, 0, 0, 1],
+                                    modalities=list("abcdef"))).validate()
+    assert ModelConfig.from_json(cfg.to_json()).moe == cfg.moe
+    with pytest.raises(ConfigError, match="expert_model_parallel_size=2 / .* need an MoE model"):
+        ModelConfig(language=language_flavor("tiny"),
+                    parallel=ParallelConfig(expert_model_parallel_size=2)).validate()
