@@ -19,13 +19,15 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     if not on_gpu:
         cpu_runtime.activate()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world)
+        # torchrun sets MASTER_ADDR/PORT; a lone process gets a free port without writing it
+        # into os.environ (child processes would inherit it and collide).
+        init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=init, rank=rank,
+                                world_size=world)
     world = dist.get_world_size()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if world % model_parallel:

@@ -28,7 +28,9 @@ def run_tool(*args, nproc: int = 1, timeout: int = 300):
                "--master_port", str(_free_port()), *args]
     else:
         cmd = [sys.executable, *args]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
