@@ -41,12 +41,13 @@ def main():
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1,
                          expert_model_parallel_size=args.ep)
-    cfg = ModelConfig(language=language_flavor("tiny_stablelm"), parallel=par).validate()
+    dense = ModelConfig(language=language_flavor("tiny_stablelm"),
+                        parallel=dataclasses.replace(par, expert_model_parallel_size=1)).validate()
     parallel.initialize(par, seed=7)
-    lm = cfg.language
-    dense = dataclasses.replace(cfg, parallel=dataclasses.replace(par, expert_model_parallel_size=1))
+    lm = dense.language
     config = dataclasses.replace(
-        language_transformer_config(dense), expert_model_parallel_size=args.ep, num_moe_experts=4, moe_router_topk=2,
+        language_transformer_config(dense), expert_model_parallel_size=args.ep,
+        expert_tensor_parallel_size=1, num_moe_experts=4, moe_router_topk=2,
         moe_ffn_hidden_size=lm.ffn_hidden_size, moe_token_dispatcher_type="alltoall",
         moe_shared_expert_intermediate_size=lm.ffn_hidden_size,
         moe_router_load_balancing_type="none", moe_router_dtype="fp32")
