@@ -20,6 +20,8 @@ def layer_freq(text: str):
 
 def moe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-experts", type=int, default=4)
+    p.add_argument("--moe-router-type", choices=["modality", "learned"], default=None,
+                   help="default: modality with --router, learned without")
     p.add_argument("--moe-router-topk", type=int, default=None,
                    help="default 1 (modality router, authors' release) or 2 (learned)")
     p.add_argument("--moe-layer-freq", type=layer_freq, default=2)
@@ -60,7 +62,8 @@ def main(argv=None):
     from medmoe_mcore.upcycling import upcycle
 
     try:
-        moe = moe_config(args, learned=args.router is None)
+        learned = (args.moe_router_type or ("modality" if args.router else "learned")) == "learned"
+        moe = moe_config(args, learned=learned)
         out = upcycle(args.load, args.save, moe, args.router)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
