@@ -10,7 +10,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from medmoe_mcore.config import ModelConfig
 
 
-
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """HF gelu_new (Megatron's fast_gelu) as PyTorch's one fused kernel: the same formula,
     but Megatron's Python version makes ~8 elementwise passes over the FFN activations."""

@@ -136,7 +136,7 @@ def moe_config_from_hf(hf: dict) -> MoEConfig | None:
     if d.get("use_residual"):
         raise ConfigError("config.json moe.use_residual=True (Residual-MoE) is not supported")
     router_type = d.get("router_type", "modality")
-    moe = MoEConfig(
+    return MoEConfig(
         num_experts=counts[0],
         router_topk=d["top_k_experts"],
         layer_freq=2 if layers == list(range(0, n, 2)) else [int(i in layers) for i in range(n)],
@@ -149,4 +149,3 @@ def moe_config_from_hf(hf: dict) -> MoEConfig | None:
         meta_expert=d.get("meta_expert", True),
         modalities=d.get("modalities"),
     )
-    return moe

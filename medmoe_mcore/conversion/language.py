@@ -12,10 +12,10 @@ import torch
 from tqdm import tqdm
 
 from medmoe_mcore import checkpointing, parallel
+from medmoe_mcore import hf as hf_classes
 from medmoe_mcore.config import ModelConfig, ParallelConfig
 from medmoe_mcore.conversion.engine import ConversionError, convert, plan
 from medmoe_mcore.conversion.families import FAMILIES
-from medmoe_mcore import hf as hf_classes
 from medmoe_mcore.conversion.hf_config import (
     family_of_hf,
     hf_config_from_language,

@@ -50,7 +50,8 @@ class MedMoeBlock(nn.Module):
         self.meta_moe = mlp_class(config) if moe.get("meta_expert", True) else None
 
     def routing(self, x):
-        """[B, S, H] -> combine weights [B, S, E] (zero outside the top-k)."""
+        """[B, S, H] -> combine weights [B, S, E] ([B, 1, E] with sample routing), zero
+        outside the top-k."""
         wg = self.deepspeed_moe.gate.wg
         x = x.float()
         if self.sample_routing:
@@ -61,13 +62,10 @@ class MedMoeBlock(nn.Module):
         top, index = scores.topk(self.topk, dim=-1)
         if self.renormalize:
             top = top / top.sum(dim=-1, keepdim=True)
-        weights = torch.zeros_like(scores).scatter(-1, index, top)
-        return weights.expand(x.shape[0], -1, -1) if self.sample_routing else weights
+        return torch.zeros_like(scores).scatter(-1, index, top)
 
     def forward(self, hidden_states):
-        weights = self.routing(hidden_states)
-        if weights.shape[1] != hidden_states.shape[1]:
-            weights = weights.expand(-1, hidden_states.shape[1], -1)
+        weights = self.routing(hidden_states).expand(*hidden_states.shape[:2], -1)
         out = torch.zeros_like(hidden_states)
         for j, expert in enumerate(self.deepspeed_moe.experts.deepspeed_experts):
             chosen = weights[..., j] > 0

@@ -112,7 +112,6 @@ def language_block_spec(lm: LanguageConfig, backend: Backend = LOCAL,
     dense = language_layer_spec(lm, backend)
     layers = [dense] * lm.num_layers
     if moe is not None:
-        sparse = language_layer_spec(
-            lm, backend, mlp=moe_mlp_spec(moe, backend))
+        sparse = language_layer_spec(lm, backend, mlp=moe_mlp_spec(moe, backend))
         layers = [sparse if is_moe else dense for is_moe in moe.moe_layers(lm.num_layers)]
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=backend.norm)
