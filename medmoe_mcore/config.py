@@ -1,8 +1,8 @@
 """One config tree for the whole model; validation names the field and the value.
 
-`LanguageConfig` (backbone shape), `MoEConfig` (stage-3 Mixture of Experts, None for a dense
-model) and `ParallelConfig` (layout, never saved with checkpoints); vision and projector
-sub-configs join the tree in their own issue.
+`LanguageConfig` (backbone shape), `VisionConfig` (CLIP tower, projector and image facts; None
+for a text-only model), `MoEConfig` (stage-3 Mixture of Experts, None for a dense model) and
+`ParallelConfig` (layout, never saved with checkpoints).
 """
 
 from __future__ import annotations
@@ -88,6 +88,71 @@ class LanguageConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             _require(0.0 <= value < 1.0, f"{p}.{name}={value}: must be in [0, 1)")
+
+
+# CLIP's image processor statistics (OpenAI CLIP, all ViT sizes).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """CLIP vision tower (pre-LN ViT) + `mlp2x_gelu` projector + how images enter the prompt.
+
+    `num_layers` is the number of layers that run: the feature layer is the output of the last
+    one (CLIP ViT-L/14 has 24, Med-MoE takes layer -2, so 23 are built).
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    image_size: int = 336
+    patch_size: int = 14
+    layernorm_epsilon: float = 1e-5
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    # Layers of the source CLIP (export writes this many; those past num_layers are kept aside).
+    source_num_layers: Optional[int] = None
+    projector_activation: Literal["gelu"] = "gelu"  # mlp2x_gelu: exact GELU
+    # The `<image>` placeholder: a vocabulary token (HF LLaVA) or, like the authors' LLaVA code,
+    # a negative sentinel id outside the vocabulary (IMAGE_TOKEN_INDEX = -200).
+    image_token_id: int = -200
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+
+    @property
+    def num_query_groups(self) -> int:  # plain multi-head attention (shared by QKV mappings)
+        return self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate(self, language: LanguageConfig) -> None:
+        p = "vision"
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
+                     "image_size", "patch_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0,
+                     f"{p}.{name}={value!r}: must be a positive integer")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"{p}.hidden_size={self.hidden_size} is not divisible by "
+                 f"{p}.num_attention_heads={self.num_attention_heads}")
+        _require(self.image_size % self.patch_size == 0,
+                 f"{p}.image_size={self.image_size} is not divisible by "
+                 f"{p}.patch_size={self.patch_size}")
+        _require(self.source_num_layers is None or self.source_num_layers >= self.num_layers,
+                 f"{p}.source_num_layers={self.source_num_layers} < num_layers={self.num_layers}")
+        _require(self.image_token_id < language.vocab_size and self.image_token_id != -100,
+                 f"{p}.image_token_id={self.image_token_id}: must be a token of the vocabulary "
+                 f"(< language.vocab_size={language.vocab_size}) or a negative sentinel other "
+                 "than -100 (the ignore label)")
+        _require(len(self.image_mean) == 3 and len(self.image_std) == 3,
+                 f"{p}.image_mean/image_std: need 3 values (RGB)")
 
 
 @dataclass
@@ -187,6 +252,16 @@ class ParallelConfig:
         _require(not self.sequence_parallel or tp > 1,
                  f"{p}.sequence_parallel=True needs tensor_model_parallel_size > 1 (got {tp})")
 
+    def validate_vision(self, vision: Optional[VisionConfig]) -> None:
+        """The vision tower and projector run on the language model's TP group, without SP."""
+        if vision is None:
+            return
+        tp = self.tensor_model_parallel_size
+        for name in ("num_attention_heads", "ffn_hidden_size"):
+            value = getattr(vision, name)
+            _require(value % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
+                     f"divide vision.{name}={value}")
+
     def validate_experts(self, language: LanguageConfig, moe: Optional[MoEConfig]) -> None:
         p = "parallel"
         ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
@@ -210,6 +285,7 @@ class ModelConfig:
     language: LanguageConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     moe: Optional[MoEConfig] = None
+    vision: Optional[VisionConfig] = None
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Activation recompute (a run-time choice, not saved with checkpoints): None or "full".
     recompute_granularity: Optional[Literal["full", "selective"]] = None
@@ -219,6 +295,9 @@ class ModelConfig:
         self.parallel.validate(self.language)
         if self.moe is not None:
             self.moe.validate(self.language)
+        if self.vision is not None:
+            self.vision.validate(self.language)
+        self.parallel.validate_vision(self.vision)
         self.parallel.validate_experts(self.language, self.moe)
         _require(self.recompute_granularity in (None, "full", "selective"),
                  f"recompute_granularity={self.recompute_granularity!r}: must be None, 'full' "
@@ -232,17 +311,23 @@ class ModelConfig:
         data = {"language": dataclasses.asdict(self.language), "params_dtype": self.params_dtype}
         if self.moe is not None:
             data["moe"] = dataclasses.asdict(self.moe)
+        if self.vision is not None:
+            data["vision"] = dataclasses.asdict(self.vision)
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, parallel: Optional[ParallelConfig] = None) -> "ModelConfig":
         data = json.loads(text)
-        for name, kind in (("language", LanguageConfig), ("moe", MoEConfig)):
+        for name, kind in (("language", LanguageConfig), ("moe", MoEConfig),
+                           ("vision", VisionConfig)):
             known = {f.name for f in dataclasses.fields(kind)}
             unknown = sorted(set(data.get(name) or {}) - known)
             _require(not unknown, f"{name} config has unknown field(s) {unknown}")
-        moe = data.get("moe")
+        moe, vision = data.get("moe"), data.get("vision")
+        if vision is not None:  # JSON lists back to the dataclass' tuples
+            vision = {k: tuple(v) if isinstance(v, list) else v for k, v in vision.items()}
         return cls(language=LanguageConfig(**data["language"]),
                    parallel=parallel or ParallelConfig(),
                    moe=MoEConfig(**moe) if moe is not None else None,
+                   vision=VisionConfig(**vision) if vision is not None else None,
                    params_dtype=data.get("params_dtype", "float32"))

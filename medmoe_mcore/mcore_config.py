@@ -1,4 +1,4 @@
-"""The one pure function that derives Megatron-Core `TransformerConfig`s from our config."""
+"""Pure functions that derive every Megatron-Core `TransformerConfig` from our one config."""
 
 from __future__ import annotations
 
@@ -20,11 +20,34 @@ ACTIVATIONS = {"gelu_tanh": gelu_tanh, "silu": F.silu, "gelu": F.gelu, "quick_ge
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _common(cfg: ModelConfig, use_cpu_initialization: bool, perform_initialization: bool,
+            sequence_parallel: bool) -> dict:
+    """Fields every component shares: layout, dtype, the unfused (portable) kernels."""
+    par = cfg.parallel
+    dtype = DTYPES[cfg.params_dtype]
+    return dict(
+        normalization="LayerNorm",
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        sequence_parallel=sequence_parallel,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        params_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+    )
+
+
 def language_transformer_config(cfg: ModelConfig, use_cpu_initialization: bool = False,
                                 perform_initialization: bool = True) -> TransformerConfig:
     """TransformerConfig of the language model; `cfg` must be validated."""
-    lm, par = cfg.language, cfg.parallel
-    dtype = DTYPES[cfg.params_dtype]
+    lm = cfg.language
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -33,31 +56,55 @@ def language_transformer_config(cfg: ModelConfig, use_cpu_initialization: bool =
         num_query_groups=lm.num_query_groups,
         kv_channels=lm.head_dim,
         layernorm_epsilon=lm.layernorm_epsilon,
-        normalization="LayerNorm",
         gated_linear_unit=lm.gated_linear_unit,
         activation_func=ACTIVATIONS[lm.activation],
         add_bias_linear=lm.add_bias_linear,
         add_qkv_bias=lm.add_qkv_bias,
         hidden_dropout=lm.hidden_dropout,
         attention_dropout=lm.attention_dropout,
-        bias_activation_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        attention_softmax_in_fp32=True,
-        tensor_model_parallel_size=par.tensor_model_parallel_size,
-        sequence_parallel=par.sequence_parallel,
-        expert_model_parallel_size=par.expert_model_parallel_size,
-        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-        params_dtype=dtype,
-        bf16=dtype is torch.bfloat16,
-        fp16=dtype is torch.float16,
-        pipeline_dtype=dtype,
         recompute_granularity=cfg.recompute_granularity,
         recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,
-        use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=perform_initialization,
+        **_common(cfg, use_cpu_initialization, perform_initialization,
+                  cfg.parallel.sequence_parallel),
         **(_moe_fields(cfg) if cfg.moe is not None else {}),
+    )
+
+
+def vision_transformer_config(cfg: ModelConfig, perform_initialization: bool = True
+                              ) -> TransformerConfig:
+    """CLIP tower: the language model's TP group, no SP (576 tokens; the tower is frozen)."""
+    v = cfg.vision
+    return TransformerConfig(
+        num_layers=v.num_layers,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_attention_heads,
+        kv_channels=v.head_dim,
+        layernorm_epsilon=v.layernorm_epsilon,
+        activation_func=ACTIVATIONS[v.activation],
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **_common(cfg, False, perform_initialization, sequence_parallel=False),
+    )
+
+
+def projector_transformer_config(cfg: ModelConfig, perform_initialization: bool = True
+                                 ) -> TransformerConfig:
+    """`mlp2x_gelu`: Linear(vision -> H) + GELU + Linear(H -> H), both biased (Megatron's MLP
+    with ffn_hidden_size = hidden_size = the language model's width)."""
+    v, lm = cfg.vision, cfg.language
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        activation_func=ACTIVATIONS[v.projector_activation],
+        add_bias_linear=True,
+        hidden_dropout=0.0,
+        **_common(cfg, False, perform_initialization, sequence_parallel=False),
     )
 
 

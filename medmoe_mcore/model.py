@@ -20,7 +20,8 @@ class LanguageModel(GPTModel):
     """
 
     def __init__(self, cfg: ModelConfig, backend: Backend | None = None,
-                 perform_initialization: bool = True, parallel_output: bool = True):
+                 perform_initialization: bool = True, parallel_output: bool = True,
+                 scatter_embedding_sequence_parallel: bool = True):
         cfg.validate()
         lm = cfg.language
         config = language_transformer_config(cfg, perform_initialization=perform_initialization)
@@ -35,6 +36,8 @@ class LanguageModel(GPTModel):
             position_embedding_type="rope",
             rotary_percent=lm.rotary_percent,
             rotary_base=lm.rotary_base,
+            # False when images are spliced in first (the multimodal model scatters after).
+            scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
         )
         self.model_config = cfg
         if lm.output_layer_bias:

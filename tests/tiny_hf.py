@@ -24,3 +24,40 @@ def build(family: str, folder, seed: int = 0, **overrides):
             p.normal_(0, 0.1)
     model.save_pretrained(str(folder))
     return folder
+
+
+# CLIP of a valid small shape: 56 px / patch 14 = 16 patches, 3 layers (feature layer -2 runs 2).
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            image_size=56, patch_size=14, projection_dim=16, hidden_act="quick_gelu")
+
+
+def _randomise(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial norms and biases, not HF's init
+            p.normal_(0, 0.1)
+
+
+def build_clip(folder, seed: int = 0, **overrides):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model = CLIPVisionModel(CLIPVisionConfig(**{**CLIP, **overrides}))
+    _randomise(model, seed)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def build_llava(family: str, folder, seed: int = 0, **text_overrides):
+    """Tiny LlavaForConditionalGeneration; the last vocabulary id is the `<image>` token."""
+    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              PhiConfig, StableLmConfig)
+
+    text = {**(PHI if family == "phi" else STABLELM), **text_overrides}
+    text_cfg = PhiConfig(**text) if family == "phi" else StableLmConfig(**text)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=text_cfg,
+                         image_token_index=text["vocab_size"] - 1,
+                         image_seq_length=(CLIP["image_size"] // CLIP["patch_size"]) ** 2)
+    model = LlavaForConditionalGeneration(config)
+    _randomise(model, seed)
+    model.save_pretrained(str(folder))
+    return folder

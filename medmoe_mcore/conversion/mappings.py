@@ -104,3 +104,41 @@ class GatedMLP(Mapping):
 
     def to_hf(self, tensor, lm):
         return [x.contiguous() for x in torch.chunk(tensor, 2, dim=0)]
+
+
+class Reshaped(Mapping):
+    """Same values, another shape on the Megatron side (CLIP's class embedding [h] <-> [1, 1, h])."""
+
+    def __init__(self, megatron: str, hf: str, megatron_shape: tuple[int, ...]):
+        super().__init__(megatron, (hf,))
+        object.__setattr__(self, "megatron_shape", megatron_shape)
+
+    def to_megatron(self, tensors, cfg):
+        return tensors[0].reshape(self.megatron_shape)
+
+    def to_hf(self, tensor, cfg):
+        return [tensor.reshape(-1)]
+
+
+class Scoped(Mapping):
+    """Another mapping placed in a composite model: Megatron name under `megatron_prefix`, HF
+    names re-prefixed by the first matching (old, new) pair, shapes read from its own config
+    (the vision tower's heads, not the language model's)."""
+
+    def __init__(self, inner: Mapping, megatron_prefix: str,
+                 hf_prefixes: Sequence[tuple[str, str]], cfg):
+        def moved(name):
+            for old, new in hf_prefixes:
+                if name.startswith(old):
+                    return new + name[len(old):]
+            raise ValueError(f"{name}: no HF prefix rule among {list(hf_prefixes)}")
+
+        super().__init__(megatron_prefix + inner.megatron, tuple(moved(n) for n in inner.hf))
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "cfg", cfg)
+
+    def to_megatron(self, tensors, _):
+        return self.inner.to_megatron(tensors, self.cfg)
+
+    def to_hf(self, tensor, _):
+        return self.inner.to_hf(tensor, self.cfg)
