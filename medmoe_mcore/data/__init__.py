@@ -1,0 +1,1 @@
+"""Data: real offline medical images, dataset preparation, tokenisation and batching."""

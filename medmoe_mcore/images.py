@@ -1,0 +1,68 @@
+"""Image loading and CLIP preprocessing with PIL and NumPy only (no torchvision on CPU boxes).
+
+Training pads to a square with the processor's mean colour before resizing (the authors'
+`expand2square`); evaluation uses the CLIP processor as is (shortest edge resized, centre
+crop). Both then rescale to [0, 1] and normalise with CLIP's mean/std. Matches
+`transformers.CLIPImageProcessor` (its PIL path) to float precision.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from medmoe_mcore.config import VisionConfig
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be read; the message names its source."""
+
+
+def load_image(source: bytes | str | Path, name: str | None = None) -> Image.Image:
+    """Decode to RGB; raises ImageDecodeError naming `name` (or the path)."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageDecodeError(f"{label}: cannot decode image ({e})") from None
+    return image.convert("RGB")
+
+
+def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    out = Image.new(image.mode, (side, side), background)
+    out.paste(image, ((side - width) // 2, (side - height) // 2))
+    return out
+
+
+def _resize_shortest_edge(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new = (new_short, new_long) if width <= height else (new_long, new_short)
+    return image.resize(new, Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    top, left = (height - size) // 2, (width - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def preprocess(image: Image.Image, vision: VisionConfig, train: bool) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, image_size, image_size], normalised."""
+    if train:
+        image = expand2square(image, tuple(int(x * 255) for x in vision.image_mean))
+    image = _center_crop(_resize_shortest_edge(image, vision.image_size), vision.image_size)
+    pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
+    mean = np.asarray(vision.image_mean, dtype=np.float32)
+    std = np.asarray(vision.image_std, dtype=np.float32)
+    return torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1).copy())
