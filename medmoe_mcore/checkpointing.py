@@ -24,6 +24,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG = "medmoe_config.json"
 HF_CONFIG = "hf_config.json"
 TOKENIZER = "tokenizer"
+PASSTHROUGH = "hf_passthrough"  # HF tensors kept aside on import (never run), for export
 
 
 def tag_for(iteration: int | None) -> str:
@@ -95,6 +96,18 @@ def save(sharded_state_dict: dict, root: str | os.PathLike, cfg: ModelConfig,
 def load_into(model: torch.nn.Module, root: str | os.PathLike) -> Path:
     """Collective: load the checkpoint's weights into `model` at the model's own TP/EP."""
     folder = resolve(root)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(folder))
-    model.load_state_dict(state, strict=True)
+    template = model.sharded_state_dict()
+    state = dist_checkpointing.load(template, str(folder))
+    # A training checkpoint also holds optimizer/scheduler/progress state: weights only here.
+    model.load_state_dict({k: v for k, v in state.items() if k in template}, strict=True)
     return folder
+
+
+def carried(folder: str | os.PathLike) -> tuple[dict[str, str], dict[str, Path]]:
+    """(extra_files, extra_dirs) of a checkpoint that every later checkpoint derived from it
+    carries along: the imported HF config, the tokenizer, tensors kept aside for export."""
+    folder = Path(folder)
+    files = {HF_CONFIG: (folder / HF_CONFIG).read_text()} if (folder / HF_CONFIG).exists() \
+        else {}
+    dirs = {name: folder / name for name in (TOKENIZER, PASSTHROUGH) if (folder / name).is_dir()}
+    return files, dirs

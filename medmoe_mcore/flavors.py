@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from medmoe_mcore.config import ConfigError, LanguageConfig
+from medmoe_mcore.config import ConfigError, LanguageConfig, VisionConfig
 
 PHI_BLOCK = dict(family="phi", parallel_residual=True, gated_linear_unit=False,
                  activation="gelu_tanh", add_bias_linear=True, add_qkv_bias=True,
@@ -38,3 +38,23 @@ def language_flavor(name: str) -> LanguageConfig:
     if name not in LANGUAGE_FLAVORS:
         raise ConfigError(f"flavor={name!r}: unknown; choose from {sorted(LANGUAGE_FLAVORS)}")
     return dataclasses.replace(LANGUAGE_FLAVORS[name])
+
+
+VISION_FLAVORS = {
+    # CLIP ViT-L/14-336, feature layer -2: 23 of its 24 layers run (576 image tokens).
+    "clip_vit_l14_336": VisionConfig(hidden_size=1024, num_layers=23, source_num_layers=24,
+                                     num_attention_heads=16, ffn_hidden_size=4096,
+                                     image_size=336, patch_size=14),
+    # CPU demos and tests: 56 px / patch 14 = 16 image tokens.
+    "tiny_clip": VisionConfig(hidden_size=32, num_layers=2, source_num_layers=3,
+                              num_attention_heads=4, ffn_hidden_size=64, image_size=56,
+                              patch_size=14),
+}
+# The vision tower each language flavor pairs with in a Med-MoE model.
+VISION_OF = {"phi2": "clip_vit_l14_336", "stablelm2_1_6b": "clip_vit_l14_336",
+             "tiny": "tiny_clip", "tiny_stablelm": "tiny_clip"}
+
+
+def vision_flavor(language_flavor_name: str, image_token_id: int) -> VisionConfig:
+    return dataclasses.replace(VISION_FLAVORS[VISION_OF[language_flavor_name]],
+                               image_token_id=image_token_id)

@@ -14,6 +14,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from medmoe_mcore.config import ConfigError, ModelConfig
@@ -91,6 +92,7 @@ class MedMoEModel(MegatronModule):
                                  scatter_embedding_sequence_parallel=False)
         super().__init__(config=language.config)
         self.model_config = cfg
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         v = cfg.vision
         self.vision = CLIPViTModel(
             vision_transformer_config(cfg, perform_initialization), vision_layer_spec(backend),
@@ -152,3 +154,8 @@ class MedMoEModel(MegatronModule):
         loss = lm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeds,
                   labels=shifted.clamp(min=0))
         return loss, loss_mask
+
+
+def build_model(cfg: ModelConfig, **kwargs):
+    """The model a config describes: multimodal with a vision config, else text-only."""
+    return (MedMoEModel if cfg.vision is not None else LanguageModel)(cfg, **kwargs)

@@ -84,3 +84,30 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
         b = min(d[i, labels == c].mean() for c in labels.unique() if c != labels[i])
         scores.append(((b - a) / max(a, b)).item())
     return float(sum(scores) / len(scores))
+
+
+@torch.no_grad()
+def pooled_multimodal_features(model, batches) -> torch.Tensor:
+    """[N, hidden] for the multimodal model (images spliced in), one sample per batch (no
+    padding): the mean over the decoder input and every layer's output, then over positions."""
+    lm = model.language_model
+    outputs: list[torch.Tensor] = []
+    hooks = [lm.decoder.register_forward_pre_hook(
+        lambda m, a, k: outputs.append(k["hidden_states"] if "hidden_states" in k else a[0]),
+        with_kwargs=True)]
+    hooks += [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0]))
+              for layer in lm.decoder.layers]
+    feats = []
+    try:
+        model.eval()
+        for batch in batches:
+            if batch["input_ids"].shape[0] != 1:
+                raise ValueError("pooled_multimodal_features takes one sample per batch")
+            outputs.clear()
+            model(batch["input_ids"], batch["images"])
+            stacked = torch.stack([o.float() for o in outputs])  # [L+1, S, 1, H]
+            feats.append(stacked.mean(dim=0).mean(dim=0).squeeze(0).cpu())
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack(feats)

@@ -16,12 +16,12 @@ import torch
 
 from medmoe_mcore import checkpointing, parallel, router_file
 from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
-from medmoe_mcore.model import LanguageModel
+from medmoe_mcore.multimodal import build_model
 from medmoe_mcore.specs.language import LOCAL
 
 # decoder.layers.{i}.mlp.(experts.local_experts.{j}. | shared_experts.)rest <- ...mlp.rest
-_EXPERT = re.compile(r"(decoder\.layers\.\d+\.mlp\.)(?:experts\.local_experts\.\d+\.|shared_experts\.)(.+)")
-_ROUTER = re.compile(r"decoder\.layers\.\d+\.mlp\.router\.(weight|bias)")
+_EXPERT = re.compile(r"((?:language_model\.)?decoder\.layers\.\d+\.mlp\.)(?:experts\.local_experts\.\d+\.|shared_experts\.)(.+)")
+_ROUTER = re.compile(r"(?:language_model\.)?decoder\.layers\.\d+\.mlp\.router\.(weight|bias)")
 
 
 def dense_source(moe_key: str) -> str:
@@ -45,15 +45,15 @@ def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None) -> Path:
         moe = dataclasses.replace(moe, modalities=list(router.modalities))
     elif router_path is not None:
         raise ConfigError("a router file was given but router_type='learned'")
-    cfg = ModelConfig(language=lm, moe=moe, params_dtype=dense_cfg.params_dtype).validate()
+    cfg = ModelConfig(language=lm, moe=moe, vision=dense_cfg.vision,
+                      params_dtype=dense_cfg.params_dtype).validate()
 
     parallel.initialize(ParallelConfig())
-    dense = LanguageModel(dense_cfg, backend=LOCAL, perform_initialization=False)
+    dense = build_model(dense_cfg, backend=LOCAL, perform_initialization=False)
     checkpointing.load_into(dense, folder)
     source = dense.state_dict()
     # Only the learned router keeps Megatron's initialisation; all else is overwritten.
-    model = LanguageModel(cfg, backend=LOCAL,
-                          perform_initialization=moe.router_type == "learned")
+    model = build_model(cfg, backend=LOCAL, perform_initialization=moe.router_type == "learned")
     used, missing = set(), []
     with torch.no_grad():
         for key, param in model.named_parameters():
@@ -71,9 +71,6 @@ def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None) -> Path:
     if missing or unused:
         raise ConfigError(f"upcycling {folder}: MoE parameters without a dense source "
                           f"{missing}; dense tensors left unused {unused}")
-    extra_files = {name: (folder / name).read_text() for name in (checkpointing.HF_CONFIG,)
-                   if (folder / name).exists()}
-    tok = folder / checkpointing.TOKENIZER
-    return checkpointing.save(model.sharded_state_dict(), save_root, cfg,
-                              extra_files=extra_files,
-                              extra_dirs={checkpointing.TOKENIZER: tok} if tok.is_dir() else None)
+    files, dirs = checkpointing.carried(folder)
+    return checkpointing.save(model.sharded_state_dict(), save_root, cfg, extra_files=files,
+                              extra_dirs=dirs)

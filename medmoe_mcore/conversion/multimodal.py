@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medmoe_mcore import checkpointing, parallel
+from medmoe_mcore.checkpointing import PASSTHROUGH
 from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig, VisionConfig
 from medmoe_mcore.conversion.engine import ConversionError, convert, plan
 from medmoe_mcore.conversion.families import FAMILIES
@@ -57,7 +58,6 @@ from medmoe_mcore.mcore_config import DTYPES
 from medmoe_mcore.multimodal import MedMoEModel
 from medmoe_mcore.specs.language import LOCAL
 
-PASSTHROUGH = "hf_passthrough"
 _PASSTHROUGH_FILE = "clip_unused.safetensors"
 # CLIP ViT-L/14-336 (shared/REFERENCE.md), for the authors' checkpoints, whose config names the
 # tower (`image_tower`) instead of carrying its config.
