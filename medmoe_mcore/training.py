@@ -174,7 +174,8 @@ class Trainer:
             per_token, m = output
             m = m.float()
             value = (per_token.float() * m).sum() / m.sum().clamp(min=1)
-            return value, {"lm loss": value.detach()}
+            # a copy: the schedule divides the returned loss in place by the micro-batch count
+            return value, {"lm loss": value.detach().clone()}
 
         return (loss, mask), loss_func
 

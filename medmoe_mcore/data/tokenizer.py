@@ -75,6 +75,6 @@ def train_sentencepiece(lines: list[str], folder, vocab_size: int = 1000) -> Tok
         sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
         model_type="bpe", hard_vocab_limit=False, user_defined_symbols=[IMAGE_TOKEN, EOS],
         pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, character_coverage=1.0,
-        num_threads=1, minloglevel=2)
+        add_dummy_prefix=False, byte_fallback=True, num_threads=1, minloglevel=2)  # any text, never <unk>
     (folder / "tokenizer.model").write_bytes(proto.getvalue())
     return Tokenizer(folder)

@@ -1,0 +1,22 @@
+"""A small demo workspace for training tests: shards, tokenizer, a random tiny checkpoint."""
+
+from pathlib import Path
+
+
+def make_workspace(root, samples_per_image: int = 3) -> dict:
+    """Needs an initialised process group (the single_rank fixture)."""
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.config import ModelConfig
+    from medmoe_mcore.data import demo
+    from medmoe_mcore.data.tokenizer import train_sentencepiece
+    from medmoe_mcore.flavors import language_flavor, vision_flavor
+    from medmoe_mcore.multimodal import MedMoEModel
+
+    root = Path(root)
+    shards = demo.build(root / "data", samples_per_image=samples_per_image, show_progress=False)
+    tok = train_sentencepiece(demo.corpus(root / "data"), root / "tokenizer")
+    cfg = ModelConfig(language=language_flavor("tiny"),
+                      vision=vision_flavor("tiny", tok.image_token_id))
+    checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), root / "init", cfg,
+                       extra_dirs={checkpointing.TOKENIZER: root / "tokenizer"})
+    return {"shards": shards, "tokenizer": root / "tokenizer", "init": root / "init"}

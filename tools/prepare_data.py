@@ -1,0 +1,90 @@
+"""LLaVA-format JSON (or JSONL) + image folder, or a MedMNIST .npz -> webdataset tar shards
+with a validation report (records skipped and counted by reason, never silently).
+
+    python tools/prepare_data.py --json data.json --image-folder images --output SHARDS
+    python tools/prepare_data.py --medmnist pneumoniamnist.npz --split train \\
+        --label-names normal,pneumonia --modality X-Ray --output SHARDS
+
+Reasons: malformed, missing_image, corrupt_image, no_image_token, empty_answer, unknown_role,
+not_utf8, too_long. The report is printed and written to OUTPUT/report.json.
+"""
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+
+def medmnist_records(path, split, label_names, modality):
+    """(records, reader): one closed-set classification question per image, phrased as VQA."""
+    import numpy as np
+    from PIL import Image
+
+    data = np.load(path)
+    for key in (f"{split}_images", f"{split}_labels"):
+        if key not in data:
+            raise SystemExit(f"error: {path} has no {key!r} (keys: {sorted(data.files)})")
+    images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
+    if int(labels.max()) >= len(label_names):
+        raise SystemExit(f"error: label {int(labels.max())} but only {len(label_names)} "
+                         f"--label-names")
+    options = ", ".join(label_names)
+    blobs = {}
+    records = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        name = f"{Path(path).stem}_{split}_{i:06d}.png"
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        blobs[name] = buf.getvalue()
+        records.append({"id": f"{Path(path).stem}-{split}-{i}", "image": name,
+                        "modality": modality, "answer_type": "CLOSED", "conversations": [
+                            {"from": "human", "value": f"<image>\nWhich class does this image "
+                                                        f"show? Options: {options}."},
+                            {"from": "gpt", "value": label_names[int(label)]}]})
+    return records, lambda record: blobs.get(str(record.get("image")))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--json", help="LLaVA JSON list or JSONL")
+    src.add_argument("--medmnist", help="MedMNIST .npz")
+    p.add_argument("--image-folder", help="images referenced by the JSON's `image` field")
+    p.add_argument("--split", default="train", help="MedMNIST split: train, val or test")
+    p.add_argument("--label-names", help="MedMNIST: comma-separated names, index = label")
+    p.add_argument("--modality", help="MedMNIST: modality label of every record")
+    p.add_argument("--output", required=True, help="shard folder")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--max-chars", type=int, default=8000, help="longer records are skipped")
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from medmoe_mcore.data.records import load_json_records, write_shards
+
+    if args.json:
+        if not args.image_folder:
+            raise SystemExit("error: --json needs --image-folder")
+        folder = Path(args.image_folder)
+
+        def reader(record):
+            path = folder / str(record.get("image"))
+            return path.read_bytes() if record.get("image") and path.is_file() else None
+
+        records = load_json_records(args.json)
+    else:
+        if not args.label_names:
+            raise SystemExit("error: --medmnist needs --label-names")
+        records, reader = medmnist_records(args.medmnist, args.split,
+                                           args.label_names.split(","), args.modality)
+    report = write_shards(records, reader, args.output, samples_per_shard=args.samples_per_shard,
+                          max_chars=args.max_chars, prefix=args.prefix, total=len(records),
+                          show_progress=not args.no_progress)
+    print(report.to_json())
+    print(f"wrote {report.written} records in {len(report.shards)} shard(s) to {args.output}; "
+          f"skipped {sum(report.skipped.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
