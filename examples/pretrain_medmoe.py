@@ -143,7 +143,7 @@ def pipeline(args):
         checkpointing.save(model.sharded_state_dict(), init, cfg,
                            extra_dirs={checkpointing.TOKENIZER: work / "tokenizer"})
     args.load = None  # the pipeline's stages start from the previous stage's weights
-    iters = args.train_iters or 30
+    iters = args.train_iters or 200
     summary = {}
     ck = work / "checkpoints"
     for stage, data, start, lr in ((1, shards["stage1"], init, args.lr or 1e-3),
@@ -210,7 +210,7 @@ def train_router(stage2, router_shards, out, args) -> float:
     labels = torch.tensor([names.index(m) for m in modalities])
     features = pooled_multimodal_features(model, (data.collate([i]) for i in range(len(data))))
     split = int(0.8 * len(features))
-    router = fit_router(features[:split], labels[:split], names, epochs=50, lr=1e-2)
+    router = fit_router(features[:split], labels[:split], names, epochs=200, lr=1e-2)
     result = evaluate(router, features[split:], labels[split:])
     if dist.get_rank() == 0:
         router_file.save(router, out)
