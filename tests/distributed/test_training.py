@@ -105,3 +105,20 @@ def test_demo_pipeline_main_job(tmp_path):
     for stage in ("stage1", "stage2", "stage3"):
         assert summary[stage][1] < summary[stage][0], (stage, summary[stage])
     assert "router held-out accuracy" in r.stdout
+
+
+def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
+    """tools/prepare_data.py output (good records kept, bad ones reported) trains; with the
+    distributed optimizer and TensorBoard on."""
+    from tests.unit.test_data import mixed_records
+
+    path = mixed_records(tmp_path / "src")
+    r = run_tool("tools/prepare_data.py", "--json", str(path), "--image-folder",
+                 str(tmp_path / "src" / "images"), "--output", str(tmp_path / "shards"),
+                 "--max-chars", "200", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses, log = _train("--stage", "2", "--data-path", tmp_path / "shards",
+                         "--pretrained-checkpoint", workspace["init"], "--train-iters", "2",
+                         "--use-distributed-optimizer", "--tensorboard-dir", tmp_path / "tb")
+    assert len(losses) == 2 and "data: 7 samples" in log
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
