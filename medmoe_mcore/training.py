@@ -179,8 +179,8 @@ class Trainer:
 
         return (loss, mask), loss_func
 
-    def step(self) -> tuple[float, float, float, int]:
-        """One global batch. Returns (loss, grad norm, lr, tokens on this rank)."""
+    def step(self) -> tuple[float, float, float, int, bool]:
+        """One global batch: (loss, grad norm, lr, tokens on this rank, step skipped)."""
         micro = self.batches.global_batch(self.consumed)
         tokens = sum(int(b["input_ids"].numel()) for b in micro)
         self.ddp.zero_grad_buffer()

@@ -90,17 +90,9 @@ def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=
     parallel.initialize(cfg.parallel)
     # Parameters are left uninitialised (never touched), then swapped for converted tensors.
     model = LanguageModel(cfg, backend=LOCAL, perform_initialization=False)
-    params = dict(model.named_parameters())
     groups = plan(weight_table(cfg), src.keys(), _weights(model).keys(), to_megatron=True)
-    bar = _progress(len(params), "HF -> Megatron", show_progress)
-    for key, tensor in convert(groups, src.get, lm, to_megatron=True):
-        param = params[key]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ConversionError(f"{key}: converted shape {tuple(tensor.shape)} != model shape "
-                                  f"{tuple(param.shape)}")
-        param.data = tensor.to(cast) if cast is not None else tensor
-        bar.update()
-    bar.close()
+    fill_parameters(model, convert(groups, src.get, lm, to_megatron=True), cast,
+                    _progress(len(groups), "HF -> Megatron", show_progress))
     with tempfile.TemporaryDirectory() as tok:
         copied = [n for n in TOKENIZER_FILES if (Path(hf_dir) / n).exists()]
         for name in copied:
@@ -109,6 +101,19 @@ def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=
             model.sharded_state_dict(), save_root, cfg,
             extra_files={checkpointing.HF_CONFIG: json.dumps(hf_cfg, indent=2)},
             extra_dirs={checkpointing.TOKENIZER: tok} if copied else None)
+
+
+def fill_parameters(model, tensors, cast, bar) -> None:
+    """Swap each (key, tensor) into the model's parameter of that name, shapes checked."""
+    params = dict(model.named_parameters())
+    for key, tensor in tensors:
+        param = params[key]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ConversionError(f"{key}: converted shape {tuple(tensor.shape)} != model shape "
+                                  f"{tuple(param.shape)}")
+        param.data = tensor.to(cast) if cast is not None else tensor
+        bar.update()
+    bar.close()
 
 
 def weight_table(cfg: ModelConfig):

@@ -35,6 +35,7 @@ from medmoe_mcore.conversion.language import (
     _progress,
     _storage_dtype,
     _weights,
+    fill_parameters,
     hf_config_object,
     read_hf_config,
     weight_table,
@@ -160,16 +161,8 @@ def _build(cfg: ModelConfig) -> MedMoEModel:
 
 
 def _fill(model, groups, get, cast, show_progress, desc):
-    params = dict(model.named_parameters())
-    bar = _progress(len(groups), desc, show_progress)
-    for key, tensor in convert(groups, get, None, to_megatron=True):
-        param = params[key]
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ConversionError(f"{key}: converted shape {tuple(tensor.shape)} != model shape "
-                                  f"{tuple(param.shape)}")
-        param.data = tensor.to(cast) if cast is not None else tensor
-        bar.update()
-    bar.close()
+    fill_parameters(model, convert(groups, get, None, to_megatron=True), cast,
+                    _progress(len(groups), desc, show_progress))
 
 
 def _split_clip(keys, root: str, v: VisionConfig, report: list[str]):

@@ -16,7 +16,7 @@ from medmoe_mcore.config import ModelConfig
 from medmoe_mcore.data.encoding import IGNORE, encode
 from medmoe_mcore.data.records import SkipRecord, read_shards, shard_paths
 from medmoe_mcore.data.tokenizer import Tokenizer
-from medmoe_mcore.images import ImageDecodeError, load_image, preprocess
+from medmoe_mcore.images import load_image, preprocess
 
 
 class EncodedDataset:
@@ -61,12 +61,9 @@ class EncodedDataset:
         for b, (x, y, image, rid) in enumerate(rows):
             ids[b, : len(x)] = torch.tensor(x)
             labels[b, : len(y)] = torch.tensor(y)
-            if self.vision is not None:
-                try:
-                    pil = load_image(image, name=str(rid))
-                except ImageDecodeError:  # validated when sharded; a shard edited since
-                    raise
-                images.append(preprocess(pil, self.vision, train=True))
+            if self.vision is not None:  # decodable: validated when sharded
+                images.append(preprocess(load_image(image, name=str(rid)), self.vision,
+                                         train=True))
         return {"input_ids": ids, "labels": labels,
                 "images": torch.stack(images) if images else None}
 

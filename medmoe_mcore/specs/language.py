@@ -69,10 +69,10 @@ def default_backend() -> Backend:
     return transformer_engine_backend() or LOCAL
 
 
-def attention_spec(backend: Backend) -> ModuleSpec:
+def attention_spec(backend: Backend, mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:
     return ModuleSpec(
         module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
+        params={"attn_mask_type": mask},
         submodules=SelfAttentionSubmodules(
             linear_qkv=backend.column_linear,
             core_attention=backend.core_attention,

@@ -4,9 +4,7 @@ model (Megatron's own local ViT spec masks attention causally: a ViT attends bot
 from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import (
@@ -14,7 +12,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from medmoe_mcore.specs.language import LOCAL, Backend, dense_mlp_spec
+from medmoe_mcore.specs.language import LOCAL, Backend, attention_spec, dense_mlp_spec
 
 
 def vision_layer_spec(backend: Backend = LOCAL) -> ModuleSpec:
@@ -23,17 +21,7 @@ def vision_layer_spec(backend: Backend = LOCAL) -> ModuleSpec:
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=backend.norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=backend.column_linear,
-                    core_attention=backend.core_attention,
-                    linear_proj=backend.row_linear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
+            self_attention=attention_spec(backend, AttnMaskType.no_mask),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=backend.norm,
             mlp=dense_mlp_spec(backend),
