@@ -206,6 +206,7 @@ class Trainer:
     def run(self) -> list[float]:
         t = self.train
         skipped = nan = 0
+        saved = False
         start = time.time()
         window_tokens = 0
         while self.iteration < t.train_iters:
@@ -232,12 +233,15 @@ class Trainer:
                         self.writer.add_scalar(name, value, self.iteration)
                     self.writer.flush()
                 start, window_tokens = time.time(), 0
-            if t.save and t.save_interval and self.iteration % t.save_interval == 0:
+            saved = bool(t.save and t.save_interval and self.iteration % t.save_interval == 0)
+            if saved:
                 self.save()
             if t.exit_interval and self.iteration % t.exit_interval == 0:
+                if t.save and not saved:  # exiting never loses the work done
+                    self.save()
                 log(f"exiting at iteration {self.iteration} (--exit-interval)")
                 return self.losses
-        if t.save and not (t.save_interval and self.iteration % t.save_interval == 0):
+        if t.save and not saved:
             self.save()
         return self.losses
 
