@@ -22,6 +22,13 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_positive_ints(obj, prefix: str, names) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and value > 0,
+                 f"{prefix}.{name}={value!r}: must be a positive integer")
+
+
 @dataclass
 class LanguageConfig:
     """Architecture of the language model (shape-related facts only come from here)."""
@@ -66,12 +73,10 @@ class LanguageConfig:
         p = "language"
         _require(self.family in ("phi", "stablelm"),
                  f"{p}.family={self.family!r}: must be 'phi' or 'stablelm'")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                     "num_query_groups", "ffn_hidden_size", "max_position_embeddings",
-                     "make_vocab_size_divisible_by"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0,
-                     f"{p}.{name}={value!r}: must be a positive integer")
+        _require_positive_ints(self, p, ("vocab_size", "hidden_size", "num_layers",
+                                         "num_attention_heads", "num_query_groups",
+                                         "ffn_hidden_size", "max_position_embeddings",
+                                         "make_vocab_size_divisible_by"))
         _require(self.hidden_size % self.num_attention_heads == 0,
                  f"{p}.hidden_size={self.hidden_size} is not divisible by "
                  f"{p}.num_attention_heads={self.num_attention_heads}")
@@ -134,11 +139,8 @@ class VisionConfig:
 
     def validate(self, language: LanguageConfig) -> None:
         p = "vision"
-        for name in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
-                     "image_size", "patch_size"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0,
-                     f"{p}.{name}={value!r}: must be a positive integer")
+        _require_positive_ints(self, p, ("hidden_size", "num_layers", "num_attention_heads",
+                                         "ffn_hidden_size", "image_size", "patch_size"))
         _require(self.hidden_size % self.num_attention_heads == 0,
                  f"{p}.hidden_size={self.hidden_size} is not divisible by "
                  f"{p}.num_attention_heads={self.num_attention_heads}")
@@ -235,11 +237,10 @@ class ParallelConfig:
     def validate(self, language: LanguageConfig) -> None:
         p = "parallel"
         tp = self.tensor_model_parallel_size
-        for name in ("tensor_model_parallel_size", "expert_model_parallel_size",
-                     "expert_tensor_parallel_size", "pipeline_model_parallel_size"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0,
-                     f"{p}.{name}={value!r}: must be a positive integer")
+        _require_positive_ints(self, p, ("tensor_model_parallel_size",
+                                         "expert_model_parallel_size",
+                                         "expert_tensor_parallel_size",
+                                         "pipeline_model_parallel_size"))
         _require(self.pipeline_model_parallel_size == 1,
                  f"{p}.pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
                  "pipeline parallelism is not supported yet")

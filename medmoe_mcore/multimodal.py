@@ -47,9 +47,7 @@ def splice_images(text_embeds: torch.Tensor, input_ids: torch.Tensor,
         per_sample = is_image.sum(dim=1).tolist()
         raise MultimodalInputError(f"the batch has {n_slots} <image> placeholders (per sample "
                                    f"{per_sample}) but {n_images} images")
-    if n_slots == 0:
-        return text_embeds, labels
-    image_len = image_embeds.shape[1]
+    image_len = image_embeds.shape[1] if n_images else 0
     samples, sample_labels, image_index = [], [], 0
     for b in range(input_ids.shape[0]):
         slots = is_image[b].nonzero().flatten().tolist()
@@ -137,12 +135,6 @@ class MedMoEModel(MegatronModule):
         multiple = par.tensor_model_parallel_size if par.sequence_parallel else 1
         embeds, labels = splice_images(text, input_ids, image_embeds, image_token_id, labels,
                                        pad_to_multiple=multiple)
-        if embeds.shape[0] % multiple:  # text-only batch under SP
-            pad = multiple - embeds.shape[0] % multiple
-            embeds = torch.cat([embeds, embeds.new_zeros((pad, *embeds.shape[1:]))])
-            if labels is not None:
-                labels = torch.cat([labels, labels.new_full((labels.shape[0], pad),
-                                                            IGNORE_INDEX)], dim=1)
         if par.sequence_parallel:
             embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)
         if labels is None:

@@ -14,28 +14,39 @@ from medmoe_mcore.router_file import RouterWeights
 
 
 @torch.no_grad()
-def pooled_features(model, token_lists: list[list[int]]) -> torch.Tensor:
-    """[N, hidden]: per sample, the mean over the embedding output and every layer's output
-    (HF's `hidden_states`), then the mean over all positions."""
+def _pooled(decoder, run, inputs) -> torch.Tensor:
+    """[N, hidden]: per input, `run(input)` once; the mean over the decoder's input (the
+    embeddings, images spliced in) and every layer's output (HF's `hidden_states`), then the
+    mean over all positions."""
     outputs: list[torch.Tensor] = []
-    hooks = [model.embedding.register_forward_hook(lambda m, i, o: outputs.append(o))]
+    hooks = [decoder.register_forward_pre_hook(
+        lambda m, a, k: outputs.append(k["hidden_states"] if "hidden_states" in k else a[0]),
+        with_kwargs=True)]
     hooks += [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0]))
-              for layer in model.decoder.layers]
-    device = next(model.parameters()).device
+              for layer in decoder.layers]
     feats = []
     try:
-        model.eval()
-        for ids in token_lists:
+        for item in inputs:
             outputs.clear()
-            tokens = torch.tensor([ids], device=device)
-            positions = torch.arange(len(ids), device=device).unsqueeze(0)
-            model(tokens, positions, None)
+            run(item)
             stacked = torch.stack([o.float() for o in outputs])  # [L+1, S, 1, H]
             feats.append(stacked.mean(dim=0).mean(dim=0).squeeze(0).cpu())
     finally:
         for h in hooks:
             h.remove()
     return torch.stack(feats)
+
+
+def pooled_features(model, token_lists: list[list[int]]) -> torch.Tensor:
+    """Pooled features of the text-only LanguageModel, one token list per sample."""
+    device = next(model.parameters()).device
+    model.eval()
+
+    def run(ids):
+        tokens = torch.tensor([ids], device=device)
+        model(tokens, torch.arange(len(ids), device=device).unsqueeze(0), None)
+
+    return _pooled(model.decoder, run, token_lists)
 
 
 def fit_router(features: torch.Tensor, labels: torch.Tensor, modalities: list[str],
@@ -86,28 +97,13 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
     return float(sum(scores) / len(scores))
 
 
-@torch.no_grad()
 def pooled_multimodal_features(model, batches) -> torch.Tensor:
-    """[N, hidden] for the multimodal model (images spliced in), one sample per batch (no
-    padding): the mean over the decoder input and every layer's output, then over positions."""
-    lm = model.language_model
-    outputs: list[torch.Tensor] = []
-    hooks = [lm.decoder.register_forward_pre_hook(
-        lambda m, a, k: outputs.append(k["hidden_states"] if "hidden_states" in k else a[0]),
-        with_kwargs=True)]
-    hooks += [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0]))
-              for layer in lm.decoder.layers]
-    feats = []
-    try:
-        model.eval()
-        for batch in batches:
-            if batch["input_ids"].shape[0] != 1:
-                raise ValueError("pooled_multimodal_features takes one sample per batch")
-            outputs.clear()
-            model(batch["input_ids"], batch["images"])
-            stacked = torch.stack([o.float() for o in outputs])  # [L+1, S, 1, H]
-            feats.append(stacked.mean(dim=0).mean(dim=0).squeeze(0).cpu())
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.stack(feats)
+    """Pooled features of the multimodal model, one sample per batch (no padding)."""
+    model.eval()
+
+    def run(batch):
+        if batch["input_ids"].shape[0] != 1:
+            raise ValueError("pooled_multimodal_features takes one sample per batch")
+        model(batch["input_ids"], batch["images"])
+
+    return _pooled(model.language_model.decoder, run, batches)

@@ -171,7 +171,7 @@ def _split_clip(keys, root: str, v: VisionConfig, report: list[str]):
     for key in keys:
         if key.startswith(root) and is_unused_clip_key(key[len(root):], v):
             aside[key[len(root):]] = key
-        elif root and not key.startswith(root) and _is_clip_extra(key):
+        elif root and not key.startswith(root) and _CLIP_EXTRA.match(key):
             dropped.append(key)
         else:
             convert_keys.append(key)
@@ -185,10 +185,6 @@ def _split_clip(keys, root: str, v: VisionConfig, report: list[str]):
 
 
 _CLIP_EXTRA = re.compile(r"(text_model\.|visual_projection\.|text_projection\.|logit_scale)")
-
-
-def _is_clip_extra(key: str) -> bool:
-    return bool(_CLIP_EXTRA.match(key))
 
 
 def _save(model, cfg, save_root, hf_cfg, aside: dict, tokenizer_dir=None) -> Path:
