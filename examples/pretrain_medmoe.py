@@ -78,7 +78,7 @@ def parallel_config(args):
 def train_stage(args, stage, data_path, start, save, lr, iters, tokenizer=None):
     """One stage; returns the per-iteration losses."""
     from medmoe_mcore import checkpointing
-    from medmoe_mcore.training import Trainer, TrainConfig
+    from medmoe_mcore.training.trainer import Trainer, TrainConfig
 
     source = args.load if args.load and _is_checkpoint(args.load) else start
     cfg = checkpointing.read_config(source, parallel_config(args))
@@ -114,13 +114,14 @@ def pipeline(args):
     """The embedded demo, end to end, on the demo data and the `tiny` flavor."""
     import torch.distributed as dist
 
-    from medmoe_mcore import checkpointing, parallel
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.config import ModelConfig, ParallelConfig
     from medmoe_mcore.data import demo
     from medmoe_mcore.data.tokenizer import Tokenizer, train_sentencepiece
     from medmoe_mcore.flavors import language_flavor, vision_flavor
-    from medmoe_mcore.multimodal import MedMoEModel
-    from medmoe_mcore.training import log
+    from medmoe_mcore.models.medmoe import MedMoEModel
+    from medmoe_mcore.training.trainer import log
 
     begin = time.time()
     work = Path(args.work_dir)
@@ -159,7 +160,7 @@ def pipeline(args):
     summary["router accuracy"] = accuracy
 
     log("\n=== upcycling ===")
-    from medmoe_mcore.upcycling import upcycle
+    from medmoe_mcore.conversion.upcycle import upcycle
     from tools.upcycle_to_moe import moe_config
 
     moe = moe_config(args, learned=False)
@@ -190,12 +191,14 @@ def train_router(stage2, router_shards, out, args) -> float:
     import torch
     import torch.distributed as dist
 
-    from medmoe_mcore import checkpointing, parallel, router_file
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.runtime import parallel
+    from medmoe_mcore.router import file as router_file
     from medmoe_mcore.config import ParallelConfig
     from medmoe_mcore.data.loader import EncodedDataset
-    from medmoe_mcore.multimodal import MedMoEModel
-    from medmoe_mcore.router_training import evaluate, fit_router, pooled_multimodal_features
-    from medmoe_mcore.training import log
+    from medmoe_mcore.models.medmoe import MedMoEModel
+    from medmoe_mcore.router.training import evaluate, fit_router, pooled_multimodal_features
+    from medmoe_mcore.training.trainer import log
 
     parallel.initialize(ParallelConfig(), seed=args.seed)
     cfg = checkpointing.read_config(stage2, ParallelConfig())
@@ -231,7 +234,7 @@ def main(argv=None):
                          "and --train-iters")
     losses = train_stage(args, args.stage, args.data_path, args.pretrained_checkpoint,
                          args.save, args.lr, args.train_iters)
-    from medmoe_mcore.training import log
+    from medmoe_mcore.training.trainer import log
 
     log(json.dumps({"losses": losses}))
     return 0

@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 @pytest.fixture(scope="session")
 def single_rank():
     """A single-process gloo group + Megatron parallel state (TP=EP=1)."""
-    from medmoe_mcore import parallel
+    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.config import ParallelConfig
 
     parallel.initialize(ParallelConfig())

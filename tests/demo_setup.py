@@ -10,7 +10,7 @@ def make_workspace(root, samples_per_image: int = 3) -> dict:
     from medmoe_mcore.data import demo
     from medmoe_mcore.data.tokenizer import train_sentencepiece
     from medmoe_mcore.flavors import language_flavor, vision_flavor
-    from medmoe_mcore.multimodal import MedMoEModel
+    from medmoe_mcore.models.medmoe import MedMoEModel
 
     root = Path(root)
     shards = demo.build(root / "data", samples_per_image=samples_per_image, show_progress=False)

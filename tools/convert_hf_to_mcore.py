@@ -38,7 +38,7 @@ def main(argv=None):
     from medmoe_mcore.config import ConfigError
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import import_hf
-    from medmoe_mcore.conversion.multimodal import assemble, import_multimodal, is_multimodal
+    from medmoe_mcore.conversion.llava import assemble, import_multimodal, is_multimodal
 
     report = []
     progress = not args.no_progress

@@ -23,7 +23,7 @@ def main(argv=None):
     from medmoe_mcore.config import ConfigError
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import export_hf
-    from medmoe_mcore.conversion.multimodal import export_llava
+    from medmoe_mcore.conversion.llava import export_llava
 
     try:
         multimodal = checkpointing.read_config(args.load).vision is not None

@@ -18,7 +18,7 @@ def main(argv=None):
     p.add_argument("--flavor", help="check the hidden size against this flavor")
     args = p.parse_args(argv)
 
-    from medmoe_mcore import router_file
+    from medmoe_mcore.router import file as router_file
     from medmoe_mcore.config import ConfigError
     from medmoe_mcore.flavors import language_flavor
 

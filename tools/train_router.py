@@ -49,10 +49,12 @@ def main(argv=None):
     import torch
     from transformers import AutoTokenizer
 
-    from medmoe_mcore import checkpointing, parallel, router_file
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.runtime import parallel
+    from medmoe_mcore.router import file as router_file
     from medmoe_mcore.config import ParallelConfig
-    from medmoe_mcore.model import LanguageModel
-    from medmoe_mcore.router_training import evaluate, fit_router, pooled_features
+    from medmoe_mcore.models.language import LanguageModel
+    from medmoe_mcore.router.training import evaluate, fit_router, pooled_features
 
     folder = checkpointing.resolve(args.load)
     tok_dir = args.tokenizer or folder / checkpointing.TOKENIZER

@@ -59,7 +59,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from medmoe_mcore.config import ConfigError
-    from medmoe_mcore.upcycling import upcycle
+    from medmoe_mcore.conversion.upcycle import upcycle
 
     try:
         learned = (args.moe_router_type or ("modality" if args.router else "learned")) == "learned"

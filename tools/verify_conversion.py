@@ -38,9 +38,10 @@ def main(argv=None):
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from medmoe_mcore import checkpointing, parallel
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.config import ParallelConfig
-    from medmoe_mcore.model import LanguageModel
+    from medmoe_mcore.models.language import LanguageModel
 
     tp = args.tensor_model_parallel_size
     par = ParallelConfig(tensor_model_parallel_size=tp,
@@ -96,8 +97,8 @@ def _multimodal(args, cfg, device, dtype, gen):
 
     from medmoe_mcore import checkpointing
     from medmoe_mcore.data.medical_images import BY_NAME
-    from medmoe_mcore.images import preprocess
-    from medmoe_mcore.multimodal import MedMoEModel
+    from medmoe_mcore.data.images import preprocess
+    from medmoe_mcore.models.medmoe import MedMoEModel
 
     v = cfg.vision
     names = args.images.split(",")

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 from medmoe_mcore.config import ConfigError, LanguageConfig, MoEConfig
-from medmoe_mcore.conversion.families import BY_HF_MODEL_TYPE, FAMILIES, Family
+from medmoe_mcore.conversion.tables.language import BY_HF_MODEL_TYPE, FAMILIES, Family
 
 _MISSING = object()
 

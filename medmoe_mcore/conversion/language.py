@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from medmoe_mcore import checkpointing, parallel
+from medmoe_mcore import checkpointing
+from medmoe_mcore.runtime import parallel
 from medmoe_mcore import hf as hf_classes
 from medmoe_mcore.config import ModelConfig, ParallelConfig
 from medmoe_mcore.conversion.engine import ConversionError, convert, plan
-from medmoe_mcore.conversion.families import FAMILIES
+from medmoe_mcore.conversion.tables.language import FAMILIES
 from medmoe_mcore.conversion.hf_config import (
     family_of_hf,
     hf_config_from_language,
@@ -24,9 +25,9 @@ from medmoe_mcore.conversion.hf_config import (
     moe_config_from_hf,
 )
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
-from medmoe_mcore.mcore_config import DTYPES
-from medmoe_mcore.model import LanguageModel
-from medmoe_mcore.specs.language import LOCAL
+from medmoe_mcore.models.transformer_config import DTYPES
+from medmoe_mcore.models.language import LanguageModel
+from medmoe_mcore.models.specs.language import LOCAL
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")

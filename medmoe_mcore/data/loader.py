@@ -16,7 +16,7 @@ from medmoe_mcore.config import ModelConfig
 from medmoe_mcore.data.encoding import IGNORE, encode
 from medmoe_mcore.data.records import SkipRecord, read_shards, shard_paths
 from medmoe_mcore.data.tokenizer import Tokenizer
-from medmoe_mcore.images import load_image, preprocess
+from medmoe_mcore.data.images import load_image, preprocess
 
 
 class EncodedDataset:

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from medmoe_mcore.images import ImageDecodeError, load_image
+from medmoe_mcore.data.images import ImageDecodeError, load_image
 
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

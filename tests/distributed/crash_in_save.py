@@ -20,7 +20,7 @@ def main():
 
     from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ParallelConfig
-    from medmoe_mcore.training import Trainer, TrainConfig
+    from medmoe_mcore.training.trainer import Trainer, TrainConfig
 
     real_save, saves = dist_checkpointing.save, []
 

@@ -33,11 +33,11 @@ def main():
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from medmoe_mcore import parallel
+    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.config import ModelConfig, ParallelConfig
     from medmoe_mcore.flavors import language_flavor
-    from medmoe_mcore.mcore_config import language_transformer_config
-    from medmoe_mcore.specs.language import LOCAL, language_layer_spec
+    from medmoe_mcore.models.transformer_config import language_transformer_config
+    from medmoe_mcore.models.specs.language import LOCAL, language_layer_spec
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1,
                          expert_model_parallel_size=args.ep)

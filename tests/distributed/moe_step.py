@@ -35,7 +35,7 @@ GLOBAL_BATCH, SEQ = 4, 16
 
 
 def build(cfg, init: bool):
-    from medmoe_mcore.model import LanguageModel
+    from medmoe_mcore.models.language import LanguageModel
 
     model = LanguageModel(cfg)
     if init:  # non-trivial routing and biases (Megatron initialises biases and router to 0)
@@ -81,7 +81,8 @@ def main():
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args()
 
-    from medmoe_mcore import checkpointing, parallel
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.config import ModelConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.flavors import language_flavor
 

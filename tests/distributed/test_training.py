@@ -39,10 +39,10 @@ def test_interrupt_and_resume_is_bitwise(tmp_path, workspace):
 
 
 def _upcycled(tmp_path, workspace):
-    from medmoe_mcore import router_file
+    from medmoe_mcore.router import file as router_file
     from medmoe_mcore.config import MoEConfig
-    from medmoe_mcore.router_file import RouterWeights
-    from medmoe_mcore.upcycling import upcycle
+    from medmoe_mcore.router.file import RouterWeights
+    from medmoe_mcore.conversion.upcycle import upcycle
 
     gen = torch.Generator().manual_seed(0)
     router = RouterWeights(torch.randn(4, 64, generator=gen), torch.zeros(4),
@@ -75,7 +75,7 @@ def test_stage3_checkpoint_reshards_tp_ep(tmp_path, workspace):
 
 def test_killed_mid_save_keeps_previous_checkpoint(tmp_path, workspace, single_rank):
     from medmoe_mcore import checkpointing
-    from medmoe_mcore.multimodal import MedMoEModel
+    from medmoe_mcore.models.medmoe import MedMoEModel
 
     r = run_tool("tests/distributed/crash_in_save.py", "--init", str(workspace["init"]),
                  "--data-path", str(workspace["shards"]["stage2"]), "--save",

@@ -29,9 +29,10 @@ def main():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from medmoe_mcore import checkpointing, parallel
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.config import ParallelConfig
-    from medmoe_mcore.model import LanguageModel
+    from medmoe_mcore.models.language import LanguageModel
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1)
     parallel.initialize(par)

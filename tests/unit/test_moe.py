@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from medmoe_mcore import checkpointing, router_file
+from medmoe_mcore import checkpointing
+from medmoe_mcore.router import file as router_file
 from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig
 from medmoe_mcore.flavors import language_flavor
-from medmoe_mcore.router_file import RouterWeights
+from medmoe_mcore.router.file import RouterWeights
 
 AUTHORS = Path(__file__).resolve().parents[1] / "data" / "authors-routers"
 MODALITIES = ["CT", "MRI", "X-Ray", "pathology"]
@@ -56,7 +57,7 @@ def test_authors_routers_import_with_flavor_shapes(tmp_path, pth, flavor):
 
 
 def _dense_checkpoint(root, flavor):
-    from medmoe_mcore.model import LanguageModel
+    from medmoe_mcore.models.language import LanguageModel
 
     cfg = ModelConfig(language=language_flavor(flavor)).validate()
     model = LanguageModel(cfg)
@@ -71,8 +72,8 @@ def _dense_checkpoint(root, flavor):
 @pytest.mark.parametrize("flavor,topk", [("tiny", 2), ("tiny_stablelm", 1)])
 def test_upcycled_moe_layer_is_scaled_dense_ffn(tmp_path, single_rank, flavor, topk):
     """Right after upcycling: MoE layer output == (1 + sum of chosen G_i) * FFN(x)."""
-    from medmoe_mcore.model import LanguageModel
-    from medmoe_mcore.upcycling import upcycle
+    from medmoe_mcore.models.language import LanguageModel
+    from medmoe_mcore.conversion.upcycle import upcycle
 
     dense = _dense_checkpoint(tmp_path / "dense", flavor)
     lm = dense.model_config.language
@@ -99,7 +100,7 @@ def test_upcycled_moe_layer_is_scaled_dense_ffn(tmp_path, single_rank, flavor, t
 
 
 def test_upcycle_refuses_a_router_of_the_wrong_shape(tmp_path, single_rank):
-    from medmoe_mcore.upcycling import upcycle
+    from medmoe_mcore.conversion.upcycle import upcycle
 
     _dense_checkpoint(tmp_path / "dense", "tiny")
     router_file.save(_router(32, 4), tmp_path / "r.safetensors")
@@ -118,8 +119,8 @@ def test_stage3_updates_experts_only(tmp_path, single_rank):
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from medmoe_mcore.freezing import apply_stage
-    from medmoe_mcore.model import LanguageModel
+    from medmoe_mcore.training.freezing import apply_stage
+    from medmoe_mcore.models.language import LanguageModel
 
     cfg = ModelConfig(language=language_flavor("tiny"),
                       moe=MoEConfig(num_experts=4, router_topk=2)).validate()

@@ -9,11 +9,11 @@ from safetensors.torch import load_file, save_file
 
 from medmoe_mcore import checkpointing
 from medmoe_mcore.conversion.engine import ConversionError
-from medmoe_mcore.conversion.multimodal import assemble, export_llava, import_multimodal
-from medmoe_mcore.conversion.vision import LAYOUTS, relayout
+from medmoe_mcore.conversion.llava import assemble, export_llava, import_multimodal
+from medmoe_mcore.conversion.tables.vision import LAYOUTS, relayout
 from medmoe_mcore.data.medical_images import BY_NAME
-from medmoe_mcore.images import ImageDecodeError, load_image, preprocess
-from medmoe_mcore.multimodal import MedMoEModel, MultimodalInputError
+from medmoe_mcore.data.images import ImageDecodeError, load_image, preprocess
+from medmoe_mcore.models.medmoe import MedMoEModel, MultimodalInputError
 from tests import tiny_hf
 from tests.conftest import run_tool
 
@@ -162,7 +162,7 @@ def test_preprocessing_matches_clip_image_processor():
     from transformers import CLIPImageProcessor
 
     from medmoe_mcore.config import VisionConfig
-    from medmoe_mcore.images import expand2square
+    from medmoe_mcore.data.images import expand2square
 
     v = VisionConfig(hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
                      image_size=56, patch_size=14)
@@ -179,7 +179,7 @@ def test_preprocessing_matches_clip_image_processor():
 def test_stage_freezing_on_the_multimodal_model(single_rank):
     from medmoe_mcore.config import ModelConfig, VisionConfig
     from medmoe_mcore.flavors import language_flavor
-    from medmoe_mcore.freezing import apply_stage
+    from medmoe_mcore.training.freezing import apply_stage
 
     v = VisionConfig(hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
                      image_size=56, patch_size=14)

@@ -3,7 +3,7 @@
 import json
 import random
 
-from medmoe_mcore import router_file
+from medmoe_mcore.router import file as router_file
 from tests import tiny_hf
 from tests.conftest import run_tool
 

@@ -7,8 +7,8 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from medmoe_mcore.config import ModelConfig
-from medmoe_mcore.mcore_config import language_transformer_config
-from medmoe_mcore.specs.language import Backend, default_backend, language_block_spec
+from medmoe_mcore.models.transformer_config import language_transformer_config
+from medmoe_mcore.models.specs.language import Backend, default_backend, language_block_spec
 
 
 class LanguageModel(GPTModel):

@@ -23,11 +23,12 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from medmoe_mcore import checkpointing, parallel
+from medmoe_mcore import checkpointing
+from medmoe_mcore.runtime import parallel
 from medmoe_mcore.config import ConfigError, ModelConfig
 from medmoe_mcore.data.loader import Batches, EncodedDataset
-from medmoe_mcore.freezing import apply_stage
-from medmoe_mcore.multimodal import build_model
+from medmoe_mcore.training.freezing import apply_stage
+from medmoe_mcore.models.medmoe import build_model
 
 
 @dataclass

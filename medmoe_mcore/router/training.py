@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from medmoe_mcore.router_file import RouterWeights
+from medmoe_mcore.router.file import RouterWeights
 
 
 @torch.no_grad()

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from medmoe_mcore import checkpointing, parallel, router_file
+from medmoe_mcore import checkpointing
+from medmoe_mcore.runtime import parallel
+from medmoe_mcore.router import file as router_file
 from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
-from medmoe_mcore.multimodal import build_model
-from medmoe_mcore.specs.language import LOCAL
+from medmoe_mcore.models.medmoe import build_model
+from medmoe_mcore.models.specs.language import LOCAL
 
 # decoder.layers.{i}.mlp.(experts.local_experts.{j}. | shared_experts.)rest <- ...mlp.rest
 _EXPERT = re.compile(r"((?:language_model\.)?decoder\.layers\.\d+\.mlp\.)(?:experts\.local_experts\.\d+\.|shared_experts\.)(.+)")

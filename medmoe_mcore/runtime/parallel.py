@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from medmoe_mcore import cpu_runtime
+from medmoe_mcore.runtime import cpu as cpu_runtime
 from medmoe_mcore.config import ParallelConfig
 
 

@@ -20,13 +20,13 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from medmoe_mcore.config import LanguageConfig, MoEConfig
-from medmoe_mcore.specs.layers import (
+from medmoe_mcore.models.specs.layers import (
     ExpertColumnParallelLinear,
     ExpertRowParallelLinear,
     ParallelResidualTransformerLayer,
 )
-from medmoe_mcore.specs.moe import moe_mlp_spec
-from medmoe_mcore.specs.norm import LayerNorm
+from medmoe_mcore.models.moe.router import moe_mlp_spec
+from medmoe_mcore.models.specs.norm import LayerNorm
 
 
 @dataclass(frozen=True)

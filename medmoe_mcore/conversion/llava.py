@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medmoe_mcore import checkpointing, parallel
+from medmoe_mcore import checkpointing
+from medmoe_mcore.runtime import parallel
 from medmoe_mcore.checkpointing import PASSTHROUGH
 from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig, VisionConfig
 from medmoe_mcore.conversion.engine import ConversionError, convert, plan
-from medmoe_mcore.conversion.families import FAMILIES
+from medmoe_mcore.conversion.tables.language import FAMILIES
 from medmoe_mcore.conversion.hf_config import (
     hf_config_from_language,
     language_config_from_hf,
@@ -42,7 +43,7 @@ from medmoe_mcore.conversion.language import (
 )
 from medmoe_mcore.conversion.mappings import Scoped
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
-from medmoe_mcore.conversion.vision import (
+from medmoe_mcore.conversion.tables.vision import (
     CLIP_WEIGHTS,
     LAYOUTS,
     PROJECTOR_WEIGHTS,
@@ -55,9 +56,9 @@ from medmoe_mcore.conversion.vision import (
     relayout,
     vision_config_from_hf,
 )
-from medmoe_mcore.mcore_config import DTYPES
-from medmoe_mcore.multimodal import MedMoEModel
-from medmoe_mcore.specs.language import LOCAL
+from medmoe_mcore.models.transformer_config import DTYPES
+from medmoe_mcore.models.medmoe import MedMoEModel
+from medmoe_mcore.models.specs.language import LOCAL
 
 _PASSTHROUGH_FILE = "clip_unused.safetensors"
 # CLIP ViT-L/14-336 (shared/REFERENCE.md), for the authors' checkpoints, whose config names the
