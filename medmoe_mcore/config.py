@@ -2,7 +2,9 @@
 
 `LanguageConfig` (backbone shape), `VisionConfig` (CLIP tower, projector and image facts; None
 for a text-only model), `MoEConfig` (stage-3 Mixture of Experts, None for a dense model) and
-`ParallelConfig` (layout, never saved with checkpoints).
+`ParallelConfig` (layout, never saved with checkpoints). Fields made with `option` are also
+command-line flags: training/arguments.py builds each flag (Megatron-LM's spelling where one
+exists), its type, default, choices and help from the field.
 """
 
 from __future__ import annotations
@@ -12,9 +14,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from medmoe_mcore.conventions import IGNORE_INDEX, IMAGE_SENTINEL_ID
+
 
 class ConfigError(ValueError):
     """A config that cannot work, raised before any compute."""
+
+
+def option(default, help: str, flag: str | None = None, **extra):
+    """A config field that is also a CLI flag (`flag` defaults to --field-name)."""
+    return field(default=default, metadata={"help": help, "flag": flag, **extra})
 
 
 def _require(ok: bool, message: str) -> None:
@@ -121,7 +130,7 @@ class VisionConfig:
     projector_activation: Literal["gelu"] = "gelu"  # mlp2x_gelu: exact GELU
     # The `<image>` placeholder: a vocabulary token (HF LLaVA) or, like the authors' LLaVA code,
     # a negative sentinel id outside the vocabulary (IMAGE_TOKEN_INDEX = -200).
-    image_token_id: int = -200
+    image_token_id: int = IMAGE_SENTINEL_ID
     image_mean: tuple = CLIP_MEAN
     image_std: tuple = CLIP_STD
 
@@ -149,12 +158,15 @@ class VisionConfig:
                  f"{p}.patch_size={self.patch_size}")
         _require(self.source_num_layers is None or self.source_num_layers >= self.num_layers,
                  f"{p}.source_num_layers={self.source_num_layers} < num_layers={self.num_layers}")
-        _require(self.image_token_id < language.vocab_size and self.image_token_id != -100,
+        _require(self.image_token_id < language.vocab_size and self.image_token_id != IGNORE_INDEX,
                  f"{p}.image_token_id={self.image_token_id}: must be a token of the vocabulary "
                  f"(< language.vocab_size={language.vocab_size}) or a negative sentinel other "
-                 "than -100 (the ignore label)")
+                 f"than {IGNORE_INDEX} (the ignore label)")
         _require(len(self.image_mean) == 3 and len(self.image_std) == 3,
                  f"{p}.image_mean/image_std: need 3 values (RGB)")
+
+
+LEARNED_ROUTER_DEFAULTS = dict(router_topk=2, renormalize=True, aux_loss_coeff=0.01)
 
 
 @dataclass
@@ -165,19 +177,40 @@ class MoEConfig:
     per-token routing with the router's softmax probabilities (not renormalised).
     """
 
-    num_experts: int = 4
-    router_topk: int = 1
+    num_experts: int = option(4, "domain experts per MoE layer")
+    router_topk: int = option(1, "experts each token is routed to (default 1 for the "
+                              "modality router, 2 for the learned router)",
+                              flag="--moe-router-topk")
     # int N: layers 0, N, 2N, ... are MoE; a list: one 0/1 per layer (Megatron's moe_layer_freq).
-    layer_freq: Union[int, list] = 2
+    layer_freq: Union[int, list] = option(2, "N: layers 0, N, 2N, ... are MoE; or a 0/1 list "
+                                          "with one entry per layer", flag="--moe-layer-freq")
     # "modality": fixed, pretrained linear classifier (frozen); "learned": Megatron TopKRouter.
-    router_type: Literal["modality", "learned"] = "modality"
+    router_type: Literal["modality", "learned"] = option(
+        "modality", "modality: fixed pretrained classifier (needs a router file); learned: "
+        "Megatron's TopKRouter trained in stage 3", flag="--moe-router-type")
     # "token": each token routed by its own state; "sample": by the sample's mean state.
-    routing_granularity: Literal["token", "sample"] = "token"
-    renormalize: bool = False  # renormalise the chosen top-k probabilities to sum to 1
-    aux_loss_coeff: float = 0.0  # load-balancing loss, learned router only (MoE-LLaVA: 0.01)
-    token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
-    meta_expert: bool = True  # always-on shared expert, added unweighted
-    modalities: Optional[list] = None  # modality name of each expert (index = expert)
+    routing_granularity: Literal["token", "sample"] = option(
+        "token", "route each token, or each sample by its mean hidden state",
+        flag="--moe-routing-granularity")
+    renormalize: bool = option(False, "renormalise the chosen top-k probabilities to sum to 1 "
+                               "(default: off for the modality router, on for the learned "
+                               "router)", flag="--moe-router-renormalize")
+    aux_loss_coeff: float = option(0.0, "load-balancing loss coefficient, learned router only "
+                                   "(default 0.01 for it, as MoE-LLaVA)",
+                                   flag="--moe-aux-loss-coeff")
+    token_dispatcher: Literal["alltoall", "allgather"] = option(
+        "alltoall", "how tokens reach experts under expert parallelism (a run-time choice: a "
+        "stage run may change it)", flag="--moe-token-dispatcher-type", runtime=True)
+    meta_expert: bool = option(True, "the always-on meta expert, added unweighted",
+                               flag="--moe-meta-expert")
+    modalities: Optional[list] = None  # modality name of each expert (from the router file)
+
+    @classmethod
+    def from_choices(cls, chosen: dict) -> "MoEConfig":
+        """The fields a user chose; the others default by router type (MoE-LLaVA's settings
+        for the learned router: top-2 renormalised, aux loss 0.01)."""
+        defaults = LEARNED_ROUTER_DEFAULTS if chosen.get("router_type") == "learned" else {}
+        return cls(**{**defaults, **chosen})
 
     def moe_layers(self, num_layers: int) -> list[bool]:
         if isinstance(self.layer_freq, int):
@@ -227,12 +260,17 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    expert_model_parallel_size: int = 1
+    """Process layout of a run (never saved with checkpoints: any layout loads any checkpoint)."""
+
+    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks")
+    sequence_parallel: bool = option(False, "split the sequence over the tensor-parallel ranks "
+                                     "outside attention/MLP (needs TP > 1)")
+    expert_model_parallel_size: int = option(1, "expert-parallel ranks (must divide the number "
+                                             "of experts)")
     # Experts are whole on each rank by default (biased experts require it in Megatron).
-    expert_tensor_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
+    expert_tensor_parallel_size: int = option(1, "tensor-parallel ranks inside each expert "
+                                              "(1 for biased experts such as Phi-2's)")
+    pipeline_model_parallel_size: int = option(1, "pipeline stages (only 1 is supported)")
 
     def validate(self, language: LanguageConfig) -> None:
         p = "parallel"

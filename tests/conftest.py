@@ -1,19 +1,17 @@
 import os
 import sys
-import warnings
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
-warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def single_rank():
-    """A single-process gloo group + Megatron parallel state (TP=EP=1)."""
-    from medmoe_mcore.runtime import parallel
+    """A single-process gloo group + Megatron parallel state (TP=EP=1): the entry point of
+    in-process tests (library code never creates process groups)."""
     from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.runtime import parallel
 
     parallel.initialize(ParallelConfig())
     return True

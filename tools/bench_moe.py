@@ -45,9 +45,9 @@ def main(argv=None):
     from medmoe_mcore.config import LanguageConfig, ModelConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.flavors import PHI_BLOCK
     from medmoe_mcore.models.transformer_config import language_transformer_config
-    from medmoe_mcore.models.specs.language import LOCAL
+    from medmoe_mcore.models.specs.backends import LOCAL
     from megatron.core.transformer.spec_utils import build_module
-    from medmoe_mcore.models.moe.router import moe_mlp_spec
+    from medmoe_mcore.models.moe.spec import moe_mlp_spec
 
     E, k, H, Fh, T = args.num_experts, args.moe_router_topk, args.hidden, args.ffn, args.tokens
     lm = LanguageConfig(**PHI_BLOCK, vocab_size=128, hidden_size=H, num_layers=1,

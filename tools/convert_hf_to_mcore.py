@@ -35,14 +35,17 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.config import ConfigError, ParallelConfig
+    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import import_hf
-    from medmoe_mcore.conversion.llava import assemble, import_multimodal, is_multimodal
+    from medmoe_mcore.conversion.assemble import assemble
+    from medmoe_mcore.conversion.llava import import_multimodal, is_multimodal
 
     report = []
     progress = not args.no_progress
     try:
+        parallel.initialize(ParallelConfig(), seed=args.seed)
         if is_multimodal(args.hf_dir):
             folder = import_multimodal(args.hf_dir, args.save, params_dtype=args.params_dtype,
                                        vision_hf_dir=args.vision_hf_dir, show_progress=progress,

@@ -20,12 +20,14 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.config import ConfigError, ParallelConfig
+    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import export_hf
     from medmoe_mcore.conversion.llava import export_llava
 
     try:
+        parallel.initialize(ParallelConfig())
         multimodal = checkpointing.read_config(args.load).vision is not None
         export = export_llava if multimodal else export_hf
         out = export(args.load, args.hf_dir, overwrite=args.overwrite,

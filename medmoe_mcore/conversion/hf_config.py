@@ -93,30 +93,35 @@ def hf_config_from_language(lm: LanguageConfig, base: dict | None = None,
     return hf
 
 
+# (key of the HF `moe` dict, MoEConfig field, value when an authors' config lacks the key):
+# the routing choices, written and read by one table. Their keys are MoE-LLaVA's; ours follow.
+MOE_CONFIG_KEYS = (
+    ("top_k_experts", "router_topk", _MISSING),
+    ("router_type", "router_type", "modality"),
+    ("routing_granularity", "routing_granularity", "token"),
+    ("renormalize", "renormalize", False),
+    ("meta_expert", "meta_expert", True),
+    ("token_dispatcher", "token_dispatcher", "alltoall"),
+    ("modalities", "modalities", None),
+)
+# Fixed facts of every export: no capacity limit, no token dropping (the authors'
+# drop_tokens=False), no Residual-MoE, one process group.
+MOE_EXPORT_CONSTANTS = dict(moe_enable=True, ep_size=1, capacity_factor=0.0,
+                            eval_capacity_factor=0.0, min_capacity=0, use_residual=False,
+                            train_modules=[])
+
+
 def moe_to_hf(moe: MoEConfig, lm: LanguageConfig) -> dict:
     """The authors' `moe` dict (MoE-LLaVA keys) plus the choices they did not have."""
     layers = [i for i, on in enumerate(moe.moe_layers(lm.num_layers)) if on]
     return {
-        "moe_enable": True,
+        **MOE_EXPORT_CONSTANTS,
         "moe_mode": "sparse" if moe.layer_freq == 2 else "custom",
         "moe_layers_idx": layers,
         "num_experts": [moe.num_experts] * len(layers),
-        "top_k_experts": moe.router_topk,
-        "ep_size": 1,
-        # No capacity limit and no token dropping (the authors' drop_tokens=False).
-        "capacity_factor": 0.0,
-        "eval_capacity_factor": 0.0,
-        "min_capacity": 0,
-        "use_residual": False,
         "router_aux_loss_coef": moe.aux_loss_coeff,
-        "train_modules": [],
-        "router_type": moe.router_type,
         "router_bias": moe.router_type == "modality" or lm.add_bias_linear,
-        "routing_granularity": moe.routing_granularity,
-        "renormalize": moe.renormalize,
-        "meta_expert": moe.meta_expert,
-        "token_dispatcher": moe.token_dispatcher,
-        "modalities": moe.modalities,
+        **{key: getattr(moe, name) for key, name, _ in MOE_CONFIG_KEYS},
     }
 
 
@@ -135,17 +140,16 @@ def moe_config_from_hf(hf: dict) -> MoEConfig | None:
                           "MoE layer is supported")
     if d.get("use_residual"):
         raise ConfigError("config.json moe.use_residual=True (Residual-MoE) is not supported")
-    router_type = d.get("router_type", "modality")
+    fields = {}
+    for key, name, default in MOE_CONFIG_KEYS:
+        fields[name] = d.get(key, default)
+        if fields[name] is _MISSING:
+            raise ConfigError(f"config.json moe has no {key!r} (needed for moe.{name})")
+    learned = fields["router_type"] == "learned"
     return MoEConfig(
         num_experts=counts[0],
-        router_topk=d["top_k_experts"],
         layer_freq=2 if layers == list(range(0, n, 2)) else [int(i in layers) for i in range(n)],
-        router_type=router_type,
-        routing_granularity=d.get("routing_granularity", "token"),
-        renormalize=d.get("renormalize", False),
         # The authors' configs carry 0.01 even with their fixed router, which has no aux loss.
-        aux_loss_coeff=d.get("router_aux_loss_coef", 0.0) if router_type == "learned" else 0.0,
-        token_dispatcher=d.get("token_dispatcher", "alltoall"),
-        meta_expert=d.get("meta_expert", True),
-        modalities=d.get("modalities"),
+        aux_loss_coeff=d.get("router_aux_loss_coef", 0.0) if learned else 0.0,
+        **fields,
     )

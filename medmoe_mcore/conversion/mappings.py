@@ -142,3 +142,18 @@ class Scoped(Mapping):
 
     def to_hf(self, tensor, _):
         return self.inner.to_hf(tensor, self.cfg)
+
+
+class Replicate(Mapping):
+    """One tensor copied to several names: upcycling's dense FFN -> every expert and the meta
+    expert. One way only; the engine runs it in the `to_megatron=False` direction, where the
+    source is the `megatron` name (the dense key) and the targets are the `hf` names."""
+
+    def __init__(self, source: str, copies: Sequence[str]):
+        super().__init__(source, tuple(copies))
+
+    def to_megatron(self, tensors, lm):
+        raise NotImplementedError("Replicate is one-way (dense -> copies)")
+
+    def to_hf(self, tensor, lm):
+        return [tensor] * len(self.hf)

@@ -2,8 +2,10 @@
 
 Every expert and the meta expert of an MoE layer start as copies of that layer's dense FFN;
 the modality router comes from a router file (the same weights in every MoE layer), or, for
-the learned-router baseline, is initialised as Megatron does. Everything else is copied by name.
-Runs at TP1/EP1 in one process; the result loads at any TP/EP.
+the learned-router baseline, is initialised as Megatron does. Everything else is copied by
+name. The copy plan goes through the conversion engine, so an MoE parameter without a dense
+source, or a dense tensor left unused, stops the upcycling with the keys listed. Runs at
+TP1/EP1 in the entry point's process groups; the result loads at any TP/EP.
 """
 
 from __future__ import annotations
@@ -15,21 +17,36 @@ from pathlib import Path
 import torch
 
 from medmoe_mcore import checkpointing
-from medmoe_mcore.runtime import parallel
-from medmoe_mcore.router import file as router_file
 from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
+from medmoe_mcore.conversion.common import conversion_model, weights
+from medmoe_mcore.conversion.engine import convert, plan
+from medmoe_mcore.conversion.mappings import Direct, Replicate
 from medmoe_mcore.models.medmoe import build_model
-from medmoe_mcore.models.specs.language import LOCAL
+from medmoe_mcore.models.moe import names
+from medmoe_mcore.models.specs.backends import LOCAL
+from medmoe_mcore.router import file as router_file
 
-# decoder.layers.{i}.mlp.(experts.local_experts.{j}. | shared_experts.)rest <- ...mlp.rest
-_EXPERT = re.compile(r"((?:language_model\.)?decoder\.layers\.\d+\.mlp\.)(?:experts\.local_experts\.\d+\.|shared_experts\.)(.+)")
-_ROUTER = re.compile(r"(?:language_model\.)?decoder\.layers\.\d+\.mlp\.router\.(weight|bias)")
+# "<prefix>decoder.layers.{i}.mlp.<rest>": a dense FFN tensor and its layer index.
+_FFN = re.compile(r"(?P<prefix>(?:language_model\.)?decoder\.layers\.)(?P<i>\d+)\."
+                  + re.escape(names.FFN) + r"(?P<rest>.+)")
 
 
-def dense_source(moe_key: str) -> str:
-    """The dense-checkpoint key an MoE-model parameter is copied from."""
-    m = _EXPERT.fullmatch(moe_key)
-    return m.group(1) + m.group(2) if m else moe_key
+def upcycle_table(dense_keys, moe: MoEConfig, num_layers: int):
+    """One entry per dense tensor: the FFN of an MoE layer fans out to its experts and meta
+    expert, everything else is copied under its own name."""
+    is_moe = moe.moe_layers(num_layers)
+    table = []
+    for key in dense_keys:
+        m = _FFN.fullmatch(key)
+        if m is None or not is_moe[int(m["i"])]:
+            table.append(Direct(key, key))
+            continue
+        layer = f"{m['prefix']}{m['i']}."
+        copies = [layer + names.EXPERT.format(j=j) + m["rest"] for j in range(moe.num_experts)]
+        if moe.meta_expert:
+            copies.append(layer + names.META_EXPERT + m["rest"])
+        table.append(Replicate(key, copies))
+    return table
 
 
 def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None) -> Path:
@@ -50,29 +67,21 @@ def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None) -> Path:
     cfg = ModelConfig(language=lm, moe=moe, vision=dense_cfg.vision,
                       params_dtype=dense_cfg.params_dtype).validate()
 
-    parallel.initialize(ParallelConfig())
-    dense = build_model(dense_cfg, backend=LOCAL, perform_initialization=False)
+    dense = conversion_model(dense_cfg)
     checkpointing.load_into(dense, folder)
-    source = dense.state_dict()
+    source = weights(dense)
     # Only the learned router keeps Megatron's initialisation; all else is overwritten.
     model = build_model(cfg, backend=LOCAL, perform_initialization=moe.router_type == "learned")
-    used, missing = set(), []
+    params = dict(model.named_parameters())
+    routers = [k for k in params if (names.ROUTER in k)]
+    groups = plan(upcycle_table(source, moe, lm.num_layers), source,
+                  set(params) - set(routers), to_megatron=False)
     with torch.no_grad():
-        for key, param in model.named_parameters():
-            if (m := _ROUTER.fullmatch(key)) is not None:
-                if router is not None:
-                    param.copy_(getattr(router, m.group(1)))
-                continue
-            src = dense_source(key)
-            if src not in source:
-                missing.append(f"{key} (from {src})")
-                continue
-            param.copy_(source[src])
-            used.add(src)
-    unused = sorted(k for k in source if k not in used and not k.endswith("._extra_state"))
-    if missing or unused:
-        raise ConfigError(f"upcycling {folder}: MoE parameters without a dense source "
-                          f"{missing}; dense tensors left unused {unused}")
+        for key, tensor in convert(groups, source.__getitem__, lm, to_megatron=False):
+            params[key].copy_(tensor)
+        if router is not None:
+            for key in routers:
+                params[key].copy_(getattr(router, key.rsplit(".", 1)[1]))
     files, dirs = checkpointing.carried(folder)
     return checkpointing.save(model.sharded_state_dict(), save_root, cfg, extra_files=files,
                               extra_dirs=dirs)

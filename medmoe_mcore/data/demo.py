@@ -110,6 +110,6 @@ def corpus(cache_dir) -> list[str]:
     for stage in STAGES:
         for record in json.loads((Path(cache_dir) / f"{stage}.json").read_text()):
             lines += [t["value"].replace("<image>", "") for t in record["conversations"]]
-    from medmoe_mcore.data.encoding import SYSTEM
+    from medmoe_mcore.conventions import SYSTEM_PROMPT
 
-    return lines + [SYSTEM, "USER: ASSISTANT:"]
+    return lines + [SYSTEM_PROMPT, "USER: ASSISTANT:"]

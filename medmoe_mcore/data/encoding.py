@@ -6,12 +6,10 @@ first question. Labels are unshifted, -100 where no loss (the model shifts)."""
 
 from __future__ import annotations
 
-from medmoe_mcore.data.records import IMAGE_TOKEN, ROLES, SkipRecord, conversations
-from medmoe_mcore.data.tokenizer import EOS, Tokenizer
+from medmoe_mcore.conventions import EOS, IGNORE_INDEX, IMAGE_TOKEN, SYSTEM_PROMPT
+from medmoe_mcore.data.records import ROLES, SkipRecord, conversations
+from medmoe_mcore.data.tokenizer import Tokenizer
 
-IGNORE = -100
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
-          "assistant gives helpful, detailed, and polite answers to the user's questions.")
 TEMPLATES = ("plain", "phi", "stablelm")
 
 
@@ -21,7 +19,7 @@ def _pieces(record: dict, template: str) -> list[tuple[str, bool]]:
     if template == "plain":
         answer = next(t["value"] for t in turns if ROLES[t["from"]] == "assistant")
         return [(IMAGE_TOKEN, False), (answer.strip() + "\n", True)]
-    pieces = [(SYSTEM, False)]
+    pieces = [(SYSTEM_PROMPT, False)]
     for turn in turns:
         text = turn["value"].strip()
         if ROLES[turn["from"]] == "user":
@@ -43,7 +41,7 @@ def encode(record: dict, tok: Tokenizer, template: str, seq_length: int,
     for text, supervised in _pieces(record, template):
         piece = tok.encode(text)
         ids += piece
-        labels += piece if supervised else [IGNORE] * len(piece)
+        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
     images = ids.count(tok.image_token_id)
     budget = seq_length - images * (num_patches - 1)
     last_image = max(i for i, t in enumerate(ids) if t == tok.image_token_id) \
@@ -51,6 +49,19 @@ def encode(record: dict, tok: Tokenizer, template: str, seq_length: int,
     if budget <= last_image + 1:
         raise SkipRecord("too_long", f"{images} image(s) need more than seq_length={seq_length}")
     ids, labels = ids[:budget], labels[:budget]
-    if all(x == IGNORE for x in labels[1:]):
+    if all(x == IGNORE_INDEX for x in labels[1:]):
         raise SkipRecord("too_long", f"no answer token left within seq_length={seq_length}")
     return ids, labels
+
+
+def encode_prompt(record: dict, tok: Tokenizer, template: str = "phi",
+                  with_image: bool = True) -> list[int]:
+    """Token ids of what the model reads before its first answer: the system line and the
+    first user turn up to `ASSISTANT:` (router features; generation prompts). Without
+    `with_image` (a text-only model) the `<image>` placeholder is dropped."""
+    pieces = _pieces(record, template)
+    end = next((i for i, (_, supervised) in enumerate(pieces) if supervised), len(pieces))
+    text = "".join(piece for piece, _ in pieces[:end])
+    if not with_image:
+        text = text.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+    return tok.encode(text)

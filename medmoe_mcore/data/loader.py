@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from medmoe_mcore.config import ModelConfig
-from medmoe_mcore.data.encoding import IGNORE, encode
+from medmoe_mcore.conventions import IGNORE_INDEX
+from medmoe_mcore.data.encoding import encode
 from medmoe_mcore.data.records import SkipRecord, read_shards, shard_paths
 from medmoe_mcore.data.tokenizer import Tokenizer
 from medmoe_mcore.data.images import load_image, preprocess
@@ -56,7 +57,7 @@ class EncodedDataset:
         rows = [self.samples[i] for i in indices]
         length = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), length), self.tok.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         images = []
         for b, (x, y, image, rid) in enumerate(rows):
             ids[b, : len(x)] = torch.tensor(x)

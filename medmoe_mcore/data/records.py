@@ -14,9 +14,9 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
+from medmoe_mcore.conventions import IMAGE_TOKEN
 from medmoe_mcore.data.images import ImageDecodeError, load_image
 
-IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 REASONS = ("malformed", "missing_image", "corrupt_image", "no_image_token", "empty_answer",
            "unknown_role", "not_utf8", "too_long")

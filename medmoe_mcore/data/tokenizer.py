@@ -8,9 +8,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from medmoe_mcore.data.records import IMAGE_TOKEN
-
-EOS = "<|endoftext|>"
+from medmoe_mcore.conventions import EOS, IMAGE_TOKEN
 
 
 class Tokenizer:

@@ -8,7 +8,9 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 
 from medmoe_mcore.config import ModelConfig
 from medmoe_mcore.models.transformer_config import language_transformer_config
-from medmoe_mcore.models.specs.language import Backend, default_backend, language_block_spec
+from medmoe_mcore.models.moe.expert_params import tag_expert_parameters
+from medmoe_mcore.models.specs.backends import Backend, default_backend
+from medmoe_mcore.models.specs.language import language_block_spec
 
 
 class LanguageModel(GPTModel):
@@ -42,6 +44,7 @@ class LanguageModel(GPTModel):
         self.model_config = cfg
         if lm.output_layer_bias:
             _add_column_parallel_bias(self.output_layer, config)
+        tag_expert_parameters(self)
 
     def compute_language_model_loss(self, labels, logits):
         return super().compute_language_model_loss(labels, self.mask_padded_vocab(logits))

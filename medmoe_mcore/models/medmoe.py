@@ -18,12 +18,12 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from medmoe_mcore.config import ConfigError, ModelConfig
+from medmoe_mcore.conventions import IGNORE_INDEX
 from medmoe_mcore.models.transformer_config import projector_transformer_config, vision_transformer_config
 from medmoe_mcore.models.language import LanguageModel
-from medmoe_mcore.models.specs.language import Backend, default_backend
+from medmoe_mcore.models.specs.backends import Backend, default_backend
 from medmoe_mcore.models.specs.vision import projector_spec, vision_layer_spec
 
-IGNORE_INDEX = -100  # label of positions without loss (HF / LLaVA convention)
 
 
 class MultimodalInputError(ValueError):

@@ -1,6 +1,15 @@
-"""Train the modality router after stage 2 (the authors' recipe): run the frozen dense model on
-labelled prompts, pool hidden states (mean over layers, then over positions), and fit
-`Linear(hidden, num_modalities)` with cross-entropy (Adam, lr 1e-3, 10 epochs).
+"""Train the modality router after stage 2: the one recipe of tools/train_router.py and the
+demo pipeline.
+
+1. Prompts: each labelled record's first question as the model reads it before answering
+   (system line, `USER: <image>\n{q} ASSISTANT:`, never the answer), with its image when the
+   model has a vision tower (training preprocessing, as stage 3 will see it).
+2. Features: the frozen dense model's hidden states, mean over the embeddings and every
+   layer's output, then over positions (the authors' pooling).
+3. Split: a seeded shuffle, `held_out_fraction` held out (at least one sample per class).
+4. Fit `Linear(hidden, num_modalities)` with cross-entropy: Adam, lr 1e-2, 100 epochs,
+   batch 16. (The authors train 10 epochs at 1e-3 on Phi-2's features; on the tiny demo model
+   that stays near chance, so one recipe that converges on both is kept.)
 
 Modality names are sorted, so the expert order is the same on every run (the authors built it
 from a Python set) and travels with the weights in the router file.
@@ -8,9 +17,24 @@ from a Python set) and travels with the weights in the router file.
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
 
+from medmoe_mcore.data.encoding import encode_prompt
+from medmoe_mcore.data.images import load_image, preprocess
+from medmoe_mcore.data.records import SkipRecord
 from medmoe_mcore.router.file import RouterWeights
+
+
+@dataclass(frozen=True)
+class RouterRecipe:
+    epochs: int = 100
+    lr: float = 1e-2
+    batch_size: int = 16
+    held_out_fraction: float = 0.2
+    seed: int = 0
 
 
 @torch.no_grad()
@@ -37,31 +61,83 @@ def _pooled(decoder, run, inputs) -> torch.Tensor:
     return torch.stack(feats)
 
 
-def pooled_features(model, token_lists: list[list[int]]) -> torch.Tensor:
-    """Pooled features of the text-only LanguageModel, one token list per sample."""
+def pooled_features(model, samples) -> torch.Tensor:
+    """Pooled features, one (token ids, image tensor or None) sample at a time (no padding);
+    `model` is the multimodal MedMoEModel or a text-only LanguageModel."""
     device = next(model.parameters()).device
     model.eval()
+    multimodal = hasattr(model, "language_model")
 
-    def run(ids):
+    def run(sample):
+        ids, image = sample
         tokens = torch.tensor([ids], device=device)
-        model(tokens, torch.arange(len(ids), device=device).unsqueeze(0), None)
+        if multimodal:
+            images = image.unsqueeze(0).to(device, next(model.parameters()).dtype) \
+                if image is not None else None
+            model(tokens, images)
+        else:
+            model(tokens, torch.arange(len(ids), device=device).unsqueeze(0), None)
 
-    return _pooled(model.decoder, run, token_lists)
+    decoder = model.language_model.decoder if multimodal else model.decoder
+    return _pooled(decoder, run, samples)
+
+
+def router_samples(records, tok, cfg) -> tuple[list, list[str], Counter]:
+    """(samples, modality names, skipped counts) from (record, image bytes or None) pairs:
+    records without a modality, a question, or (for a multimodal model) an image are skipped,
+    counted by reason."""
+    samples, names, skipped = [], [], Counter()
+    for record, image in records:
+        if not record.get("modality"):
+            skipped["no modality"] += 1
+            continue
+        try:
+            ids = encode_prompt(record, tok, with_image=cfg.vision is not None)
+        except (SkipRecord, KeyError, TypeError, AttributeError):  # no usable user turn
+            skipped["no question"] += 1
+            continue
+        pixels = None
+        if cfg.vision is not None:
+            if image is None:
+                skipped["no image"] += 1
+                continue
+            pixels = preprocess(load_image(image, name=str(record.get("id"))), cfg.vision,
+                                train=True)
+        samples.append((ids, pixels))
+        names.append(record["modality"])
+    return samples, names, skipped
+
+
+def train_router(model, samples, names: list[str],
+                 recipe: RouterRecipe = RouterRecipe()) -> tuple[RouterWeights, dict]:
+    """The recipe above; returns the router and its held-out report (accuracy, per class,
+    silhouette, split sizes)."""
+    modalities = sorted(set(names))
+    if len(modalities) < 2:
+        raise ValueError(f"router training needs at least 2 modalities, found {modalities}")
+    labels = torch.tensor([modalities.index(n) for n in names])
+    features = pooled_features(model, samples)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(recipe.seed))
+    n_test = max(len(modalities), int(len(labels) * recipe.held_out_fraction))
+    test, train = order[:n_test], order[n_test:]
+    router = fit_router(features[train], labels[train], modalities, recipe)
+    report = evaluate(router, features[test], labels[test])
+    report.update(train=len(train), held_out=len(test), modalities=modalities)
+    return router, report
 
 
 def fit_router(features: torch.Tensor, labels: torch.Tensor, modalities: list[str],
-               epochs: int = 10, lr: float = 1e-3, batch_size: int = 16,
-               seed: int = 0) -> RouterWeights:
-    gen = torch.Generator().manual_seed(seed)
+               recipe: RouterRecipe = RouterRecipe()) -> RouterWeights:
+    gen = torch.Generator().manual_seed(recipe.seed)
     linear = torch.nn.Linear(features.shape[1], len(modalities))
     with torch.no_grad():
         torch.nn.init.normal_(linear.weight, std=0.02, generator=gen)
         linear.bias.zero_()
-    opt = torch.optim.Adam(linear.parameters(), lr=lr)
-    for _ in range(epochs):
+    opt = torch.optim.Adam(linear.parameters(), lr=recipe.lr)
+    for _ in range(recipe.epochs):
         order = torch.randperm(len(features), generator=gen)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for start in range(0, len(order), recipe.batch_size):
+            idx = order[start:start + recipe.batch_size]
             loss = torch.nn.functional.cross_entropy(linear(features[idx]), labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -95,15 +171,3 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor) -> float:
         b = min(d[i, labels == c].mean() for c in labels.unique() if c != labels[i])
         scores.append(((b - a) / max(a, b)).item())
     return float(sum(scores) / len(scores))
-
-
-def pooled_multimodal_features(model, batches) -> torch.Tensor:
-    """Pooled features of the multimodal model, one sample per batch (no padding)."""
-    model.eval()
-
-    def run(batch):
-        if batch["input_ids"].shape[0] != 1:
-            raise ValueError("pooled_multimodal_features takes one sample per batch")
-        model(batch["input_ids"], batch["images"])
-
-    return _pooled(model.language_model.decoder, run, batches)

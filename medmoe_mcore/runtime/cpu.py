@@ -223,12 +223,23 @@ def _patch_autograd_engine(mode_factory):
     BackwardCFunction.apply = apply
 
 
-def activate() -> bool:
-    """Install the CPU runtime once per process when CUDA is absent. Returns True if active."""
+SUPPORTED_MEGATRON = "0.16."  # the line every adaptation above was measured on
+_ANNOUNCED = False
+
+
+def megatron_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def activate(force: bool = False) -> bool:
+    """Install the CPU runtime once per process when CUDA is absent (or `force`: the user
+    asked for CPU on a GPU node). Returns True if active."""
     global _ACTIVE
     if _ACTIVE:
         return True
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         return False
     _patch_cuda_namespace()
     _patch_rng_tracker()
@@ -242,3 +253,20 @@ def activate() -> bool:
 
 def is_active() -> bool:
     return _ACTIVE
+
+
+def announce(rank0: bool) -> None:
+    """Say once (rank 0) that the CPU runtime is on, and whether this megatron-core is the
+    line it was written for."""
+    global _ANNOUNCED
+    if _ANNOUNCED or not _ACTIVE:
+        return
+    _ANNOUNCED = True
+    if not rank0:
+        return
+    version = megatron_version()
+    print(f"[medmoe] CPU runtime active: Megatron-Core {version} on CPU with gloo "
+          f"(MEDMOE_DEVICE=cuda refuses to run without a GPU)", flush=True)
+    if not version.startswith(SUPPORTED_MEGATRON):
+        print(f"[medmoe] WARNING: megatron-core {version} is installed; the CPU runtime layer "
+              f"was written and tested for {SUPPORTED_MEGATRON}x", flush=True)

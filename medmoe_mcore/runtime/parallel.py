@@ -1,4 +1,6 @@
-"""Process-group set-up for CPU (gloo) and GPU (nccl) runs; reads no global args."""
+"""Process groups for CPU (gloo) and GPU (nccl) runs, for entry points only (examples/, tools/,
+tests): library code never creates them. Reads no global args; `MEDMOE_DEVICE=cpu|cuda`
+overrides device detection."""
 
 from __future__ import annotations
 
@@ -9,15 +11,30 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from medmoe_mcore.config import ConfigError, ParallelConfig
 from medmoe_mcore.runtime import cpu as cpu_runtime
-from medmoe_mcore.config import ParallelConfig
+from medmoe_mcore.runtime import quiet
+
+DEVICE_ENV = "MEDMOE_DEVICE"
+
+
+def use_cuda() -> bool:
+    """CUDA unless MEDMOE_DEVICE says otherwise; MEDMOE_DEVICE=cuda on a node whose CUDA is
+    broken fails here instead of training silently on CPU."""
+    wanted = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if wanted not in ("", "cpu", "cuda"):
+        raise ConfigError(f"{DEVICE_ENV}={wanted!r}: must be 'cpu' or 'cuda'")
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}=cuda but torch.cuda.is_available() is False "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+    return torch.cuda.is_available() if wanted == "" else wanted == "cuda"
 
 
 def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Init torch.distributed from torchrun's env (or a single process) and Megatron's groups."""
-    on_gpu = torch.cuda.is_available()
+    on_gpu = use_cuda()
     if not on_gpu:
-        cpu_runtime.activate()
+        cpu_runtime.activate(force=True)
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -28,11 +45,14 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
         init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method=init, rank=rank,
                                 world_size=world)
+    if not on_gpu:
+        cpu_runtime.announce(is_rank0())
+    _say_once(quiet.te_missing_note())
     world = dist.get_world_size()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if world % model_parallel:
-        raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size x "
-                         f"pipeline_model_parallel_size = {model_parallel}")
+        raise ConfigError(f"world size {world} is not divisible by tensor_model_parallel_size x "
+                          f"pipeline_model_parallel_size = {model_parallel}")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -44,8 +64,27 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if not cpu_runtime.is_active() \
+        and torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(msg: str) -> None:
+    """Print once, on rank 0."""
+    if is_rank0():
+        print(msg, flush=True)
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(note: str | None) -> None:
+    if note and note not in _SAID:
+        _SAID.add(note)
+        log(note)
 
 
 def _free_port() -> int:

@@ -12,16 +12,22 @@ import re
 
 import torch
 
+from medmoe_mcore.models.moe import names
+
 PROJECTOR = r"^projector\."
 LM = r"^(language_model\.)?"  # the multimodal model's child, or a text-only LanguageModel
+EXPERTS = re.escape("." + names.EXPERT.split("{j}")[0])
+META_EXPERT = re.escape("." + names.META_EXPERT)
+ROUTER = re.escape("." + names.ROUTER)
 STAGE_TRAINABLE = {
     1: (PROJECTOR,),
     2: (PROJECTOR, LM + r"embedding\.", LM + r"decoder\.", LM + r"output_layer\."),
-    3: (r"\.mlp\.experts\.", r"\.mlp\.shared_experts\.",
-        LM + r"decoder\.layers\.\d+\.mlp\.linear_fc[12]\."),
+    # Experts, meta expert and the dense FFNs of the layers that stay dense.
+    3: (EXPERTS, META_EXPERT, LM + r"decoder\.layers\.\d+\." + re.escape(names.FFN)
+        + r"linear_fc[12]\."),
 }
-NEVER_TRAINABLE = (r"^vision\.", r"\.mlp\.router\.")
-LEARNED_ROUTER = r"\.mlp\.router\."
+NEVER_TRAINABLE = (r"^vision\.", ROUTER)
+LEARNED_ROUTER = ROUTER
 
 
 def trainable_patterns(stage: int, train_projector: bool = True,

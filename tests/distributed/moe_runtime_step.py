@@ -37,7 +37,8 @@ def main():
     from medmoe_mcore.config import ModelConfig, ParallelConfig
     from medmoe_mcore.flavors import language_flavor
     from medmoe_mcore.models.transformer_config import language_transformer_config
-    from medmoe_mcore.models.specs.language import LOCAL, language_layer_spec
+    from medmoe_mcore.models.specs.backends import LOCAL
+    from medmoe_mcore.models.specs.language import language_layer_spec
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1,
                          expert_model_parallel_size=args.ep)

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from medmoe_mcore.data.encoding import IGNORE, encode
+from medmoe_mcore.conventions import IGNORE_INDEX as IGNORE
+from medmoe_mcore.data.encoding import encode
 from medmoe_mcore.data.medical_images import BY_NAME
 from medmoe_mcore.data.records import read_shards, shard_paths
 from medmoe_mcore.data.tokenizer import train_sentencepiece

@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from medmoe_mcore import checkpointing
 from medmoe_mcore.conversion.engine import ConversionError
-from medmoe_mcore.conversion.llava import assemble, export_llava, import_multimodal
+from medmoe_mcore.conversion.assemble import assemble
+from medmoe_mcore.conversion.llava import export_llava, import_multimodal
 from medmoe_mcore.conversion.tables.vision import LAYOUTS, relayout
 from medmoe_mcore.data.medical_images import BY_NAME
 from medmoe_mcore.data.images import ImageDecodeError, load_image, preprocess

@@ -7,9 +7,14 @@ from typing import Any
 
 from medmoe_mcore.conversion.mappings import QKV, Direct, GatedMLP, Mapping, PaddedVocab
 from medmoe_mcore.flavors import PHI_BLOCK, STABLELM_BLOCK
+from medmoe_mcore.models.moe import names
 
 L = "decoder.layers.{i}."
 H = "model.layers.{i}."
+# The authors' (DeepSpeed MoE) names of the Med-MoE layer's parts inside an HF decoder layer.
+AUTHORS_ROUTER = "mlp.deepspeed_moe.gate.wg."
+AUTHORS_EXPERT = "mlp.deepspeed_moe.experts.deepspeed_experts.{j}."
+AUTHORS_META_EXPERT = "mlp.meta_moe."
 
 
 @dataclass(frozen=True)
@@ -34,15 +39,13 @@ class Family:
     def moe_weights(self) -> tuple[Mapping, ...]:
         """The dense table plus router, experts and meta expert in the authors' layout; the
         expert and meta-expert entries are the family's own FFN entries, renamed."""
-        ffn = [m for m in self.weights if m.megatron.startswith(L + "mlp.")]
+        ffn = [m for m in self.weights if m.megatron.startswith(L + names.FFN)]
         return (
             *self.weights,
-            Direct(L + "mlp.router.weight", H + "mlp.deepspeed_moe.gate.wg.weight"),
-            Direct(L + "mlp.router.bias", H + "mlp.deepspeed_moe.gate.wg.bias"),
-            *(m.renamed(("mlp.", "mlp.experts.local_experts.{j}."),
-                        ("mlp.", "mlp.deepspeed_moe.experts.deepspeed_experts.{j}."))
-              for m in ffn),
-            *(m.renamed(("mlp.", "mlp.shared_experts."), ("mlp.", "mlp.meta_moe."))
+            *(Direct(L + names.ROUTER + kind, H + AUTHORS_ROUTER + kind)
+              for kind in ("weight", "bias")),
+            *(m.renamed((names.FFN, names.EXPERT), ("mlp.", AUTHORS_EXPERT)) for m in ffn),
+            *(m.renamed((names.FFN, names.META_EXPERT), ("mlp.", AUTHORS_META_EXPERT))
               for m in ffn),
         )
 

@@ -1,27 +1,19 @@
-"""Med-MoE layer spec: Megatron-Core's MoELayer with a fixed modality router and a meta expert.
+"""The Med-MoE router: a fixed, pretrained modality classifier in Megatron's router slot.
 
-    O = sum_{i in top-k} G_i * E_i(x) + E_meta(x)
-
-G are the router's softmax probabilities over all experts (renormalisation is a choice), the
-meta expert is Megatron's shared-expert slot, added unweighted. Experts are Megatron's
-SequentialMLP (biases allowed; the bias is scaled with G like the rest of the expert output).
+G = softmax(W x + b) over all experts (float32); the top-k are kept, renormalised only when
+asked (the authors' top-2 does, their top-1 does not). Per token, or per sample (pooled).
 """
 
 from __future__ import annotations
 
 import functools
-from copy import copy
 
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.moe.experts import SequentialMLP
-from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
-from megatron.core.transformer.spec_utils import ModuleSpec
 
-from medmoe_mcore.config import ConfigError, MoEConfig
+from medmoe_mcore.config import MoEConfig
 
 
 class ModalityRouter(MegatronModule):
@@ -75,47 +67,9 @@ class ModalityRouter(MegatronModule):
         return probs, routing_map
 
 
-class MetaExpertMLP(MLP):
-    """The always-on meta expert in Megatron's shared-expert slot.
-
-    Megatron's SharedExpertMLP refuses biases; Phi-2's FFN has them, so this is a plain MLP of
-    the shared-expert size that returns `output + bias` (MoELayer adds it to the routed output).
-    """
-
-    def __init__(self, config, submodules: MLPSubmodules, gate: bool = False,
-                 pg_collection=None):
-        if gate:
-            raise ConfigError("moe_shared_expert_gate=True: the meta expert is added unweighted")
-        config = copy(config)
-        config.ffn_hidden_size = config.moe_shared_expert_intermediate_size
-        super().__init__(config=config, submodules=submodules,
-                         tp_group=pg_collection.tp if pg_collection is not None else None)
-
-    def forward(self, hidden_states, **kwargs):
-        output, bias = super().forward(hidden_states)
-        return output if bias is None else output + bias
-
-
 def router_spec(moe: MoEConfig):
     """The router builder MoELayer calls as `router(config=..., pg_collection=...)`."""
     if moe.router_type == "learned":
         return TopKRouter
     return functools.partial(ModalityRouter, granularity=moe.routing_granularity,
                              renormalize=moe.renormalize)
-
-
-def moe_mlp_spec(moe: MoEConfig, backend) -> ModuleSpec:
-    """`backend`: a specs.language.Backend (experts use its expert linears)."""
-    expert = MLPSubmodules(linear_fc1=backend.expert_column_linear,
-                           linear_fc2=backend.expert_row_linear)
-    meta = MLPSubmodules(linear_fc1=backend.column_linear, linear_fc2=backend.row_linear)
-    return ModuleSpec(
-        module=MoELayer,
-        submodules=MoESubmodules(
-            experts=ModuleSpec(module=SequentialMLP, submodules=expert),
-            shared_experts=ModuleSpec(module=MetaExpertMLP, submodules=meta)
-            if moe.meta_expert else None,
-            router=router_spec(moe),
-        ),
-        metainfo={"fuse_pre_mlp_layernorm": False},
-    )

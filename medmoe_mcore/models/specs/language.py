@@ -1,14 +1,10 @@
-"""Layer specs of the Phi-2 and StableLM-2 decoders, for the local and Transformer Engine
-backends. Which layer class and which norm placement a model gets is read from its config."""
+"""Layer specs of the Phi-2 and StableLM-2 decoders, built from a backend's modules. Which
+layer class and which norm placement a model gets is read from its config."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -20,53 +16,9 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from medmoe_mcore.config import LanguageConfig, MoEConfig
-from medmoe_mcore.models.specs.layers import (
-    ExpertColumnParallelLinear,
-    ExpertRowParallelLinear,
-    ParallelResidualTransformerLayer,
-)
-from medmoe_mcore.models.moe.router import moe_mlp_spec
-from medmoe_mcore.models.specs.norm import LayerNorm
-
-
-@dataclass(frozen=True)
-class Backend:
-    """The module classes one backend provides; a spec is built from exactly these."""
-
-    name: str
-    norm: type
-    column_linear: type
-    row_linear: type
-    core_attention: type
-    expert_column_linear: type
-    expert_row_linear: type
-
-
-LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention,
-                ExpertColumnParallelLinear, ExpertRowParallelLinear)
-
-
-def transformer_engine_backend() -> Backend | None:
-    """The TE backend when Transformer Engine is importable (GPU/NGC), else None.
-
-    Un-fused TE modules keep the local parameter names, so one conversion table serves both.
-    """
-    try:
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear,
-            TEDotProductAttention,
-            TENorm,
-            TERowParallelLinear,
-        )
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return None
-    return Backend("te", TENorm, TEColumnParallelLinear, TERowParallelLinear,
-                   TEDotProductAttention, TEColumnParallelLinear, TERowParallelLinear)
-
-
-def default_backend() -> Backend:
-    return transformer_engine_backend() or LOCAL
+from medmoe_mcore.models.specs.layers import ParallelResidualTransformerLayer
+from medmoe_mcore.models.moe.spec import moe_mlp_spec
+from medmoe_mcore.models.specs.backends import LOCAL, Backend
 
 
 def attention_spec(backend: Backend, mask: AttnMaskType = AttnMaskType.causal) -> ModuleSpec:

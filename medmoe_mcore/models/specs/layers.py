@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
@@ -43,35 +43,14 @@ class ParallelResidualTransformerLayer(TransformerLayer):
         return output, context
 
 
-def _mark_expert_params(layer) -> None:
-    """Expert weights belong to the expert-data-parallel group, whatever EP is.
-
-    Megatron tags expert parameters `allreduce=False` only when EP > 1; with EP = 1 and expert
-    TP < attention TP the experts would be reduced over the (smaller) dense data-parallel group
-    and miss the tokens the other TP ranks routed. And a RowParallelLinear bias inherits the
-    `sequence_parallel` tag, which makes finalize_model_grads sum it across the attention TP
-    group, i.e. across ranks that hold other experts.
-    """
-    if layer.is_expert:
-        for param in layer.parameters():
-            param.allreduce = False
-            param.sequence_parallel = False
-
-
-class ExpertColumnParallelLinear(ColumnParallelLinear):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _mark_expert_params(self)
-
-
 class ExpertRowParallelLinear(RowParallelLinear):
-    """Besides the tags above: with a one-rank expert-TP group Megatron skips its explicit
-    expert path only when EP = 1; the output then goes through a no-op reduce that returns
-    its input as a view, and the expert MLP adds the probability-scaled bias in place, which
-    autograd forbids. Nothing needs reducing over one rank, so the explicit path is right."""
+    """With a one-rank expert-TP group Megatron skips its explicit expert path only when
+    EP = 1; the output then goes through a no-op reduce that returns its input as a view, and
+    the expert MLP adds the probability-scaled bias in place, which autograd forbids. Nothing
+    needs reducing over one rank, so the explicit path is right. (Expert parameter tags are
+    set for every backend by models/moe/expert_params.py.)"""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        _mark_expert_params(self)
         if self.is_expert and self.tp_group.size() == 1:
             self.explicit_expert_comm = True

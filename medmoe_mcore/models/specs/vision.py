@@ -12,7 +12,8 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from medmoe_mcore.models.specs.language import LOCAL, Backend, attention_spec, dense_mlp_spec
+from medmoe_mcore.models.specs.backends import LOCAL, Backend
+from medmoe_mcore.models.specs.language import attention_spec, dense_mlp_spec
 
 
 def vision_layer_spec(backend: Backend = LOCAL) -> ModuleSpec:

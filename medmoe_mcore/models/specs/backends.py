@@ -1,0 +1,51 @@
+"""The module classes a layer spec is built from: the local (pure PyTorch) backend, or
+Transformer Engine's when it is importable (GPU/NGC). Un-fused TE modules keep the local
+parameter names, so one conversion table serves both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+from medmoe_mcore.models.specs.layers import ExpertRowParallelLinear
+from medmoe_mcore.models.specs.norm import LayerNorm
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The module classes one backend provides; a spec is built from exactly these."""
+
+    name: str
+    norm: type
+    column_linear: type
+    row_linear: type
+    core_attention: type
+    expert_column_linear: type
+    expert_row_linear: type
+
+
+LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention,
+                ColumnParallelLinear, ExpertRowParallelLinear)
+
+
+def transformer_engine_backend() -> Backend | None:
+    """The TE backend when Transformer Engine is importable, else None."""
+    try:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TEDotProductAttention,
+            TENorm,
+            TERowParallelLinear,
+        )
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return None
+    return Backend("te", TENorm, TEColumnParallelLinear, TERowParallelLinear,
+                   TEDotProductAttention, TEColumnParallelLinear, TERowParallelLinear)
+
+
+def default_backend() -> Backend:
+    return transformer_engine_backend() or LOCAL

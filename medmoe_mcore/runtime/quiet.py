@@ -1,0 +1,29 @@
+"""Known, expected warnings of our dependencies, silenced by message so that the main job's
+output shows its log lines (anything else still prints, once per place as Python does).
+Installed on `import medmoe_mcore`; `initialize` says once (rank 0) what the first two mean."""
+
+from __future__ import annotations
+
+import warnings
+
+KNOWN = (
+    # Megatron-Core at import time, once per module, when TE / apex are absent (CPU boxes).
+    (r"Transformer Engine and Apex are not installed", UserWarning),
+    (r"Apex is not installed", UserWarning),
+    (r"Transformer Engine is not installed", UserWarning),
+)
+
+
+def install() -> None:
+    for message, category in KNOWN:
+        warnings.filterwarnings("ignore", message=f".*{message}.*", category=category)
+
+
+def te_missing_note() -> str | None:
+    """What rank 0 says once instead of the warnings above (None when TE is importable)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return ("[medmoe] Transformer Engine and apex are not installed: Megatron-Core's local "
+                "(PyTorch) modules are used")
+    return None

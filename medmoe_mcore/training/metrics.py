@@ -1,0 +1,63 @@
+"""Megatron-style training logs: one line per `--log-interval` iterations (iteration, consumed
+samples, time per iteration, tokens/s, lr, loss, grad norm, skipped and NaN iterations) and
+the same figures to TensorBoard, in one subfolder per stage."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+from medmoe_mcore.runtime.parallel import is_rank0, log
+
+
+class TrainingMetrics:
+    def __init__(self, train_iters: int, log_interval: int, dp: int,
+                 tensorboard_dir: Optional[str] = None, stage: Optional[int] = None):
+        self.train_iters, self.log_interval, self.dp = train_iters, log_interval, dp
+        self.skipped = self.nan = 0
+        self._window_start, self._window_iters, self._window_tokens = time.time(), 0, 0
+        self.writer = None
+        if tensorboard_dir and is_rank0():
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = Path(tensorboard_dir) / (f"stage{stage}" if stage is not None else "")
+            self.writer = SummaryWriter(str(folder))
+
+    def start_window(self) -> None:
+        self._window_start, self._window_iters, self._window_tokens = time.time(), 0, 0
+
+    def record(self, iteration: int, consumed_samples: int, result) -> None:
+        """Count one step (a trainer.StepResult); log when a window is complete."""
+        self.skipped += result.skipped
+        self.nan += not math.isfinite(result.loss)
+        self._window_iters += 1
+        self._window_tokens += result.tokens
+        if iteration % self.log_interval and iteration != self.train_iters:
+            return
+        seconds = max(time.time() - self._window_start, 1e-9)
+        # A short last window (train_iters not a multiple of log_interval) divides by its own
+        # length, not by log_interval.
+        per_iteration = seconds / self._window_iters
+        tokens_per_s = self._window_tokens * self.dp / seconds
+        log(f" iteration {iteration:8d}/{self.train_iters:8d} | consumed samples: "
+            f"{consumed_samples:10d} | elapsed time per iteration (ms): "
+            f"{per_iteration * 1000:.1f} | tokens/s: {tokens_per_s:.0f} | learning rate: "
+            f"{result.lr:.6E} | lm loss: {result.loss:.6E} | grad norm: {result.grad_norm:.3f} | "
+            f"number of skipped iterations: {self.skipped:3d} | number of nan iterations: "
+            f"{self.nan:3d} |")
+        if not math.isfinite(result.loss):
+            log(f" WARNING: non-finite loss {result.loss} at iteration {iteration}")
+        if self.writer:
+            for name, value in (("lm-loss", result.loss), ("learning-rate", result.lr),
+                                ("grad-norm", result.grad_norm),
+                                ("tokens-per-sec", tokens_per_s),
+                                ("iteration-time-ms", per_iteration * 1000)):
+                self.writer.add_scalar(name, value, iteration)
+            self.writer.flush()
+        self.start_window()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

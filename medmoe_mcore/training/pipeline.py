@@ -1,0 +1,125 @@
+"""The embedded demo's steps: demo data and tokenizer, a random `tiny` starting model (it stands
+in for CLIP + Phi-2: nothing can be downloaded), the stages' configs, the router step and the
+summary. examples/pretrain_medmoe.py runs them in order, creating the process groups each
+step needs (library code never does)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from medmoe_mcore import checkpointing
+from medmoe_mcore.config import ModelConfig, ParallelConfig, option
+from medmoe_mcore.data import demo
+from medmoe_mcore.data.records import read_shards, shard_paths
+from medmoe_mcore.data.tokenizer import Tokenizer, train_sentencepiece
+from medmoe_mcore.flavors import LANGUAGE_FLAVORS, language_flavor, vision_flavor  # noqa: F401
+from medmoe_mcore.models.medmoe import MedMoEModel, build_model
+from medmoe_mcore.router import file as router_file
+from medmoe_mcore.router.training import RouterRecipe, router_samples, train_router
+from medmoe_mcore.runtime.parallel import log
+from medmoe_mcore.training.config import TrainConfig
+
+DEMO_TRAIN_ITERS = 200  # per stage
+DEMO_LR = 1e-3
+
+
+@dataclass
+class PipelineConfig:
+    # `stage=False`: meaningless for a single-stage run, which refuses it.
+    flavor: str = option("tiny", "model preset of the demo pipeline; with --stage, checked "
+                         "against the checkpoint's shape", choices=tuple(LANGUAGE_FLAVORS))
+    work_dir: str = option("medmoe_demo", "demo pipeline outputs: data, tokenizer, checkpoints, "
+                           "router", stage=False)
+    router: Optional[str] = option(None, "demo pipeline: upcycle with this router file instead "
+                                   "of training one", stage=False)
+
+
+def stage_config(source, par: ParallelConfig, train: TrainConfig) -> ModelConfig:
+    """The checkpoint's model with this run's layout and precision choices."""
+    cfg = checkpointing.read_config(source, par)
+    if train.bf16:
+        cfg.params_dtype = "bfloat16"
+    cfg.recompute_granularity = train.recompute_granularity
+    return cfg
+
+
+def prepare_demo(pipe: PipelineConfig, seed: int) -> tuple[dict, Tokenizer, Path]:
+    """(shards by stage, tokenizer, starting checkpoint); needs TP=1 process groups."""
+    work = Path(pipe.work_dir)
+    if dist.get_rank() == 0:  # data and tokenizer once, then everyone reads them
+        demo.build(work / "data")
+        if not (work / "tokenizer" / "tokenizer.model").exists():
+            train_sentencepiece(demo.corpus(work / "data"), work / "tokenizer")
+    dist.barrier()
+    shards = demo.build(work / "data", show_progress=False)
+    tok = Tokenizer(work / "tokenizer")
+    log(f"demo data in {work / 'data'}; tokenizer: {tok.vocab_size} pieces, <image> = "
+        f"{tok.image_token_id}")
+    init = work / "checkpoints" / "init"
+    if not _is_checkpoint(init):
+        cfg = ModelConfig(language=language_flavor(pipe.flavor),
+                          vision=vision_flavor(pipe.flavor, tok.image_token_id))
+        checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), init, cfg,
+                           extra_dirs={checkpointing.TOKENIZER: work / "tokenizer"})
+    return shards, tok, init
+
+
+def stage_train_config(train: TrainConfig, stage: int, pipe: PipelineConfig, shards: dict,
+                       start) -> TrainConfig:
+    """A demo stage: its data, start and checkpoint folder; the run's other choices."""
+    work = Path(pipe.work_dir)
+    return dataclasses.replace(
+        train, stage=stage, train_iters=train.train_iters or DEMO_TRAIN_ITERS,
+        lr=train.lr or DEMO_LR, tokenizer=str(work / "tokenizer"),
+        data_path=str(shards[f"stage{stage}"]), pretrained_checkpoint=str(start),
+        save=str(work / "checkpoints" / f"stage{stage}"))
+
+
+def summarise(losses: dict, accuracy: Optional[float], pipe: PipelineConfig, router_path,
+              seconds: float) -> dict:
+    log("\n=== summary ===")
+    for stage, (first, last) in losses.items():
+        log(f"{stage}: loss {first:.4f} -> {last:.4f} "
+            f"({'falls' if last < first else 'DOES NOT FALL'})")
+    if accuracy is not None:
+        log(f"router held-out accuracy: {accuracy:.3f} (chance {1 / 4:.3f})")
+    log(f"checkpoints: {Path(pipe.work_dir) / 'checkpoints'}/stage1, stage2, stage3_init, "
+        f"stage3; router: {router_path}")
+    log(f"total time: {seconds:.0f} s")
+    result = {**losses, "router_accuracy": accuracy}
+    log(json.dumps(result))
+    return result
+
+
+def train_demo_router(stage2, router_shards, out, tok) -> float:
+    """The router recipe on the stage-2 model at TP=1 (every rank computes the same; rank 0
+    writes the file). Returns the held-out accuracy."""
+    recipe = RouterRecipe()
+    cfg = checkpointing.read_config(stage2, ParallelConfig())
+    model = build_model(cfg)
+    checkpointing.load_into(model, stage2)
+    samples, names, skipped = router_samples(read_shards(shard_paths(router_shards)), tok, cfg)
+    if skipped:
+        log(f"router records skipped: {dict(skipped)}")
+    router, report = train_router(model, samples, names, recipe)
+    if dist.get_rank() == 0:
+        router_file.save(router, out)
+    dist.barrier()
+    log(f"router: {len(report['modalities'])} modalities {report['modalities']}; held-out "
+        f"accuracy {report['accuracy']:.3f} per class "
+        f"{json.dumps({k: round(v, 3) for k, v in report['per_class'].items()})}")
+    return report["accuracy"]
+
+
+def _is_checkpoint(path) -> bool:
+    try:
+        checkpointing.resolve(path)
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,58 @@
+"""Everything a stage trains with, built from the configs in the process groups the entry
+point created: the model with its stage's trainable set, Megatron DDP, the Megatron optimizer
+and the cosine schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from medmoe_mcore.config import ModelConfig
+from medmoe_mcore.models.medmoe import build_model
+from medmoe_mcore.runtime import parallel
+from medmoe_mcore.training.config import TrainConfig
+from medmoe_mcore.training.freezing import apply_stage
+
+
+@dataclass
+class TrainingSetup:
+    model: torch.nn.Module  # the bare model (checkpoints are its sharded state)
+    ddp: DistributedDataParallel
+    optimizer: object  # Megatron's MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+    trainable: list[str]
+
+
+def stage_model(cfg: ModelConfig, train: TrainConfig) -> tuple[torch.nn.Module, list[str]]:
+    """The model on this rank's device with the stage's trainable set (names returned)."""
+    model = build_model(cfg).to(parallel.device())
+    trainable = apply_stage(model, train.stage, train.train_projector,
+                            cfg.moe is not None and cfg.moe.router_type == "learned")
+    return model, trainable
+
+
+def wrap(model: torch.nn.Module, trainable: list[str], cfg: ModelConfig,
+         train: TrainConfig) -> TrainingSetup:
+    """DDP, optimizer and schedule around a model whose starting weights are loaded."""
+    ddp = DistributedDataParallel(
+        model.config, DistributedDataParallelConfig(
+            use_distributed_optimizer=train.use_distributed_optimizer,
+            grad_reduce_in_fp32=True), model)
+    model.config.no_sync_func = ddp.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+        clip_grad=train.clip_grad, bf16=cfg.params_dtype == "bfloat16",
+        params_dtype=model.config.params_dtype,
+        use_distributed_optimizer=train.use_distributed_optimizer), [ddp])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
+        lr_warmup_steps=int(train.lr_warmup_fraction * train.train_iters),
+        lr_decay_steps=train.train_iters, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+        wd_incr_steps=train.train_iters, wd_incr_style="constant")
+    return TrainingSetup(model, ddp, optimizer, scheduler, trainable)
