@@ -55,13 +55,12 @@ def stage_run(args) -> list:
     """One stage: checks the flags against the checkpoint, then trains."""
     from medmoe_mcore import checkpointing
     from medmoe_mcore.training.arguments import reconcile_with_checkpoint, refuse
-    from medmoe_mcore.training.checkpoint import has_checkpoint
     from medmoe_mcore.training.pipeline import PipelineConfig, stage_config
 
     refuse(args, PipelineConfig, ("work_dir", "router"),
            "demo-pipeline flags; a --stage run does not use them")
     train, par, moe_given, _ = configs(args)
-    source = train.load if train.load and has_checkpoint(train.load) \
+    source = train.load if train.load and checkpointing.is_checkpoint(train.load) \
         else train.pretrained_checkpoint
     if source is None:
         train.validate(dp=1)  # names what is missing

@@ -61,6 +61,14 @@ def resolve(root: str | os.PathLike) -> Path:
     return folder
 
 
+def is_checkpoint(root: str | os.PathLike) -> bool:
+    try:
+        resolve(root)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def read_config(root: str | os.PathLike, parallel: ParallelConfig | None = None) -> ModelConfig:
     return ModelConfig.from_json((resolve(root) / CONFIG).read_text(), parallel=parallel)
 

@@ -11,6 +11,12 @@ KNOWN = (
     (r"Transformer Engine and Apex are not installed", UserWarning),
     (r"Apex is not installed", UserWarning),
     (r"Transformer Engine is not installed", UserWarning),
+    # Megatron-Core 0.16's TransformerConfig default (cuda_graph_scope), for every config built.
+    (r"full scope is deprecated", UserWarning),
+    # torch's distributed checkpoint API as Megatron's torch_dist strategy calls it (the CPU
+    # runtime's TorchFunctionMode is where Python sees the call, hence `cpu.py` in the text).
+    (r"`load_state_dict` is deprecated and will be removed", FutureWarning),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
 )
 
 

@@ -29,21 +29,13 @@ class Progress:
     consumed_samples: int = 0
 
 
-def has_checkpoint(root) -> bool:
-    try:
-        checkpointing.resolve(root)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 class RunCheckpoint:
     """`--load` resumes when it holds a checkpoint of the run; otherwise the stage starts from
     `--pretrained-checkpoint`'s weights. Later saves carry the source's extra files along."""
 
     def __init__(self, cfg: ModelConfig, train: TrainConfig):
         self.cfg, self.train = cfg, train
-        self.resuming = bool(train.load) and has_checkpoint(train.load)
+        self.resuming = bool(train.load) and checkpointing.is_checkpoint(train.load)
         self.source = checkpointing.resolve(train.load if self.resuming
                                             else train.pretrained_checkpoint)
 

@@ -62,7 +62,7 @@ def prepare_demo(pipe: PipelineConfig, seed: int) -> tuple[dict, Tokenizer, Path
     log(f"demo data in {work / 'data'}; tokenizer: {tok.vocab_size} pieces, <image> = "
         f"{tok.image_token_id}")
     init = work / "checkpoints" / "init"
-    if not _is_checkpoint(init):
+    if not checkpointing.is_checkpoint(init):
         cfg = ModelConfig(language=language_flavor(pipe.flavor),
                           vision=vision_flavor(pipe.flavor, tok.image_token_id))
         checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), init, cfg,
@@ -115,11 +115,3 @@ def train_demo_router(stage2, router_shards, out, tok) -> float:
         f"accuracy {report['accuracy']:.3f} per class "
         f"{json.dumps({k: round(v, 3) for k, v in report['per_class'].items()})}")
     return report["accuracy"]
-
-
-def _is_checkpoint(path) -> bool:
-    try:
-        checkpointing.resolve(path)
-        return True
-    except FileNotFoundError:
-        return False

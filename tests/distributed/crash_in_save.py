@@ -20,7 +20,9 @@ def main():
 
     from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ParallelConfig
-    from medmoe_mcore.training.trainer import Trainer, TrainConfig
+    from medmoe_mcore.runtime import parallel
+    from medmoe_mcore.training.config import TrainConfig
+    from medmoe_mcore.training.trainer import Trainer
 
     real_save, saves = dist_checkpointing.save, []
 
@@ -38,6 +40,7 @@ def main():
 
     dist_checkpointing.save = dying_save
     cfg = checkpointing.read_config(args.init, ParallelConfig())
+    parallel.initialize(cfg.parallel)
     Trainer(cfg, TrainConfig(stage=2, data_path=args.data_path,
                              tokenizer=os.path.join(args.init, "release", "tokenizer"),
                              train_iters=4, micro_batch_size=2, global_batch_size=4,

@@ -120,4 +120,4 @@ def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
                          "--pretrained-checkpoint", workspace["init"], "--train-iters", "2",
                          "--use-distributed-optimizer", "--tensorboard-dir", tmp_path / "tb")
     assert len(losses) == 2 and "data: 7 samples" in log
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "tb" / "stage2").glob("events.out.tfevents.*"))  # one per stage

@@ -1,0 +1,96 @@
+"""The CLI generated from the config dataclasses, and a stage run's flags checked against its
+checkpoint before anything is built."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from medmoe_mcore import checkpointing
+from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig
+from medmoe_mcore.flavors import language_flavor, vision_flavor
+from medmoe_mcore.training.arguments import reconcile_with_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("pretrain_medmoe",
+                                                  ROOT / "examples" / "pretrain_medmoe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _checkpoint(root: Path, moe: MoEConfig | None) -> Path:
+    """A checkpoint folder with only its config: enough for everything before the model."""
+    cfg = ModelConfig(language=language_flavor("tiny"), moe=moe,
+                      vision=vision_flavor("tiny", 3))
+    folder = root / "release"
+    folder.mkdir(parents=True)
+    (folder / checkpointing.CONFIG).write_text(cfg.to_json())
+    (root / checkpointing.TRACKER).write_text("release")
+    return root
+
+
+def test_help_shows_help_and_default_for_every_flag():
+    parser = _example().parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 35
+    for action in flags:
+        assert action.help and "(default: " in action.help, action.option_strings
+    text = parser.format_help()
+    for flag in ("--moe-router-topk", "--num-experts", "--tensor-model-parallel-size",
+                 "--moe-token-dispatcher-type {alltoall,allgather}", "--flavor {phi2,"):
+        assert flag in text
+
+
+def test_stage_run_contradicting_its_checkpoint_fails_before_building(tmp_path, monkeypatch,
+                                                                       capsys):
+    example = _example()
+    ckpt = _checkpoint(tmp_path / "s3", MoEConfig(num_experts=4, router_topk=1))
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the model was about to be built")
+
+    monkeypatch.setattr(example, "train_stage", must_not_run)
+    code = example.main(["--stage", "3", "--pretrained-checkpoint", str(ckpt), "--data-path",
+                         "x", "--lr", "1e-5", "--train-iters", "2", "--num-experts", "8",
+                         "--moe-router-topk", "3", "--flavor", "phi2"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--num-experts 8: the checkpoint has moe.num_experts=4" in err
+    assert "--moe-router-topk 3: the checkpoint has moe.router_topk=1" in err
+    assert "--flavor phi2: the checkpoint is flavor tiny" in err
+
+
+def test_runtime_choice_is_applied_and_said(tmp_path):
+    ckpt = _checkpoint(tmp_path / "s3", MoEConfig())
+    cfg = checkpointing.read_config(ckpt)
+    notes = reconcile_with_checkpoint(cfg, ckpt, {"token_dispatcher": "allgather",
+                                                  "num_experts": 4}, "tiny")
+    assert cfg.moe.token_dispatcher == "allgather"
+    assert notes == ["applied --moe-token-dispatcher-type allgather (the checkpoint has "
+                     "moe.token_dispatcher=alltoall)"]
+
+
+def test_moe_flags_on_a_dense_checkpoint_are_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path / "s2", None)
+    with pytest.raises(ConfigError, match="--num-experts: the checkpoint is dense"):
+        reconcile_with_checkpoint(checkpointing.read_config(ckpt), ckpt, {"num_experts": 4},
+                                  None)
+
+
+def test_flags_a_run_cannot_honour_are_refused(tmp_path, capsys):
+    example = _example()
+    with pytest.raises(SystemExit):
+        example.parser().parse_args(["--flavor", "nosuchflavor"])
+    assert "invalid choice: 'nosuchflavor'" in capsys.readouterr().err
+    assert example.main(["--data-path", "x", "--load", "y"]) == 2  # pipeline: no stage inputs
+    assert "--data-path, --load: a single stage's inputs" in capsys.readouterr().err
+    ckpt = _checkpoint(tmp_path / "s2", None)
+    assert example.main(["--stage", "2", "--pretrained-checkpoint", str(ckpt),
+                         "--work-dir", "w"]) == 2
+    assert "--work-dir: demo-pipeline flags" in capsys.readouterr().err
+    assert example.main(["--stage", "2", "--pretrained-checkpoint", str(ckpt)]) == 2
+    assert "--stage 2 needs --data-path, --train-iters, --lr" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+"""The package's shape: every module imports on its own, no import cycle, the README's tree is
+the real one, modules stay small, and only entry points create process groups."""
+
+import ast
+import importlib
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "medmoe_mcore"
+
+
+def _modules() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_every_module_imports_on_its_own():
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "medmoe_mcore"}
+    failures = []
+    try:
+        for name in _modules():
+            for key in [k for k in sys.modules if k.split(".")[0] == "medmoe_mcore"]:
+                del sys.modules[key]
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # noqa: BLE001 - reported below, by module
+                failures.append(f"{name}: {type(e).__name__}: {e}")
+    finally:  # the rest of the session keeps its module objects (class identity)
+        for key in [k for k in sys.modules if k.split(".")[0] == "medmoe_mcore"]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+    assert not failures, "\n".join(failures)
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """medmoe_mcore modules a file imports (module level or inside functions)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom) and node.module and \
+                node.module.split(".")[0] == "medmoe_mcore":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                out.add(sub if sub in known else node.module)
+    return out
+
+
+def test_import_graph_has_no_cycle():
+    known = set(_modules())
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = _imports(path, known) - {name}
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycle = stack[stack.index(nxt):] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def _readme_tree() -> set[str]:
+    """Paths named by the README's layout tree (the block under '## Layout')."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Layout\n.*?```\n(.*?)```", text, re.S).group(1)
+    paths, stack = set(), []
+    for line in block.splitlines():
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        stack = stack[:depth]
+        if words[0].endswith("/"):
+            stack.append(words[0].rstrip("/"))
+            paths.add("/".join(stack))
+            words = words[1:]
+        paths |= {"/".join(stack + [w]) for w in words}
+    return paths
+
+
+def test_readme_tree_matches_the_package():
+    tops = ("medmoe_mcore", "tools", "examples")
+    named = {p for p in _readme_tree() if p.split("/")[0] in tops}
+    real = {str(p.relative_to(ROOT)) for top in tops for p in (ROOT / top).rglob("*")
+            if (p.suffix == ".py" and p.name != "__init__.py")
+            or (p.is_dir() and p.name != "__pycache__")}
+    real |= set(tops)
+    assert named == real, (f"in the README only: {sorted(named - real)}; "
+                           f"in the package only: {sorted(real - named)}")
+
+
+def test_modules_stay_small():
+    big = [f"{p.relative_to(ROOT)} ({n} lines)" for d in ("medmoe_mcore", "tools", "examples")
+           for p in (ROOT / d).rglob("*.py") if (n := len(p.read_text().splitlines())) > 400]
+    assert not big, big
+
+
+def test_only_entry_points_create_process_groups():
+    creators = {"init_process_group", "initialize_model_parallel", "initialize"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "parallel.py":  # where `initialize` is defined, for entry points
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "attr", getattr(node.func, "id", ""))
+                if name in creators:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}()")
+    assert not offenders, offenders
