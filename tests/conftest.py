@@ -17,8 +17,9 @@ def single_rank():
     return True
 
 
-def run_tool(*args, nproc: int = 1, timeout: int = 300):
-    """Run a tool as a user would: python, or torchrun for nproc > 1. Returns CompletedProcess."""
+def run_tool(*args, nproc: int = 1, timeout: int = 300, show_warnings: bool = False):
+    """Run a tool as a user would: python, or torchrun for nproc > 1. Returns CompletedProcess.
+    Python warnings are off unless `show_warnings` (the main-job test counts them)."""
     import subprocess
 
     if nproc > 1:
@@ -28,7 +29,8 @@ def run_tool(*args, nproc: int = 1, timeout: int = 300):
         cmd = [sys.executable, *args]
     rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env.pop("PYTHONWARNINGS", None)
+    env.update(OMP_NUM_THREADS="1", **({} if show_warnings else {"PYTHONWARNINGS": "ignore"}))
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -125,3 +125,21 @@ def test_only_entry_points_create_process_groups():
                 if name in creators:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}()")
     assert not offenders, offenders
+
+
+def test_unit_tier_starts_no_process():
+    """tests/unit runs in one process (subprocess / torchrun tests live in tests/integration)."""
+    forbidden = re.compile(r"\b(subprocess|run_tool|torch\.distributed\.run|torchrun)\b")
+    offenders = [f"{p.name}:{i}" for p in (ROOT / "tests" / "unit").glob("*.py")
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if forbidden.search(line) and p.name != "test_layout.py"]
+    assert not offenders, offenders
+
+
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert listed == found | {"medmoe_mcore.tools", "medmoe_mcore.examples"}

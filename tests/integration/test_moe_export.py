@@ -30,7 +30,7 @@ def _ok(proc):
 @pytest.fixture(scope="module")
 def moe_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_export")
-    _ok(run_tool("tests/distributed/moe_step.py", "--init", str(root / "ckpt"), "--out",
+    _ok(run_tool("tests/integration/moe_step.py", "--init", str(root / "ckpt"), "--out",
                  str(root / "ref"), "--variants", "phi_e6_top2_sample,stablelm_e4_top1_sample",
                  timeout=600))
     return root

@@ -57,7 +57,7 @@ def test_cli_round_trip_and_refusal(tmp_path):
 
 
 def _train_step(ckpt, out, tp, *extra):
-    _ok(run_tool("tests/distributed/train_step.py", "--load", str(ckpt), "--out", str(out),
+    _ok(run_tool("tests/integration/train_step.py", "--load", str(ckpt), "--out", str(out),
                  "--tp", str(tp), *extra, nproc=tp))
     return torch.load(out, weights_only=True)
 
@@ -83,9 +83,9 @@ def test_cpu_runtime_runs_megatron_moe_alltoall_tp2_sp_ep2(tmp_path):
     """Megatron-Core's MoE (alltoall dispatcher, shared expert), DDP and optimizer with grad
     clipping on 4 gloo processes at TP2+SP x EP2: losses before and after one step == TP1/EP1."""
     ref, got = tmp_path / "ref.pt", tmp_path / "got.pt"
-    _ok(run_tool("tests/distributed/moe_runtime_step.py", "--save", str(tmp_path / "init"),
+    _ok(run_tool("tests/integration/moe_runtime_step.py", "--save", str(tmp_path / "init"),
                  "--out", str(ref), nproc=1, timeout=600))
-    _ok(run_tool("tests/distributed/moe_runtime_step.py", "--tp", "2", "--ep", "2", "--load",
+    _ok(run_tool("tests/integration/moe_runtime_step.py", "--tp", "2", "--ep", "2", "--load",
                  str(tmp_path / "init"), "--out", str(got), nproc=4, timeout=600))
     a, b = torch.load(ref, weights_only=True), torch.load(got, weights_only=True)
     assert torch.allclose(a["losses"], b["losses"], atol=1e-5), (a, b)

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import run_tool
 
-SCRIPT = "tests/distributed/moe_step.py"
+SCRIPT = "tests/integration/moe_step.py"
 
 
 def _ok(proc):
