@@ -59,11 +59,15 @@ def stage_run(args) -> list:
 
     refuse(args, PipelineConfig, ("work_dir", "router"),
            "demo-pipeline flags; a --stage run does not use them")
+    from medmoe_mcore.config import ConfigError
+
     train, par, moe_given, _ = configs(args)
+    train.validate(dp=1)  # names what is missing, before anything is read
     source = train.load if train.load and checkpointing.is_checkpoint(train.load) \
         else train.pretrained_checkpoint
     if source is None:
-        train.validate(dp=1)  # names what is missing
+        raise ConfigError(f"--load {train.load}: no checkpoint there to resume, and no "
+                          "--pretrained-checkpoint to start from")
     cfg = stage_config(source, par, train)
     notes = reconcile_with_checkpoint(cfg, checkpointing.resolve(source), moe_given,
                                       getattr(args, "flavor", None))

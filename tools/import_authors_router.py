@@ -15,7 +15,10 @@ def main(argv=None):
     p.add_argument("--pth", required=True)
     p.add_argument("--modalities", required=True, help="comma-separated, index = expert")
     p.add_argument("--out", required=True)
-    p.add_argument("--flavor", help="check the hidden size against this flavor")
+    from medmoe_mcore.flavors import LANGUAGE_FLAVORS
+
+    p.add_argument("--flavor", choices=sorted(LANGUAGE_FLAVORS),
+                   help="check the hidden size against this flavor")
     args = p.parse_args(argv)
 
     from medmoe_mcore.router import file as router_file
