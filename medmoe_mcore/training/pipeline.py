@@ -18,7 +18,7 @@ from medmoe_mcore.config import ModelConfig, ParallelConfig, option
 from medmoe_mcore.data import demo
 from medmoe_mcore.data.records import read_shards, shard_paths
 from medmoe_mcore.data.tokenizer import Tokenizer, train_sentencepiece
-from medmoe_mcore.flavors import LANGUAGE_FLAVORS, language_flavor, vision_flavor  # noqa: F401
+from medmoe_mcore.flavors import LANGUAGE_FLAVORS, language_flavor, vision_flavor
 from medmoe_mcore.models.medmoe import MedMoEModel, build_model
 from medmoe_mcore.router import file as router_file
 from medmoe_mcore.router.training import RouterRecipe, router_samples, train_router
