@@ -57,7 +57,7 @@ def stage_run(args) -> list:
     from medmoe_mcore.training.arguments import reconcile_with_checkpoint, refuse
     from medmoe_mcore.training.pipeline import PipelineConfig, stage_config
 
-    refuse(args, PipelineConfig, ("work_dir", "router"),
+    refuse(args, PipelineConfig, _marked(PipelineConfig, "stage"),
            "demo-pipeline flags; a --stage run does not use them")
     from medmoe_mcore.config import ConfigError
 
@@ -136,14 +136,18 @@ def pipeline(args) -> dict:
     return demo.summarise(losses, accuracy, pipe, router_path, time.time() - begin)
 
 
-def refuse_stage_flags(args) -> None:
+def _marked(cls, mode: str) -> list:
+    """Fields whose metadata says `mode=False`: flags that kind of run refuses."""
     from dataclasses import fields
 
+    return [f.name for f in fields(cls) if f.metadata.get(mode) is False]
+
+
+def refuse_stage_flags(args) -> None:
     from medmoe_mcore.training.arguments import refuse
     from medmoe_mcore.training.config import TrainConfig
 
-    refuse(args, TrainConfig, [f.name for f in fields(TrainConfig)
-                               if f.metadata.get("pipeline") is False],
+    refuse(args, TrainConfig, _marked(TrainConfig, "pipeline"),
            "a single stage's inputs and outputs; the demo pipeline chooses its own (pass "
            "--stage to train one stage)")
 

@@ -17,7 +17,7 @@ class TrainingMetrics:
                  tensorboard_dir: Optional[str] = None, stage: Optional[int] = None):
         self.train_iters, self.log_interval, self.dp = train_iters, log_interval, dp
         self.skipped = self.nan = 0
-        self._window_start, self._window_iters, self._window_tokens = time.time(), 0, 0
+        self.start_window()
         self.writer = None
         if tensorboard_dir and is_rank0():
             from torch.utils.tensorboard import SummaryWriter

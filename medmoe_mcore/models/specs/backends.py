@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.tensor_parallel.layers import RowParallelLinear
 
 from medmoe_mcore.models.specs.layers import ExpertRowParallelLinear
 from medmoe_mcore.models.specs.norm import LayerNorm
