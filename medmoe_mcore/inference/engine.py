@@ -1,0 +1,132 @@
+"""Batched decoding of the multimodal Med-MoE model (dense or MoE) with Megatron-Core's static
+KV cache (`StaticInferenceContext`), at any TP (+SP), EP and DP.
+
+Prompts of different lengths share one batch the way Megatron's static engine does it: the
+prefill runs up to the shortest prompt, then one position per step for everyone; a sample
+still inside its prompt is fed its own next prompt embedding and ignores the logits. Every
+sample thus sees exactly its own unpadded sequence (no attention mask needed).
+
+Sequence parallelism is switched off for decoding with Megatron's own policy
+(`set_model_to_sequence_parallel`): off everywhere, except inside MoE layers when TP and EP
+are both > 1, where Megatron requires it. The weights are the same either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+from medmoe_mcore import checkpointing
+from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
+from medmoe_mcore.inference.config import GenerationConfig
+from medmoe_mcore.models.medmoe import MedMoEModel, splice_images
+from medmoe_mcore.runtime.parallel import device
+
+
+def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
+    """(model in eval mode on this rank's device, its ModelConfig) from any stage's checkpoint,
+    at the layout of the process groups the entry point made."""
+    folder = checkpointing.resolve(load_root)
+    cfg: ModelConfig = checkpointing.read_config(folder, parallel)
+    if bf16:
+        cfg.params_dtype = "bfloat16"
+    if cfg.vision is None:
+        raise ConfigError(f"{folder}: a text-only checkpoint; generation here is for the "
+                          "multimodal Med-MoE model")
+    if cfg.moe is not None and cfg.moe.routing_granularity == "sample":
+        raise ConfigError("moe.routing_granularity='sample' cannot decode with a KV cache: "
+                          "the sample's mean hidden state changes with every new token")
+    model = MedMoEModel(cfg, parallel_output=False).to(device())
+    checkpointing.load_into(model, folder)
+    model.eval()
+    if cfg.parallel.sequence_parallel:
+        both = cfg.parallel.tensor_model_parallel_size > 1 and \
+            cfg.parallel.expert_model_parallel_size > 1
+        set_model_to_sequence_parallel(model, False,
+                                       exclude_modules=[BaseMoELayer] if both else None)
+    return model, cfg
+
+
+def _choose(logits: torch.Tensor, gen: GenerationConfig, generators) -> torch.Tensor:
+    """[b, vocab] float32 logits -> [b] next tokens (greedy, or temperature + top-p sampled
+    on CPU with each sample's own generator, so every rank draws the same token)."""
+    if gen.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float().cpu() / gen.temperature, dim=-1)
+    if gen.top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= gen.top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
+    return torch.cat(picks).to(logits.device)
+
+
+@torch.inference_mode()
+def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor | None,
+             eos_id: int, gen: GenerationConfig, sample_ids: list[int] | None = None,
+             pad_id: int = 0) -> list[list[int]]:
+    """New tokens of each prompt (EOS included when reached). `prompts`: token ids with one
+    `vision.image_token_id` per image; `images`: [n, 3, H, W] preprocessed, in order of
+    appearance; `sample_ids`: each prompt's index in the whole input (sampling seeds).
+
+    Every rank of the model-parallel and expert-parallel groups must call this with the same
+    number of forward steps: the loop runs until no rank in the world has a sample left."""
+    cfg = model.model_config
+    lm, vision = model.language_model, cfg.vision
+    dev = next(model.parameters()).device
+    b = len(prompts)
+    ids = torch.full((b, max(map(len, prompts))), pad_id, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    placeholder = ids == vision.image_token_id
+    text = lm.embedding(input_ids=ids.masked_fill(placeholder, 0), position_ids=None)
+    image_embeds = None if images is None or images.shape[0] == 0 else \
+        model.image_features(images.to(dev))
+    embeds, _ = splice_images(text, ids, image_embeds, vision.image_token_id)
+    lengths = [len(p) + (vision.num_patches - 1) * p.count(vision.image_token_id)
+               for p in prompts]
+    context = StaticInferenceContext(b, max(lengths) + gen.max_new_tokens)
+    sample_ids = list(range(b)) if sample_ids is None else sample_ids
+    generators = [torch.Generator().manual_seed(gen.seed + i) for i in sample_ids]
+    vocab = cfg.language.vocab_size
+
+    def step(decoder_input):
+        logits = lm(input_ids=None, position_ids=None, attention_mask=None,
+                    decoder_input=decoder_input.contiguous(), inference_context=context,
+                    runtime_gather_output=True)
+        context.sequence_len_offset += decoder_input.shape[0]
+        return logits[:, -1, :vocab].float()  # padded vocab rows are never chosen
+
+    position = min(lengths)
+    logits = step(embeds[:position])
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    while True:
+        tokens = _choose(logits, gen, generators)
+        for i in range(b):
+            if position >= lengths[i] and not done[i]:
+                out[i].append(int(tokens[i]))
+                done[i] = tokens[i] == eos_id or len(out[i]) == gen.max_new_tokens
+        if not _anyone_running(not all(done), dev):
+            return out
+        in_prompt = torch.tensor([position < n for n in lengths], device=dev)
+        fed = tokens.masked_fill(in_prompt, 0).view(b, 1)
+        next_input = lm.embedding(input_ids=fed, position_ids=None)  # [1, b, h]
+        if position < embeds.shape[0]:
+            next_input = torch.where(in_prompt.view(1, b, 1), embeds[position:position + 1],
+                                     next_input)
+        logits = step(next_input)
+        position += 1
+
+
+def _anyone_running(mine: bool, dev) -> bool:
+    """Whether any rank still decodes (expert-parallel all-to-alls need every rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    flag = torch.tensor([int(mine)], device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
