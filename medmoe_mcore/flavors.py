@@ -40,6 +40,12 @@ def language_flavor(name: str) -> LanguageConfig:
     return dataclasses.replace(LANGUAGE_FLAVORS[name])
 
 
+def medmoe_language(name: str) -> LanguageConfig:
+    """The flavor as the language model of Med-MoE: the authors' LlavaPhi drops Phi-2's
+    LM-head bias (so do LLaVA's classes), which keeps every export computing like theirs."""
+    return dataclasses.replace(language_flavor(name), output_layer_bias=False)
+
+
 VISION_FLAVORS = {
     # CLIP ViT-L/14-336, feature layer -2: 23 of its 24 layers run (576 image tokens).
     "clip_vit_l14_336": VisionConfig(hidden_size=1024, num_layers=23, source_num_layers=24,

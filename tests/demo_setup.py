@@ -8,14 +8,14 @@ def make_workspace(root, samples_per_image: int = 3) -> dict:
     from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ModelConfig
     from medmoe_mcore.data import demo
-    from medmoe_mcore.data.tokenizer import train_sentencepiece
-    from medmoe_mcore.flavors import language_flavor, vision_flavor
+    from medmoe_mcore.data.tokenizer import train_bpe
+    from medmoe_mcore.flavors import medmoe_language, vision_flavor
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     root = Path(root)
     shards = demo.build(root / "data", samples_per_image=samples_per_image, show_progress=False)
-    tok = train_sentencepiece(demo.corpus(root / "data"), root / "tokenizer")
-    cfg = ModelConfig(language=language_flavor("tiny"),
+    tok = train_bpe(demo.corpus(root / "data"), root / "tokenizer")
+    cfg = ModelConfig(language=medmoe_language("tiny"),
                       vision=vision_flavor("tiny", tok.image_token_id))
     checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), root / "init", cfg,
                        extra_dirs={checkpointing.TOKENIZER: root / "tokenizer"})

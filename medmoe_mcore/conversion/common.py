@@ -19,7 +19,7 @@ from tqdm import tqdm
 from medmoe_mcore import hf as hf_classes
 from medmoe_mcore.config import ConfigError, ModelConfig
 from medmoe_mcore.conversion.engine import ConversionError
-from medmoe_mcore.conversion.hf_config import family_of_hf, is_moe
+from medmoe_mcore.conversion.hf_config import family_of_hf, with_modern_keys
 from medmoe_mcore.conversion.safetensors_io import SafetensorsDir
 from medmoe_mcore.conversion.tables.language import FAMILIES
 from medmoe_mcore.models.medmoe import build_model
@@ -39,23 +39,65 @@ def raw_config(hf_dir) -> dict:
     return json.loads(path.read_text())
 
 
-def read_hf_config(hf_dir: str | os.PathLike) -> dict:
-    """The HF config as a dict, normalised by transformers (legacy rope keys and all)."""
+# Keys any transformers 4.x/5.x config may carry (PretrainedConfig's own and generation's).
+GENERIC_CONFIG_KEYS = frozenset((
+    "_name_or_path", "add_cross_attention", "architectures", "auto_map", "bad_words_ids",
+    "begin_suppress_tokens", "bos_token_id", "chunk_size_feed_forward",
+    "cross_attention_hidden_size", "decoder_start_token_id", "diversity_penalty", "do_sample",
+    "dtype", "early_stopping", "encoder_no_repeat_ngram_size", "eos_token_id",
+    "exponential_decay_length_penalty", "finetuning_task", "forced_bos_token_id",
+    "forced_eos_token_id", "id2label", "is_decoder", "is_encoder_decoder", "label2id",
+    "length_penalty", "max_length", "min_length", "model_type", "no_repeat_ngram_size",
+    "num_beam_groups", "num_beams", "num_return_sequences", "output_attentions",
+    "output_hidden_states", "output_scores", "pad_token_id", "prefix", "problem_type",
+    "pruned_heads", "remove_invalid_values", "repetition_penalty", "return_dict",
+    "return_dict_in_generate", "sep_token_id", "suppress_tokens", "task_specific_params",
+    "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tie_word_embeddings",
+    "tokenizer_class", "top_k", "top_p", "torch_dtype", "torchscript", "transformers_version",
+    "typical_p", "use_bfloat16", "use_cache"))
+# The authors' MoE-LLaVA multimodal and training keys (read where they matter, else inert)
+# and ours (hf/configuration_medmoe.py).
+MEDMOE_CONFIG_KEYS = frozenset((
+    "image_aspect_ratio", "image_grid_pinpoints", "image_projector_type", "image_tower",
+    "video_tower", "mm_image_tower", "mm_video_tower", "mm_hidden_size", "mm_projector_type",
+    "mm_use_im_patch_token", "mm_use_im_start_end", "mm_vision_select_feature",
+    "mm_vision_select_layer", "mm_projector_lr", "tokenizer_model_max_length",
+    "tokenizer_padding_side", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter", "use_mm_proj",
+    "X", "lora", "moe", "lm_head_bias", "vision_config", "image_token_index"))
+
+
+def check_known_keys(raw: dict, where: str) -> None:
+    """Refuse config keys this converter does not understand, rather than guess."""
     from transformers import AutoConfig
 
+    family = family_of_hf(raw)
+    known = set(AutoConfig.for_model(family.hf_model_type).to_dict()) | GENERIC_CONFIG_KEYS \
+        | MEDMOE_CONFIG_KEYS | {legacy for legacy, _ in family.legacy_config_keys}
+    unknown = sorted(set(raw) - known - {"rope_scaling"})
+    if unknown:
+        raise ConfigError(f"{where}: config keys {unknown} are not understood by this "
+                          f"converter ({family.name} family); refusing to guess their meaning")
+    if raw.get("rope_scaling") is not None:
+        raise ConfigError(f"{where}: rope_scaling={raw['rope_scaling']!r} is not supported")
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    """The HF config as a dict: every key known (else refused), legacy keys read, normalised
+    by transformers (authors' model types: our classes, never the folder's code)."""
     raw = raw_config(hf_dir)
     family_of_hf(raw)  # a clear error before transformers' own
-    if is_moe(raw):  # our classes, never the folder's code
-        return hf_config_object(raw).to_dict()
-    return AutoConfig.from_pretrained(str(hf_dir), local_files_only=True).to_dict()
+    check_known_keys(raw, f"{hf_dir}/config.json")
+    return hf_config_object(raw).to_dict()
 
 
 def hf_config_object(hf_cfg: dict):
-    """The `transformers` config object of a config dict (Med-MoE types: our classes)."""
+    """The `transformers` config object of a config dict (authors' types: our classes);
+    legacy top-level keys are read first."""
     from transformers import AutoConfig
 
+    hf_cfg = with_modern_keys(hf_cfg)
     fields = {k: v for k, v in hf_cfg.items() if k != "model_type"}
-    if hf_cfg["model_type"] in hf_classes.MOE_CLASSES:
+    if hf_cfg["model_type"] in hf_classes.CLASSES:
         return hf_classes.config_class(hf_cfg["model_type"])(**fields)
     return AutoConfig.for_model(hf_cfg["model_type"], **fields)
 

@@ -38,6 +38,39 @@ def is_moe(hf: dict) -> bool:
     return hf.get("model_type") == family_of_hf(hf).hf_moe_model_type
 
 
+def is_medmoe_type(hf: dict) -> bool:
+    """One of the authors' model types (read with our classes, `lm_head_bias` explicit)."""
+    family = family_of_hf(hf)
+    return hf.get("model_type") in (family.hf_moe_model_type, family.hf_llava_model_type)
+
+
+def with_modern_keys(hf: dict) -> dict:
+    """`hf` with each legacy top-level key (the authors' transformers-4.37 names: Phi's
+    partial_rotary_factor / rope_theta, StableLM's rope_pct / rope_theta / norm_eps) moved
+    to its transformers 5 key; a legacy key that disagrees with its modern one is refused."""
+    family = family_of_hf(hf)
+    out = copy.deepcopy(hf)
+    for legacy, modern in family.legacy_config_keys:
+        if legacy not in out:
+            continue
+        value, current = out.pop(legacy), _get(out, modern)
+        if current is not _MISSING and current is not None and current != value:
+            raise ConfigError(f"config.json {legacy}={value!r} disagrees with {modern}="
+                              f"{current!r}")
+        _set(out, modern, value)
+    return out
+
+
+def with_legacy_keys(hf: dict) -> dict:
+    """`hf` plus the legacy top-level keys the authors' code reads, from the modern ones."""
+    out = copy.deepcopy(hf)
+    for legacy, modern in family_of_hf(hf).legacy_config_keys:
+        value = _get(out, modern)
+        if value is not _MISSING:
+            out[legacy] = value
+    return out
+
+
 def _config_keys(family: Family, moe: bool) -> tuple[tuple[str, str], ...]:
     return family.config_keys + (family.moe_config_keys if moe else ())
 
@@ -51,10 +84,12 @@ def language_config_from_hf(hf: dict) -> LanguageConfig:
             raise ConfigError(f"config.json {key}={got!r} is not supported: {why} "
                               f"(expected {value!r})")
     fields: dict[str, Any] = dict(family.block)
-    for hf_key, field_name in _config_keys(family, is_moe(hf)):
+    for hf_key, field_name in _config_keys(family, is_medmoe_type(hf)):
         value = _get(hf, hf_key)
         if hf_key == "num_key_value_heads" and value in (None, _MISSING):
             value = _get(hf, "num_attention_heads")
+        if hf_key == "lm_head_bias" and value is _MISSING:
+            value = False  # the authors' classes have no LM-head bias
         if value is _MISSING:
             raise ConfigError(f"config.json has no {hf_key!r} (needed for {field_name})")
         fields[field_name] = value
@@ -65,32 +100,37 @@ def language_config_from_hf(hf: dict) -> LanguageConfig:
 
 
 def hf_config_from_language(lm: LanguageConfig, base: dict | None = None,
-                            moe: MoEConfig | None = None) -> dict:
+                            moe: MoEConfig | None = None, multimodal: bool = False) -> dict:
     """HF config dict for `lm` (+ `moe`); `base` (the imported model's own config) keeps every
-    other key."""
+    other key. Med-MoE and multimodal models take the authors' model types and our classes
+    (`auto_map`); every config carries the legacy keys the authors' code reads."""
     family = FAMILIES[lm.family]
-    keys = _config_keys(family, moe is not None)
+    keys = _config_keys(family, moe is not None or multimodal)
     carried = {field_name for _, field_name in keys}
-    architecture = family.hf_moe_architecture if moe else family.hf_architecture
+    model_type, architecture = (
+        (family.hf_moe_model_type, family.hf_moe_architecture) if moe else
+        (family.hf_llava_model_type, family.hf_llava_architecture) if multimodal else
+        (family.hf_model_type, family.hf_architecture))
     mismatched = [f"{k}={getattr(lm, k)!r} (family {family.name} needs {v!r})"
                   for k, v in family.block.items() if k not in carried and getattr(lm, k) != v]
     if mismatched:
         raise ConfigError(f"cannot export as HF {architecture}: " + ", ".join(mismatched))
-    hf = copy.deepcopy(base) if base else {}
+    hf = with_modern_keys(base) if base else {}
     for stale in ("moe", "auto_map", "lm_head_bias"):
         hf.pop(stale, None)
-    hf["model_type"] = family.hf_moe_model_type if moe else family.hf_model_type
+    hf["model_type"] = model_type
     hf["architectures"] = [architecture]
     for key, (value, _) in family.requires.items():
         _set(hf, key, value)
     for hf_key, field_name in keys:
         _set(hf, hf_key, getattr(lm, field_name))
     if moe is not None:
+        hf["moe"] = moe_to_hf(moe, lm)
+    if moe is not None or multimodal:
         from medmoe_mcore.hf import auto_map
 
-        hf["moe"] = moe_to_hf(moe, lm)
         hf["auto_map"] = auto_map(hf["model_type"])
-    return hf
+    return with_legacy_keys(hf)
 
 
 # (key of the HF `moe` dict, MoEConfig field, value when an authors' config lacks the key):
@@ -99,7 +139,7 @@ MOE_CONFIG_KEYS = (
     ("top_k_experts", "router_topk", _MISSING),
     ("router_type", "router_type", "modality"),
     ("routing_granularity", "routing_granularity", "token"),
-    ("renormalize", "renormalize", False),
+    ("renormalize", "renormalize", None),  # absent: the authors' rule (top-2 yes, top-1 no)
     ("meta_expert", "meta_expert", True),
     ("token_dispatcher", "token_dispatcher", "alltoall"),
     ("modalities", "modalities", None),
@@ -145,6 +185,8 @@ def moe_config_from_hf(hf: dict) -> MoEConfig | None:
         fields[name] = d.get(key, default)
         if fields[name] is _MISSING:
             raise ConfigError(f"config.json moe has no {key!r} (needed for moe.{name})")
+    if fields["renormalize"] is None:
+        fields["renormalize"] = fields["router_topk"] >= 2
     learned = fields["router_type"] == "learned"
     return MoEConfig(
         num_experts=counts[0],

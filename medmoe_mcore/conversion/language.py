@@ -60,7 +60,7 @@ def expected_hf_keys(hf_cfg: dict) -> set[str]:
 
     config = hf_config_object(hf_cfg)
     with torch.device("meta"):
-        if hf_cfg["model_type"] in hf_classes.MOE_CLASSES:
+        if hf_cfg["model_type"] in hf_classes.CLASSES:
             model = hf_classes.model_class(hf_cfg["model_type"])(config)
         else:
             model = AutoModelForCausalLM.from_config(config)

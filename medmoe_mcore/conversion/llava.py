@@ -28,7 +28,6 @@ from medmoe_mcore.conversion.common import (
     conversion_model,
     copy_tokenizer,
     fill_parameters,
-    hf_config_object,
     progress,
     raw_config,
     read_hf_config,
@@ -60,9 +59,9 @@ from medmoe_mcore.conversion.tables.vision import (
 from medmoe_mcore.flavors import VISION_FLAVORS
 from medmoe_mcore.models.transformer_config import DTYPES
 
-_PASSTHROUGH_FILE = "clip_unused.safetensors"
-AUTHORS_MODEL_TYPES = {"llava_phi": "phi", "moe_llava_phi": "phi",
-                       "llava_stablelm": "stablelm", "moe_llava_stablelm": "stablelm"}
+PASSTHROUGH_FILE = "clip_unused.safetensors"
+AUTHORS_MODEL_TYPES = {t: f.name for f in FAMILIES.values()
+                       for t in (f.hf_llava_model_type, f.hf_moe_model_type)}
 
 
 def multimodal_table(cfg: ModelConfig, layout: Layout):
@@ -114,20 +113,16 @@ def read_multimodal_config(hf_dir, vision_hf_dir=None) -> tuple[ModelConfig, Lay
                                        hf["image_token_index"])
         return ModelConfig(language=lm, moe=moe_config_from_hf(text), vision=vision), layout, hf
     if raw.get("model_type") in AUTHORS_MODEL_TYPES:
-        family = FAMILIES[AUTHORS_MODEL_TYPES[raw["model_type"]]]
-        if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-            raise ConfigError(f"config.json mm_projector_type={raw['mm_projector_type']!r}: "
-                              "only mlp2x_gelu is supported")
-        if raw["model_type"].startswith("moe_"):
-            text = read_hf_config(hf_dir)
-        else:  # the authors' dense stage-2 type: the family's own config keys
-            text = hf_config_object({**raw, "model_type": family.hf_model_type}).to_dict()
-        clip = clip_config(vision_hf_dir) if vision_hf_dir else _authors_clip(raw)
+        for key, value in (("mm_projector_type", "mlp2x_gelu"), ("mm_vision_select_feature",
+                                                                  "patch")):
+            if raw.get(key, value) != value:
+                raise ConfigError(f"config.json {key}={raw[key]!r}: only {value!r} is supported")
+        text = read_hf_config(hf_dir)
+        clip = clip_config(vision_hf_dir) if vision_hf_dir else raw.get("vision_config") \
+            or _authors_clip(raw)
         vision = vision_config_from_hf(clip, raw.get("mm_vision_select_layer", -2),
-                                       IMAGE_SENTINEL_ID)
+                                       raw.get("image_token_index", IMAGE_SENTINEL_ID))
         lm = language_config_from_hf(text)
-        if "lm_head.bias" not in src.keys():
-            lm = dataclasses.replace(lm, output_layer_bias=False)
         cfg = ModelConfig(language=lm, moe=moe_config_from_hf(text), vision=vision)
         return cfg, layout, {"text_config": text, "vision_config": clip}
     raise ConfigError(f"{hf_dir}/config.json model_type={raw.get('model_type')!r}: expected "
@@ -176,7 +171,7 @@ def save_multimodal(model, cfg, save_root, hf_cfg, aside: dict, tokenizer_dir=No
         if aside:
             (Path(tmp) / PASSTHROUGH).mkdir()
             save_file({k: v.contiguous() for k, v in aside.items()},
-                      str(Path(tmp) / PASSTHROUGH / _PASSTHROUGH_FILE))
+                      str(Path(tmp) / PASSTHROUGH / PASSTHROUGH_FILE))
             dirs[PASSTHROUGH] = Path(tmp) / PASSTHROUGH
         if tokenizer_dir is not None:
             if copy_tokenizer(tokenizer_dir, Path(tmp) / "tok"):
@@ -205,15 +200,17 @@ def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision
                  tokenizer_dir=hf_dir)
 
 
-def llava_config(cfg: ModelConfig, base: dict | None) -> dict:
+def llava_config(cfg: ModelConfig, base: dict | None, drop_lm_head_bias: bool = False) -> dict:
     """HF LlavaConfig dict of a dense checkpoint; refuses what LLaVA cannot express."""
     lm, v = cfg.language, cfg.vision
     if cfg.moe is not None:
         raise ConfigError("an MoE checkpoint cannot be written as HF LlavaForConditionalGeneration "
-                          "(dense only); export the language model with convert_mcore_to_hf")
-    if lm.output_layer_bias:
+                          "(dense only); export it as a Med-MoE release (--format medmoe, the "
+                          "default), which keeps every expert")
+    if lm.output_layer_bias and not drop_lm_head_bias:
         raise ConfigError("language.output_layer_bias=True: HF LlavaForConditionalGeneration has "
-                          "no LM-head bias (assemble with --no-lm-head-bias, as the authors do)")
+                          "no LM-head bias. Choose: --drop-lm-head-bias (every logit loses its "
+                          "bias), or --format medmoe (keeps it, with our classes)")
     if v.image_token_id < 0:
         raise ConfigError(f"vision.image_token_id={v.image_token_id} is a sentinel outside the "
                           "vocabulary; HF LLaVA needs a vocabulary token for <image>")
@@ -239,17 +236,19 @@ def _expected_llava_keys(hf_cfg: dict, layout: Layout) -> set[str]:
 
 
 def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
-                 max_shard_bytes: int = 2 << 30) -> Path:
-    """Megatron multimodal checkpoint -> HF LlavaForConditionalGeneration folder."""
+                 max_shard_bytes: int = 2 << 30, drop_lm_head_bias: bool = False) -> Path:
+    """Megatron multimodal checkpoint -> HF LlavaForConditionalGeneration folder (dense only;
+    an LM-head bias is dropped only when asked)."""
     folder = checkpointing.resolve(load_root)
     cfg = checkpointing.read_config(folder, ParallelConfig())
     base = folder / checkpointing.HF_CONFIG
-    aside_file = folder / PASSTHROUGH / _PASSTHROUGH_FILE
+    aside_file = folder / PASSTHROUGH / PASSTHROUGH_FILE
     aside = load_file(str(aside_file)) if aside_file.exists() else {}
     if not aside and (cfg.vision.source_num_layers or 0) > cfg.vision.num_layers:
         # Nothing kept aside (not imported from HF): write only the layers that run.
         cfg.vision.source_num_layers = None
-    hf_cfg = llava_config(cfg, json.loads(base.read_text()) if base.exists() else None)
+    hf_cfg = llava_config(cfg, json.loads(base.read_text()) if base.exists() else None,
+                          drop_lm_head_bias)
     if not aside:
         h = cfg.vision.hidden_size  # identity post_layernorm: LLaVA never runs it
         aside = {"post_layernorm.weight": torch.ones(h, dtype=DTYPES[cfg.params_dtype]),
@@ -258,6 +257,8 @@ def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
     model = conversion_model(cfg)
     checkpointing.load_into(model, folder)
     state = weights(model)
+    if drop_lm_head_bias:
+        state.pop("language_model.output_layer.bias", None)
     expected = _expected_llava_keys(hf_cfg, layout) - {layout.vision + k for k in aside}
     groups = plan(multimodal_table(cfg, layout), state.keys(), expected, to_megatron=False)
 

@@ -1,11 +1,12 @@
 """Tokenizers: an HF tokenizer folder or a sentencepiece model, `<image>` a special token.
 
-The demo trains a small sentencepiece model on its own corpus (offline, milliseconds); real
-runs pass the backbone's HF tokenizer folder (e.g. Phi-2's GPT-2 BPE)."""
+The demo trains a small byte-level BPE (Phi-2's kind, with the `tokenizers` library) on its own
+corpus (offline, milliseconds) and keeps it as an HF tokenizer folder, so that exports load it
+with `AutoTokenizer`; real runs pass the backbone's HF tokenizer folder (e.g. Phi-2's).
+Sentencepiece `.model` files are read too (training), but an HF export needs an HF folder."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from medmoe_mcore.conventions import EOS, IMAGE_TOKEN
@@ -62,17 +63,19 @@ class Tokenizer:
             self._hf.save_pretrained(str(folder))
 
 
-def train_sentencepiece(lines: list[str], folder, vocab_size: int = 1000) -> Tokenizer:
-    """A BPE sentencepiece model of at most `vocab_size` pieces with `<image>` and EOS."""
-    import sentencepiece as spm
+def train_bpe(lines: list[str], folder, vocab_size: int = 1000) -> Tokenizer:
+    """A byte-level BPE of at most `vocab_size` tokens (any text, never unknown) with EOS and
+    `<image>` as special tokens, saved as an HF tokenizer folder."""
+    from tokenizers import Tokenizer as BPETokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
-        model_type="bpe", hard_vocab_limit=False, user_defined_symbols=[IMAGE_TOKEN, EOS],
-        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, character_coverage=1.0,
-        add_dummy_prefix=False, byte_fallback=True, num_threads=1, minloglevel=2)  # any text, never <unk>
-    (folder / "tokenizer.model").write_bytes(proto.getvalue())
+    bpe = BPETokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, IMAGE_TOKEN], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS,
+                            additional_special_tokens=[IMAGE_TOKEN]).save_pretrained(str(folder))
     return Tokenizer(folder)

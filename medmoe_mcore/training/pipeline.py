@@ -17,8 +17,8 @@ from medmoe_mcore import checkpointing
 from medmoe_mcore.config import ModelConfig, ParallelConfig, option
 from medmoe_mcore.data import demo
 from medmoe_mcore.data.records import read_shards, shard_paths
-from medmoe_mcore.data.tokenizer import Tokenizer, train_sentencepiece
-from medmoe_mcore.flavors import LANGUAGE_FLAVORS, language_flavor, vision_flavor
+from medmoe_mcore.data.tokenizer import Tokenizer, train_bpe
+from medmoe_mcore.flavors import LANGUAGE_FLAVORS, medmoe_language, vision_flavor
 from medmoe_mcore.models.medmoe import MedMoEModel, build_model
 from medmoe_mcore.router import file as router_file
 from medmoe_mcore.router.training import RouterRecipe, router_samples, train_router
@@ -54,8 +54,8 @@ def prepare_demo(pipe: PipelineConfig, seed: int) -> tuple[dict, Tokenizer, Path
     work = Path(pipe.work_dir)
     if dist.get_rank() == 0:  # data and tokenizer once, then everyone reads them
         demo.build(work / "data")
-        if not (work / "tokenizer" / "tokenizer.model").exists():
-            train_sentencepiece(demo.corpus(work / "data"), work / "tokenizer")
+        if not (work / "tokenizer" / "tokenizer.json").exists():
+            train_bpe(demo.corpus(work / "data"), work / "tokenizer")
     dist.barrier()
     shards = demo.build(work / "data", show_progress=False)
     tok = Tokenizer(work / "tokenizer")
@@ -63,7 +63,7 @@ def prepare_demo(pipe: PipelineConfig, seed: int) -> tuple[dict, Tokenizer, Path
         f"{tok.image_token_id}")
     init = work / "checkpoints" / "init"
     if not checkpointing.is_checkpoint(init):
-        cfg = ModelConfig(language=language_flavor(pipe.flavor),
+        cfg = ModelConfig(language=medmoe_language(pipe.flavor),
                           vision=vision_flavor(pipe.flavor, tok.image_token_id))
         checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), init, cfg,
                            extra_dirs={checkpointing.TOKENIZER: work / "tokenizer"})

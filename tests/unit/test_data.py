@@ -5,14 +5,14 @@ import pytest
 
 from medmoe_mcore.conventions import IGNORE_INDEX as IGNORE
 from medmoe_mcore.data.encoding import encode
-from medmoe_mcore.data.tokenizer import train_sentencepiece
+from medmoe_mcore.data.tokenizer import train_bpe
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     lines = ["What modality is this image?", "An X-ray of the chest.", "A CT scan.",
              "Yes.", "No."] * 20
-    return train_sentencepiece(lines, tmp_path_factory.mktemp("tok"), vocab_size=400)
+    return train_bpe(lines, tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 def test_templates_supervise_answers_only(tok):

@@ -33,7 +33,13 @@ class Family:
     # keys it adds.
     hf_moe_model_type: str = ""
     hf_moe_architecture: str = ""
+    # The dense multimodal export (the authors' LLaVA-Phi / LLaVA-StableLM model type).
+    hf_llava_model_type: str = ""
+    hf_llava_architecture: str = ""
     moe_config_keys: tuple[tuple[str, str], ...] = ()
+    # (top-level key of transformers-4.37-era configs, which the authors' code reads, its
+    # transformers 5 key): both written on export, the legacy one read on import.
+    legacy_config_keys: tuple[tuple[str, str], ...] = ()
 
     @property
     def moe_weights(self) -> tuple[Mapping, ...]:
@@ -102,8 +108,12 @@ PHI = Family(
     },
     hf_moe_model_type="moe_llava_phi",
     hf_moe_architecture="MedMoePhiForCausalLM",
+    hf_llava_model_type="llava_phi",
+    hf_llava_architecture="LlavaPhiForCausalLM",
     # HF Phi-2 has an LM-head bias; the authors' MoE-LLaVA-Phi has none.
     moe_config_keys=(("lm_head_bias", "output_layer_bias"),),
+    legacy_config_keys=(("partial_rotary_factor", "rope_parameters.partial_rotary_factor"),
+                        ("rope_theta", "rope_parameters.rope_theta")),
 )
 
 STABLELM = Family(
@@ -133,8 +143,14 @@ STABLELM = Family(
     },
     hf_moe_model_type="moe_llava_stablelm",
     hf_moe_architecture="MedMoeStableLmForCausalLM",
+    hf_llava_model_type="llava_stablelm",
+    hf_llava_architecture="LlavaStableLmForCausalLM",
+    # The authors' `stablelm_epoch` names.
+    legacy_config_keys=(("rope_pct", "rope_parameters.partial_rotary_factor"),
+                        ("rope_theta", "rope_parameters.rope_theta"),
+                        ("norm_eps", "layer_norm_eps")),
 )
 
 FAMILIES = {f.name: f for f in (PHI, STABLELM)}
-BY_HF_MODEL_TYPE = {t: f for f in FAMILIES.values() for t in (f.hf_model_type,
-                                                                f.hf_moe_model_type)}
+BY_HF_MODEL_TYPE = {t: f for f in FAMILIES.values()
+                    for t in (f.hf_model_type, f.hf_moe_model_type, f.hf_llava_model_type)}

@@ -1,0 +1,199 @@
+"""Megatron multimodal checkpoint of any stage -> a release folder in the authors' MoE-LLaVA
+layout (`model.image_tower.image_tower.vision_model.*`, `model.mm_projector.{0,2}.*`,
+`model.layers.{i}.mlp.deepspeed_moe.*`, `...meta_moe.*`, `lm_head.*`) that runs on its own:
+
+- our `transformers` classes (`auto_map`: AutoConfig, AutoModelForCausalLM) beside the weights;
+- the tokenizer with `<image>` and the phi/stablelm conversation template as chat template,
+  CLIP's image processor config and a LlavaProcessor (AutoProcessor loads the three);
+- a config the authors' code reads too: their model types and `moe` dict, the legacy
+  top-level rotary/norm keys of their transformers-4.37 classes, `mm_*` keys, a true dtype.
+
+A model the authors' code would compute differently is refused, naming the field, unless the
+caller accepts the divergence; then the folder's README.md lists what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from medmoe_mcore import checkpointing
+from medmoe_mcore import hf as hf_classes
+from medmoe_mcore.checkpointing import PASSTHROUGH
+from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
+from medmoe_mcore.conventions import EOS, IMAGE_TOKEN, SYSTEM_PROMPT
+from medmoe_mcore.conversion.common import conversion_model, progress, weights
+from medmoe_mcore.conversion.engine import convert, plan
+from medmoe_mcore.conversion.hf_config import hf_config_from_language
+from medmoe_mcore.conversion.llava import PASSTHROUGH_FILE, multimodal_table
+from medmoe_mcore.conversion.safetensors_io import AtomicDir, write_sharded
+from medmoe_mcore.conversion.tables.vision import (
+    LAYOUTS,
+    clip_config_from_vision,
+    feature_layer,
+)
+from medmoe_mcore.models.transformer_config import DTYPES
+
+# The phi / stablelm conversation format (conventions.py) as a chat template: messages with
+# string content or processor-style [{"type": "image"}, {"type": "text", ...}] lists.
+CHAT_TEMPLATE = (
+    '{{- "' + SYSTEM_PROMPT + '" -}}'
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- if content is string -%}{%- set text = content -%}{%- set images = 0 -%}"
+    "{%- else -%}{%- set text = content | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join(' ') -%}"
+    "{%- set images = content | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- ' USER: ' + ('" + IMAGE_TOKEN + "\\n' * images) + text | trim + ' ASSISTANT:' -}}"
+    "{%- else -%}{{- ' ' + text | trim + '" + EOS + "' -}}{%- endif -%}"
+    "{%- endfor -%}")
+
+# (field, does the model differ from the authors' code?, what their code does instead)
+AUTHORS_SEMANTICS = (
+    ("moe.routing_granularity", lambda c: c.moe and c.moe.routing_granularity != "token",
+     "their router routes every token by its own hidden state"),
+    ("moe.meta_expert", lambda c: c.moe and not c.moe.meta_expert,
+     "their MoE layer always adds the meta expert"),
+    ("moe.router_type", lambda c: c.moe and c.moe.router_type == "learned"
+     and not c.language.add_bias_linear, "their gate.wg is a Linear with bias"),
+    ("moe.router_topk", lambda c: c.moe and c.moe.router_topk > 2,
+     "their code routes to the top-1 or top-2 experts"),
+    ("moe.renormalize", lambda c: c.moe and c.moe.renormalize != (c.moe.router_topk == 2),
+     "their top-2 renormalises the two weights, their top-1 takes the raw probability"),
+    ("language.output_layer_bias", lambda c: c.language.output_layer_bias,
+     "their LlavaPhi / MoELLaVAPhi have no LM-head bias"),
+)
+
+
+def authors_divergences(cfg: ModelConfig) -> list[str]:
+    """'field=value: what the authors' code does' for every way `cfg` computes differently."""
+    out = []
+    for name, differs, theirs in AUTHORS_SEMANTICS:
+        if differs(cfg):
+            part, attr = name.split(".")
+            out.append(f"{name}={getattr(getattr(cfg, part), attr)!r}: {theirs}")
+    return out
+
+
+def release_config(cfg: ModelConfig, base: dict | None, image_token_index: int) -> dict:
+    """config.json of the release: the language model's config (ours + legacy keys) and the
+    authors' multimodal keys."""
+    v = cfg.vision
+    hf = hf_config_from_language(cfg.language, (base or {}).get("text_config"), cfg.moe,
+                                 multimodal=True)
+    builtin = (v.hidden_size, v.image_size, v.patch_size) == (1024, 336, 14)
+    hf.update(
+        vision_config=clip_config_from_vision(v), mm_hidden_size=v.hidden_size,
+        mm_vision_select_layer=feature_layer(v), mm_vision_select_feature="patch",
+        mm_projector_type="mlp2x_gelu", mm_use_im_start_end=False, mm_use_im_patch_token=False,
+        image_tower="openai/clip-vit-large-patch14-336" if builtin else None,
+        image_aspect_ratio="pad", image_token_index=image_token_index,
+        torch_dtype=cfg.params_dtype)
+    return hf
+
+
+def write_processor(out: Path, cfg: ModelConfig, tokenizer_dir: Path) -> int:
+    """Tokenizer (+ `<image>`, chat template), CLIPImageProcessor and LlavaProcessor configs;
+    returns the tokenizer's `<image>` id."""
+    from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
+
+    if not (tokenizer_dir / "tokenizer_config.json").exists():
+        raise ConfigError(f"{tokenizer_dir}: no HF tokenizer (tokenizer_config.json); a release "
+                          "needs one that AutoTokenizer loads (pass --tokenizer HF_FOLDER)")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tok.chat_template = CHAT_TEMPLATE
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    v = cfg.vision
+    if v.image_token_id >= 0 and v.image_token_id != image_id:
+        raise ConfigError(f"vision.image_token_id={v.image_token_id} but the tokenizer's "
+                          f"{IMAGE_TOKEN} is {image_id}")
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size,
+                                                         "width": v.image_size},
+        do_center_crop=True, resample=3, image_mean=list(v.image_mean),
+        image_std=list(v.image_std), do_convert_rgb=True)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=v.patch_size,
+                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                   image_token=IMAGE_TOKEN, num_additional_image_tokens=1) \
+        .save_pretrained(str(out))
+    return image_id
+
+
+def _expected_keys(hf_cfg: dict) -> set[str]:
+    """State-dict keys of our HF class for `hf_cfg`, built on the meta device."""
+    from medmoe_mcore.conversion.common import hf_config_object
+
+    with torch.device("meta"):
+        model = hf_classes.model_class(hf_cfg["model_type"])(hf_config_object(hf_cfg))
+    return set(model.state_dict())
+
+
+def _readme(divergences: list[str]) -> str:
+    lines = ["# Med-MoE (medmoe-mcore export)", "",
+             "Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` "
+             "and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.", ""]
+    if divergences:
+        lines += ["## The authors' MoE-LLaVA code will compute this model differently", "",
+                  "Exported on request although their code differs in:", "",
+                  *(f"- {d}" for d in divergences), "",
+                  "Use the classes in this folder (auto_map) for the model as trained."]
+    return "\n".join(lines) + "\n"
+
+
+def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence: bool = False,
+                   tokenizer_dir=None, show_progress: bool = True,
+                   max_shard_bytes: int = 2 << 30) -> Path:
+    """Megatron multimodal checkpoint (dense or Med-MoE) -> release folder (authors' layout)."""
+    folder = checkpointing.resolve(load_root)
+    cfg = checkpointing.read_config(folder, ParallelConfig())
+    if cfg.vision is None:
+        raise ConfigError(f"{folder}: a text-only checkpoint (export it with "
+                          "conversion.language.export_hf)")
+    divergences = authors_divergences(cfg)
+    if divergences and not accept_divergence:
+        raise ConfigError("the authors' MoE-LLaVA code would compute this model differently: "
+                          + "; ".join(divergences) + " (pass --accept-authors-divergence to "
+                          "export anyway; the folder's README.md then says so)")
+    aside_file = folder / PASSTHROUGH / PASSTHROUGH_FILE
+    aside = load_file(str(aside_file)) if aside_file.exists() else {}
+    if not aside:  # nothing kept from an HF import: write the layers that run
+        cfg.vision.source_num_layers = None
+        h = cfg.vision.hidden_size  # an identity post_layernorm (never run)
+        aside = {"post_layernorm.weight": torch.ones(h, dtype=DTYPES[cfg.params_dtype]),
+                 "post_layernorm.bias": torch.zeros(h, dtype=DTYPES[cfg.params_dtype])}
+    base = folder / checkpointing.HF_CONFIG
+    base_cfg = json.loads(base.read_text()) if base.exists() else None
+    layout = LAYOUTS["authors"]
+    model = conversion_model(cfg)
+    checkpointing.load_into(model, folder)
+    state = weights(model)
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else folder / checkpointing.TOKENIZER
+    hf_cfg = release_config(cfg, base_cfg, cfg.vision.image_token_id)
+    expected = _expected_keys(hf_cfg) - {layout.vision + k for k in aside}
+    groups = plan(multimodal_table(cfg, layout), state.keys(), expected, to_megatron=False)
+
+    def tensors():
+        yield from convert(groups, state.__getitem__, None, to_megatron=False)
+        for key, tensor in aside.items():
+            yield layout.vision + key, tensor
+
+    with AtomicDir(hf_dir, overwrite=overwrite) as out:
+        image_id = write_processor(out, cfg, tokenizer_dir)
+        bar = progress(sum(len(g.targets) for g in groups) + len(aside), "Megatron -> release",
+                       show_progress)
+        write_sharded(tensors(), out, max_shard_bytes=max_shard_bytes,
+                      progress=lambda _: bar.update())
+        bar.close()
+        hf_cfg["image_token_index"] = image_id
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        for path in hf_classes.REMOTE_CODE_FILES:
+            shutil.copy(path, out / path.name)
+        (out / "README.md").write_text(_readme(divergences))
+    return Path(hf_dir)
