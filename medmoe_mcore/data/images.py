@@ -22,11 +22,45 @@ class ImageDecodeError(ValueError):
     """An image that cannot be read; the message names its source."""
 
 
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10: a 128-byte preamble, then "DICM"."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def dicom_to_rgb(source) -> Image.Image:
+    """A DICOM file (path or file-like) as 8-bit RGB: colour kept; grey levels windowed to
+    the 0.5-99.5 percentiles, MONOCHROME1 inverted (white = air)."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    pixels = ds.pixel_array
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
+        pixels = pixels[pixels.shape[0] // 2]  # a multi-frame file: its middle frame
+    if ds.PhotometricInterpretation == "RGB":
+        return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
+    pixels = pixels.astype(np.float32)
+    lo, hi = np.percentile(pixels, 0.5), np.percentile(pixels, 99.5)
+    pixels = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    return Image.fromarray((pixels * 255).astype(np.uint8)).convert("RGB")
+
+
 def load_image(source: bytes | str | Path, name: str | None = None) -> Image.Image:
-    """Decode to RGB; raises ImageDecodeError naming `name` (or the path)."""
+    """Decode PNG/JPEG/... or DICOM to RGB; raises ImageDecodeError naming `name` (or the
+    path)."""
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"{label}: cannot read ({e})") from None
+    if is_dicom(data):
+        try:
+            return dicom_to_rgb(io.BytesIO(data))
+        except Exception as e:  # pydicom raises many kinds for a broken file
+            raise ImageDecodeError(f"{label}: cannot decode DICOM ({e})") from None
+    try:
+        image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageDecodeError(f"{label}: cannot decode image ({e})") from None

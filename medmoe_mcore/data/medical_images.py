@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 from PIL import Image
 
 
@@ -22,23 +21,15 @@ class MedicalImage:
 
 
 def dicom_image(file_name: str) -> Image.Image:
-    """A DICOM test file as 8-bit RGB: min-max window, MONOCHROME1 inverted (white = air)."""
-    import pydicom
+    """A DICOM test file of pydicom / pydicom-data as 8-bit RGB."""
     from pydicom.data import get_testdata_file
+
+    from medmoe_mcore.data.images import dicom_to_rgb
 
     path = get_testdata_file(file_name)
     if path is None:
         raise FileNotFoundError(f"{file_name}: not in pydicom / pydicom-data")
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
-    if ds.PhotometricInterpretation == "RGB":
-        return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
-    pixels = pixels.astype(np.float32)
-    lo, hi = np.percentile(pixels, 0.5), np.percentile(pixels, 99.5)
-    pixels = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        pixels = 1.0 - pixels
-    return Image.fromarray((pixels * 255).astype(np.uint8)).convert("RGB")
+    return dicom_to_rgb(path)
 
 
 def _skimage(name: str) -> Callable[[], Image.Image]:

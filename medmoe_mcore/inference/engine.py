@@ -45,7 +45,7 @@ def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
     if cfg.parallel.sequence_parallel:
         both = cfg.parallel.tensor_model_parallel_size > 1 and \
             cfg.parallel.expert_model_parallel_size > 1
-        set_model_to_sequence_parallel(model, False,
+        set_model_to_sequence_parallel(model.language_model, False,
                                        exclude_modules=[BaseMoELayer] if both else None)
     return model, cfg
 
@@ -88,7 +88,10 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
     embeds, _ = splice_images(text, ids, image_embeds, vision.image_token_id)
     lengths = [len(p) + (vision.num_patches - 1) * p.count(vision.image_token_id)
                for p in prompts]
-    context = StaticInferenceContext(b, max(lengths) + gen.max_new_tokens)
+    # A rank whose samples are done keeps stepping while others decode (expert-parallel
+    # all-to-alls need everyone): its cache must hold the longest run of any rank.
+    steps = _world_max(max(lengths) + gen.max_new_tokens - min(lengths), dev)
+    context = StaticInferenceContext(b, min(lengths) + steps + 1)
     sample_ids = list(range(b)) if sample_ids is None else sample_ids
     generators = [torch.Generator().manual_seed(gen.seed + i) for i in sample_ids]
     vocab = cfg.language.vocab_size
@@ -122,11 +125,15 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
         position += 1
 
 
+def _world_max(value: int, dev) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _anyone_running(mine: bool, dev) -> bool:
     """Whether any rank still decodes (expert-parallel all-to-alls need every rank)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return mine
-    flag = torch.tensor([int(mine)], device=dev)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return bool(_world_max(int(mine), dev))
 
