@@ -98,9 +98,9 @@ def release_config(cfg: ModelConfig, base: dict | None, image_token_index: int) 
     return hf
 
 
-def write_processor(out: Path, cfg: ModelConfig, tokenizer_dir: Path) -> int:
+def write_processor(out: Path, cfg: ModelConfig, tokenizer_dir: Path) -> dict:
     """Tokenizer (+ `<image>`, chat template), CLIPImageProcessor and LlavaProcessor configs;
-    returns the tokenizer's `<image>` id."""
+    returns the config keys of the tokenizer's `<image>`, EOS and padding ids."""
     from transformers import AutoTokenizer, CLIPImageProcessor, LlavaProcessor
 
     if not (tokenizer_dir / "tokenizer_config.json").exists():
@@ -123,7 +123,9 @@ def write_processor(out: Path, cfg: ModelConfig, tokenizer_dir: Path) -> int:
                    vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                    image_token=IMAGE_TOKEN, num_additional_image_tokens=1) \
         .save_pretrained(str(out))
-    return image_id
+    eos = tok.convert_tokens_to_ids(EOS)
+    return {"image_token_index": image_id, "eos_token_id": eos,
+            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos}
 
 
 def _expected_keys(hf_cfg: dict) -> set[str]:
@@ -185,13 +187,13 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
             yield layout.vision + key, tensor
 
     with AtomicDir(hf_dir, overwrite=overwrite) as out:
-        image_id = write_processor(out, cfg, tokenizer_dir)
+        token_ids = write_processor(out, cfg, tokenizer_dir)
         bar = progress(sum(len(g.targets) for g in groups) + len(aside), "Megatron -> release",
                        show_progress)
         write_sharded(tensors(), out, max_shard_bytes=max_shard_bytes,
                       progress=lambda _: bar.update())
         bar.close()
-        hf_cfg["image_token_index"] = image_id
+        hf_cfg.update(token_ids)
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         for path in hf_classes.REMOTE_CODE_FILES:
             shutil.copy(path, out / path.name)

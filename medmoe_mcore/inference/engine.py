@@ -23,6 +23,8 @@ from medmoe_mcore import checkpointing
 from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
 from medmoe_mcore.inference.config import GenerationConfig
 from medmoe_mcore.models.medmoe import MedMoEModel, splice_images
+from medmoe_mcore.models.moe.router import ModalityRouter
+from medmoe_mcore.models.transformer_config import DTYPES
 from medmoe_mcore.runtime.parallel import device
 
 
@@ -41,6 +43,7 @@ def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
                           "the sample's mean hidden state changes with every new token")
     model = MedMoEModel(cfg, parallel_output=False).to(device())
     checkpointing.load_into(model, folder)
+    _cast_except_router(model, DTYPES[cfg.params_dtype])
     model.eval()
     if cfg.parallel.sequence_parallel:
         both = cfg.parallel.tensor_model_parallel_size > 1 and \
@@ -48,6 +51,16 @@ def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
         set_model_to_sequence_parallel(model.language_model, False,
                                        exclude_modules=[BaseMoELayer] if both else None)
     return model, cfg
+
+
+def _cast_except_router(model, dtype) -> None:
+    """Every parameter in the run's dtype (a few modules, such as CLIP's ln_pre, are built in
+    float32 whatever params_dtype), except the modality router's: float32 as the authors'."""
+    routers = {id(p) for m in model.modules() if isinstance(m, ModalityRouter)
+               for p in m.parameters()}
+    for param in model.parameters():
+        if id(param) not in routers and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _choose(logits: torch.Tensor, gen: GenerationConfig, generators) -> torch.Tensor:
@@ -62,6 +75,29 @@ def _choose(logits: torch.Tensor, gen: GenerationConfig, generators) -> torch.Te
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
     return torch.cat(picks).to(logits.device)
+
+
+class KVCacheDecoder:
+    """The language model run position by position over Megatron's static KV cache."""
+
+    def __init__(self, model: MedMoEModel, batch_size: int, max_length: int):
+        self.lm = model.language_model
+        self.vocab = model.model_config.language.vocab_size
+        self.context = StaticInferenceContext(batch_size, max_length)
+
+    @torch.inference_mode()
+    def forward(self, decoder_input: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] embeddings of the next s positions -> float32 logits [b, vocab] of the
+        last one (padded vocab rows are never returned)."""
+        logits = self.lm(input_ids=None, position_ids=None, attention_mask=None,
+                         decoder_input=decoder_input.contiguous(),
+                         inference_context=self.context, runtime_gather_output=True)
+        self.context.sequence_len_offset += decoder_input.shape[0]
+        return logits[:, -1, :self.vocab].float()
+
+    @property
+    def position(self) -> int:
+        return self.context.sequence_len_offset
 
 
 @torch.inference_mode()
@@ -91,17 +127,10 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
     # A rank whose samples are done keeps stepping while others decode (expert-parallel
     # all-to-alls need everyone): its cache must hold the longest run of any rank.
     steps = _world_max(max(lengths) + gen.max_new_tokens - min(lengths), dev)
-    context = StaticInferenceContext(b, min(lengths) + steps + 1)
+    decoder = KVCacheDecoder(model, b, min(lengths) + steps + 1)
     sample_ids = list(range(b)) if sample_ids is None else sample_ids
     generators = [torch.Generator().manual_seed(gen.seed + i) for i in sample_ids]
-    vocab = cfg.language.vocab_size
-
-    def step(decoder_input):
-        logits = lm(input_ids=None, position_ids=None, attention_mask=None,
-                    decoder_input=decoder_input.contiguous(), inference_context=context,
-                    runtime_gather_output=True)
-        context.sequence_len_offset += decoder_input.shape[0]
-        return logits[:, -1, :vocab].float()  # padded vocab rows are never chosen
+    step = decoder.forward
 
     position = min(lengths)
     logits = step(embeds[:position])
@@ -112,7 +141,7 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
         for i in range(b):
             if position >= lengths[i] and not done[i]:
                 out[i].append(int(tokens[i]))
-                done[i] = tokens[i] == eos_id or len(out[i]) == gen.max_new_tokens
+                done[i] = int(tokens[i]) == eos_id or len(out[i]) == gen.max_new_tokens
         if not _anyone_running(not all(done), dev):
             return out
         in_prompt = torch.tensor([position < n for n in lengths], device=dev)

@@ -54,10 +54,12 @@ class ModalityRouter(MegatronModule):
             full = x
             if self.config.sequence_parallel:
                 full = gather_from_sequence_parallel_region(x, group=self.tp_group)
-            logits = torch.nn.functional.linear(full.mean(dim=0), self.weight, self.bias)
+            logits = torch.nn.functional.linear(full.mean(dim=0), self.weight.float(),
+                                                self.bias.float())
             logits = logits.unsqueeze(0).expand(x.shape[0], -1, -1)
         else:
-            logits = torch.nn.functional.linear(x, self.weight, self.bias)
+            # .float(): a bf16 wrapper (Float16Module) may have cast the parameters.
+            logits = torch.nn.functional.linear(x, self.weight.float(), self.bias.float())
         scores = torch.softmax(logits.reshape(-1, self.num_experts), dim=-1)
         top, index = torch.topk(scores, self.topk, dim=-1)
         if self.renormalize:
