@@ -193,8 +193,8 @@ class MoEConfig:
         "token", "route each token, or each sample by its mean hidden state",
         flag="--moe-routing-granularity")
     renormalize: bool = option(False, "renormalise the chosen top-k probabilities to sum to 1 "
-                               "(default: off for the modality router, on for the learned "
-                               "router)", flag="--moe-router-renormalize")
+                               "(default: on for top-2, as the authors' code, off for top-1)",
+                               flag="--moe-router-renormalize")
     aux_loss_coeff: float = option(0.0, "load-balancing loss coefficient, learned router only "
                                    "(default 0.01 for it, as MoE-LLaVA)",
                                    flag="--moe-aux-loss-coeff")
@@ -208,8 +208,11 @@ class MoEConfig:
     @classmethod
     def from_choices(cls, chosen: dict) -> "MoEConfig":
         """The fields a user chose; the others default by router type (MoE-LLaVA's settings
-        for the learned router: top-2 renormalised, aux loss 0.01)."""
-        defaults = LEARNED_ROUTER_DEFAULTS if chosen.get("router_type") == "learned" else {}
+        for the learned router: top-2 renormalised, aux loss 0.01) and top-k (the authors'
+        top-2 renormalises its two weights, their top-1 takes the raw probability)."""
+        defaults = dict(LEARNED_ROUTER_DEFAULTS) if chosen.get("router_type") == "learned" \
+            else {}
+        defaults["renormalize"] = chosen.get("router_topk", defaults.get("router_topk", 1)) == 2
         return cls(**{**defaults, **chosen})
 
     def moe_layers(self, num_layers: int) -> list[bool]:

@@ -1,9 +1,15 @@
 """Megatron distributed checkpoint -> HF folder (safetensors + config.json [+ tokenizer]).
 
-A language model becomes what `AutoModelForCausalLM.from_pretrained` loads; a multimodal
-(CLIP + projector + language model) checkpoint becomes `LlavaForConditionalGeneration`.
+A multimodal checkpoint of any stage (CLIP + projector + Phi/StableLM, dense or Med-MoE)
+becomes a release folder in the authors' MoE-LLaVA layout with our `transformers` classes,
+tokenizer, chat template and image processor (`--format medmoe`, the default):
 
     python tools/convert_mcore_to_hf.py --load CKPT --hf-dir OUT
+    # then: AutoModelForCausalLM / AutoProcessor .from_pretrained(OUT, trust_remote_code=True)
+
+or, dense only, plain `LlavaForConditionalGeneration` (`--format llava`; Phi-2's LM-head bias
+needs the explicit `--drop-lm-head-bias`). A language-model checkpoint becomes what
+`AutoModelForCausalLM.from_pretrained` loads.
 """
 
 import argparse
@@ -14,6 +20,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--load", required=True, help="Megatron checkpoint root (or iteration folder)")
     p.add_argument("--hf-dir", required=True, help="output HF folder (written atomically)")
+    p.add_argument("--format", choices=["medmoe", "llava"], default="medmoe",
+                   help="multimodal checkpoints: medmoe (authors' layout + our classes, any "
+                        "stage) or llava (LlavaForConditionalGeneration, dense only)")
+    p.add_argument("--accept-authors-divergence", action="store_true",
+                   help="medmoe: export a model the authors' code would compute differently "
+                        "(named in the error); the folder's README.md then lists how")
+    p.add_argument("--drop-lm-head-bias", action="store_true",
+                   help="llava: drop Phi-2's LM-head bias, which LLaVA's classes lack")
+    p.add_argument("--tokenizer", help="medmoe: HF tokenizer folder (default: the "
+                                       "checkpoint's tokenizer/)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --hf-dir")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
     p.add_argument("--no-progress", action="store_true")
@@ -21,22 +37,43 @@ def main(argv=None):
 
     from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ConfigError, ParallelConfig
-    from medmoe_mcore.runtime import parallel
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import export_hf
     from medmoe_mcore.conversion.llava import export_llava
+    from medmoe_mcore.conversion.release import export_release
+    from medmoe_mcore.runtime import parallel
 
+    common = dict(overwrite=args.overwrite, show_progress=not args.no_progress,
+                  max_shard_bytes=args.max_shard_size_mb << 20)
     try:
-        parallel.initialize(ParallelConfig())
         multimodal = checkpointing.read_config(args.load).vision is not None
-        export = export_llava if multimodal else export_hf
-        out = export(args.load, args.hf_dir, overwrite=args.overwrite,
-                     show_progress=not args.no_progress,
-                     max_shard_bytes=args.max_shard_size_mb << 20)
+        given = {"--format llava": args.format == "llava",
+                 "--accept-authors-divergence": args.accept_authors_divergence,
+                 "--drop-lm-head-bias": args.drop_lm_head_bias,
+                 "--tokenizer": args.tokenizer is not None}
+        unused = set(given) if not multimodal else \
+            {"--accept-authors-divergence", "--tokenizer"} if args.format == "llava" else \
+            {"--drop-lm-head-bias"}
+        refused = [flag for flag in given if given[flag] and flag in unused]
+        if refused:  # a flag this export cannot honour is refused, never ignored
+            kind = f"--format {args.format}" if multimodal else "language-model"
+            raise ConfigError(f"{', '.join(refused)}: not used by a {kind} export")
+        parallel.initialize(ParallelConfig())
+        if not multimodal:
+            out, what = export_hf(args.load, args.hf_dir, **common), "language model"
+        elif args.format == "llava":
+            out = export_llava(args.load, args.hf_dir, drop_lm_head_bias=args.drop_lm_head_bias,
+                               **common)
+            what = "LlavaForConditionalGeneration"
+        else:
+            out = export_release(args.load, args.hf_dir,
+                                 accept_divergence=args.accept_authors_divergence,
+                                 tokenizer_dir=args.tokenizer, **common)
+            what = "Med-MoE release (authors' layout, trust_remote_code)"
     except (ConversionError, ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote HF {'LLaVA' if multimodal else 'language'} model: {out}")
+    print(f"wrote HF {what}: {out}")
     return 0
 
 

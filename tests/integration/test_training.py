@@ -97,11 +97,9 @@ def test_killed_mid_save_keeps_previous_checkpoint(tmp_path, workspace, single_r
 
 
 @pytest.mark.slow
-def test_demo_pipeline_main_job(tmp_path):
+def test_demo_pipeline_main_job(main_job):
     """The README's main job, shortened (3 iterations per stage)."""
-    r = run_tool("examples/pretrain_medmoe.py", "--work-dir", str(tmp_path / "demo"),
-                 "--train-iters", "3", "--log-interval", "1", nproc=2, timeout=900,
-                 show_warnings=True)
+    r = main_job["run"]
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     # Known dependency warnings are filtered; rank 0 says once what they meant.
     assert "Warning" not in r.stdout + r.stderr, r.stderr[-3000:]

@@ -1,0 +1,56 @@
+"""The main job's checkpoints released and asked questions: each stage exports (authors'
+layout, our transformers classes) to a folder that `transformers` runs on its own, and its
+greedy answers equal tools/generate.py on the Megatron checkpoint at TP1, TP2+SP, TP1xEP2 and
+TP2xEP2 (float32, 16 new tokens, one batch mixing prompt lengths, real DICOM/PNG/JPEG
+images)."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_tool
+from tests.release_setup import hf_answers, write_questions
+
+NEW_TOKENS = 16
+LAYOUTS = {
+    "TP1": (1, ()),
+    "TP2+SP": (2, ("--tensor-model-parallel-size", "2", "--sequence-parallel")),
+    "TP1xEP2": (2, ("--expert-model-parallel-size", "2")),
+    "TP2xEP2": (4, ("--tensor-model-parallel-size", "2", "--sequence-parallel",
+                    "--expert-model-parallel-size", "2")),
+}
+CASES = [("stage1", "TP1"), ("stage2", "TP1"), ("stage2", "TP2+SP"), ("stage3", "TP1"),
+         ("stage3", "TP2+SP"), ("stage3", "TP1xEP2"), ("stage3", "TP2xEP2")]
+
+
+@pytest.fixture(scope="module")
+def released(main_job, tmp_path_factory):
+    assert main_job["run"].returncode == 0, main_job["run"].stderr[-3000:]
+    out = tmp_path_factory.mktemp("release")
+    questions = write_questions(out / "questions")
+    answers = {}
+    for stage in ("stage1", "stage2", "stage3"):
+        r = run_tool("tools/convert_mcore_to_hf.py", "--load",
+                     str(main_job["work_dir"] / "checkpoints" / stage), "--hf-dir",
+                     str(out / stage), "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
+        for code in ("configuration_medmoe.py", "modeling_medmoe.py"):
+            assert "medmoe_mcore" not in (out / stage / code).read_text()  # self-contained
+        answers[stage] = hf_answers(out / stage, questions, NEW_TOKENS)
+    return {"questions": questions, "answers": answers, "work_dir": main_job["work_dir"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,layout", CASES)
+def test_generate_equals_transformers_on_the_release(released, stage, layout):
+    nproc, flags = LAYOUTS[layout]
+    r = run_tool("tools/generate.py", "--load",
+                 str(released["work_dir"] / "checkpoints" / stage), "--questions",
+                 str(released["questions"]), "--max-new-tokens", str(NEW_TOKENS),
+                 "--micro-batch-size", "3", *flags, nproc=nproc, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    ours = [json.loads(line) for line in r.stdout.strip().splitlines()[-3:]]
+    assert [a["id"] for a in ours] == ["q0", "q1", "q2"]
+    tokens = [a["tokens"] for a in ours]
+    assert all(len(t) == NEW_TOKENS or t[-1] == 0 for t in tokens), tokens
+    assert tokens == released["answers"][stage], (tokens, released["answers"][stage])
