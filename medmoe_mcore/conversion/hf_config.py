@@ -116,7 +116,8 @@ def hf_config_from_language(lm: LanguageConfig, base: dict | None = None,
     if mismatched:
         raise ConfigError(f"cannot export as HF {architecture}: " + ", ".join(mismatched))
     hf = with_modern_keys(base) if base else {}
-    for stale in ("moe", "auto_map", "lm_head_bias"):
+    base_moe = hf.pop("moe", None) or {}
+    for stale in ("auto_map", "lm_head_bias"):
         hf.pop(stale, None)
     hf["model_type"] = model_type
     hf["architectures"] = [architecture]
@@ -124,8 +125,8 @@ def hf_config_from_language(lm: LanguageConfig, base: dict | None = None,
         _set(hf, key, value)
     for hf_key, field_name in keys:
         _set(hf, hf_key, getattr(lm, field_name))
-    if moe is not None:
-        hf["moe"] = moe_to_hf(moe, lm)
+    if moe is not None:  # the imported dict's inert keys (their capacity settings) are kept
+        hf["moe"] = {**MOE_EXPORT_CONSTANTS, **base_moe, **moe_to_hf(moe, lm)}
     if moe is not None or multimodal:
         from medmoe_mcore.hf import auto_map
 
@@ -144,22 +145,23 @@ MOE_CONFIG_KEYS = (
     ("token_dispatcher", "token_dispatcher", "alltoall"),
     ("modalities", "modalities", None),
 )
-# Fixed facts of every export: no capacity limit, no token dropping (the authors'
-# drop_tokens=False), no Residual-MoE, one process group.
+# Keys of the authors' dict that their code does not compute with (capacity is hard-coded
+# there, tokens never dropped), written when no imported config had them.
 MOE_EXPORT_CONSTANTS = dict(moe_enable=True, ep_size=1, capacity_factor=0.0,
                             eval_capacity_factor=0.0, min_capacity=0, use_residual=False,
-                            train_modules=[])
+                            train_modules=[], router_aux_loss_coef=0.0)
 
 
 def moe_to_hf(moe: MoEConfig, lm: LanguageConfig) -> dict:
     """The authors' `moe` dict (MoE-LLaVA keys) plus the choices they did not have."""
     layers = [i for i, on in enumerate(moe.moe_layers(lm.num_layers)) if on]
     return {
-        **MOE_EXPORT_CONSTANTS,
         "moe_mode": "sparse" if moe.layer_freq == 2 else "custom",
         "moe_layers_idx": layers,
         "num_experts": [moe.num_experts] * len(layers),
-        "router_aux_loss_coef": moe.aux_loss_coeff,
+        # Their configs carry 0.01 with the fixed router too, where nothing reads it.
+        **({"router_aux_loss_coef": moe.aux_loss_coeff} if moe.router_type == "learned"
+           else {}),
         "router_bias": moe.router_type == "modality" or lm.add_bias_linear,
         **{key: getattr(moe, name) for key, name, _ in MOE_CONFIG_KEYS},
     }
@@ -178,6 +180,12 @@ def moe_config_from_hf(hf: dict) -> MoEConfig | None:
     if len(set(counts)) != 1:
         raise ConfigError(f"config.json moe.num_experts={counts}: one expert count for every "
                           "MoE layer is supported")
+    known = {key for key, _, _ in MOE_CONFIG_KEYS} | set(MOE_EXPORT_CONSTANTS) | {
+        "moe_mode", "moe_layers_idx", "num_experts", "router_bias"}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"config.json moe keys {unknown} are not understood by this "
+                          "converter; refusing to guess their meaning")
     if d.get("use_residual"):
         raise ConfigError("config.json moe.use_residual=True (Residual-MoE) is not supported")
     fields = {}

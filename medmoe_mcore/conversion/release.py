@@ -88,13 +88,14 @@ def release_config(cfg: ModelConfig, base: dict | None, image_token_index: int) 
     hf = hf_config_from_language(cfg.language, (base or {}).get("text_config"), cfg.moe,
                                  multimodal=True)
     builtin = (v.hidden_size, v.image_size, v.patch_size) == (1024, 336, 14)
+    # Descriptive keys an imported config had are kept as they were.
+    hf.setdefault("image_tower", "openai/clip-vit-large-patch14-336" if builtin else None)
+    hf.setdefault("image_aspect_ratio", "pad")
     hf.update(
         vision_config=clip_config_from_vision(v), mm_hidden_size=v.hidden_size,
         mm_vision_select_layer=feature_layer(v), mm_vision_select_feature="patch",
         mm_projector_type="mlp2x_gelu", mm_use_im_start_end=False, mm_use_im_patch_token=False,
-        image_tower="openai/clip-vit-large-patch14-336" if builtin else None,
-        image_aspect_ratio="pad", image_token_index=image_token_index,
-        torch_dtype=cfg.params_dtype)
+        image_token_index=image_token_index, torch_dtype=cfg.params_dtype)
     return hf
 
 
@@ -123,6 +124,17 @@ def write_processor(out: Path, cfg: ModelConfig, tokenizer_dir: Path) -> dict:
                    vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                    image_token=IMAGE_TOKEN, num_additional_image_tokens=1) \
         .save_pretrained(str(out))
+    image_processor.save_pretrained(str(out))  # preprocessor_config.json: transformers 4 too
+    tok_config = out / "tokenizer_config.json"
+    written = json.loads(tok_config.read_text())
+    # Written by transformers 5, read by 4 and 5: its generic fast tokenizer under the name
+    # both know, and the special-token list under the key both read.
+    if written.get("tokenizer_class") == "TokenizersBackend":
+        written["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(written.get("extra_special_tokens"), list):
+        written["additional_special_tokens"] = written.pop("extra_special_tokens")
+    written["model_input_names"] = ["input_ids", "attention_mask"]  # no token_type_ids
+    tok_config.write_text(json.dumps(written, indent=2) + "\n")
     eos = tok.convert_tokens_to_ids(EOS)
     return {"image_token_index": image_id, "eos_token_id": eos,
             "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos}

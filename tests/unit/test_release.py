@@ -1,0 +1,202 @@
+"""The release format (conversion/release.py) and what the authors' code reads: an authors'
+multimodal Med-MoE folder round trip, routing semantics, legacy config keys, refusals."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from medmoe_mcore import checkpointing
+from medmoe_mcore.config import ConfigError, MoEConfig
+from medmoe_mcore.conversion.common import read_hf_config
+from medmoe_mcore.conversion.hf_config import language_config_from_hf
+from medmoe_mcore.conversion.llava import import_multimodal
+from medmoe_mcore.conversion.release import export_release
+from medmoe_mcore.conversion.tables.vision import LAYOUTS, relayout
+from medmoe_mcore.models.medmoe import MedMoEModel
+from tests import tiny_hf
+from tests.demo_setup import make_workspace
+
+MOE_LAYERS = [0, 2]
+
+
+def _authors_moe(tmp_path, topk: int):
+    """A tiny Med-MoE folder as the authors' code writes it: their key names, their `moe`
+    dict only, legacy top-level rotary keys, no LM-head bias, no remote code."""
+    llava = tiny_hf.build_llava("phi", tmp_path / "llava")
+    clip = tiny_hf.build_clip(tmp_path / "clip")
+    out = tmp_path / "authors"
+    out.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for key, value in load_file(llava / "model.safetensors").items():
+        key = relayout(key, LAYOUTS["llava"], LAYOUTS["authors"])
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if layer is not None and int(layer) in MOE_LAYERS and ".mlp." in key:
+            for j in range(4):
+                tensors[key.replace(".mlp.", f".mlp.deepspeed_moe.experts.deepspeed_experts."
+                                    f"{j}.")] = value + 0.01 * torch.randn(value.shape, generator=g)
+            tensors[key.replace(".mlp.", ".mlp.meta_moe.")] = value.clone()
+        else:
+            tensors[key] = value
+    for layer in MOE_LAYERS:
+        gate = f"model.layers.{layer}.mlp.deepspeed_moe.gate.wg."
+        tensors[gate + "weight"] = torch.randn(4, 60, generator=g)
+        tensors[gate + "bias"] = torch.randn(4, generator=g)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    text = json.loads((llava / "config.json").read_text())["text_config"]
+    rope = text.pop("rope_parameters")
+    text.update(model_type="moe_llava_phi", architectures=["MoELLaVAPhiForCausalLM"],
+                partial_rotary_factor=rope["partial_rotary_factor"],
+                rope_theta=rope["rope_theta"], mm_vision_select_layer=-2,
+                mm_projector_type="mlp2x_gelu", mm_hidden_size=32, image_aspect_ratio="pad",
+                image_tower="openai/clip-vit-large-patch14-336", mm_use_im_start_end=False,
+                moe=dict(moe_enable=True, moe_mode="sparse", moe_layers_idx=MOE_LAYERS,
+                         ep_size=1, num_experts=[4, 4], top_k_experts=topk, capacity_factor=1.5,
+                         eval_capacity_factor=2.0, min_capacity=0, use_residual=False,
+                         router_aux_loss_coef=0.01, train_modules=["fc1", "fc2", "wg"]))
+    (out / "config.json").write_text(json.dumps(text))
+    return out, clip
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_authors_moe_folder_round_trip_is_bit_exact(tmp_path, single_rank, topk):
+    src, clip = _authors_moe(tmp_path, topk)
+    import_multimodal(src, tmp_path / "ckpt", vision_hf_dir=clip, show_progress=False)
+    cfg = checkpointing.read_config(tmp_path / "ckpt")
+    # The authors' top-2 renormalises its two weights, their top-1 does not.
+    assert cfg.moe.renormalize is (topk == 2) and cfg.moe.router_topk == topk
+    assert cfg.language.output_layer_bias is False and cfg.moe.meta_expert
+    export_release(tmp_path / "ckpt", tmp_path / "out", show_progress=False,
+                   tokenizer_dir=_hf_tokenizer(tmp_path))
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    theirs = json.loads((src / "config.json").read_text())
+    ours = json.loads((tmp_path / "out" / "config.json").read_text())
+    for key, value in theirs.items():
+        if key == "moe":
+            for k, v in value.items():
+                assert ours["moe"][k] == v, (k, ours["moe"][k], v)
+        # Ours names our class (auto_map); token ids follow the release's tokenizer.
+        elif key not in ("architectures", "eos_token_id", "pad_token_id", "bos_token_id"):
+            assert ours[key] == value, (key, ours[key], value)
+    assert ours["moe"]["renormalize"] is (topk == 2)
+
+
+def _hf_tokenizer(tmp_path):
+    from medmoe_mcore.data.tokenizer import train_bpe
+
+    train_bpe(["a chest x-ray", "an axial slice"] * 20, tmp_path / "tok", vocab_size=300)
+    return tmp_path / "tok"
+
+
+def test_renormalisation_is_computed_as_configured(tmp_path, single_rank):
+    """HF (our remote class) and Megatron logits agree on an authors' top-2 folder; flipping
+    the HF side's renormalisation changes them (so the check can fail)."""
+    from medmoe_mcore.hf.modeling_medmoe import MedMoePhiForCausalLM
+
+    src, clip = _authors_moe(tmp_path, 2)
+    import_multimodal(src, tmp_path / "ckpt", vision_hf_dir=clip, show_progress=False)
+    cfg = checkpointing.read_config(tmp_path / "ckpt")
+    export_release(tmp_path / "ckpt", tmp_path / "out", show_progress=False,
+                   tokenizer_dir=_hf_tokenizer(tmp_path))
+    model = MedMoEModel(cfg, parallel_output=False)
+    checkpointing.load_into(model, tmp_path / "ckpt")
+    hf = MedMoePhiForCausalLM.from_pretrained(tmp_path / "out").eval()
+    image_id = hf.config.image_token_index
+    v = cfg.vision
+    images = torch.randn(1, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(1))
+    text = [5, 9, 13]
+    with torch.no_grad():
+        ours = model.eval()(torch.tensor([[text[0], v.image_token_id, *text[1:]]]),
+                            images)[0, :, :cfg.language.vocab_size]
+        ids = torch.tensor([[text[0], *[image_id] * v.num_patches, *text[1:]]])
+        ref = hf(input_ids=ids, pixel_values=images).logits[0]
+        assert (ours - ref).abs().max() < 1e-4
+        for layer in MOE_LAYERS:
+            hf.model.layers[layer].mlp.renormalize = False
+        flipped = hf(input_ids=ids, pixel_values=images).logits[0]
+        assert (ours - flipped).abs().max() > 1e-3
+
+
+def test_legacy_config_keys_read_and_written(tmp_path, single_rank):
+    folder = tiny_hf.build("stablelm", tmp_path / "slm")
+    raw = json.loads((folder / "config.json").read_text())
+    for modern in ("rope_parameters", "layer_norm_eps"):
+        raw.pop(modern, None)
+    raw.update(rope_pct=0.5, norm_eps=1e-6, rope_theta=10000)  # the authors' stablelm_epoch
+    (folder / "config.json").write_text(json.dumps(raw))
+    lm = language_config_from_hf(read_hf_config(folder))
+    assert lm.rotary_percent == 0.5 and lm.layernorm_epsilon == 1e-6
+    raw["rope_parameters"] = {"rope_type": "default", "partial_rotary_factor": 0.25,
+                              "rope_theta": 10000}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="rope_pct=0.5 disagrees"):
+        read_hf_config(folder)
+
+
+def test_release_config_carries_what_the_authors_code_reads(tmp_path, single_rank):
+    ws = make_workspace(tmp_path / "ws")
+    export_release(ws["init"], tmp_path / "out", show_progress=False)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    model = checkpointing.read_config(ws["init"])
+    assert cfg["model_type"] == "llava_phi" and cfg["torch_dtype"] == "float32"
+    assert cfg["partial_rotary_factor"] == model.language.rotary_percent
+    assert cfg["rope_theta"] == model.language.rotary_base
+    assert cfg["layer_norm_eps"] == model.language.layernorm_epsilon
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_medmoe.LlavaPhiForCausalLM"
+    assert {"chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+            "tokenizer.json", "tokenizer_config.json", "configuration_medmoe.py",
+            "modeling_medmoe.py", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(routing_granularity="sample"), "moe.routing_granularity"),
+    (dict(meta_expert=False), "moe.meta_expert"),
+    (dict(router_topk=2, renormalize=False), "moe.renormalize"),
+    (dict(router_topk=1, renormalize=True), "moe.renormalize"),
+    (dict(router_topk=3, renormalize=True), "moe.router_topk"),
+    (None, "language.output_layer_bias"),
+])
+def test_exports_the_authors_code_would_compute_differently_are_refused(
+        tmp_path, single_rank, change, field):
+    ws = make_workspace(tmp_path / "ws")
+    cfg = checkpointing.read_config(ws["init"])
+    if change is None:
+        cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
+                                                                    output_layer_bias=True))
+    else:
+        cfg = dataclasses.replace(cfg, moe=MoEConfig(**change))
+    checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg,
+                       extra_dirs={checkpointing.TOKENIZER: ws["tokenizer"]})
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        export_release(tmp_path / "m", tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+    export_release(tmp_path / "m", tmp_path / "out", accept_divergence=True,
+                   show_progress=False)
+    assert field in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_unknown_config_keys_are_refused(tmp_path, single_rank):
+    folder = tiny_hf.build("phi", tmp_path / "phi")
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "sliding_window_size": 64}))
+    with pytest.raises(ConfigError, match="sliding_window_size"):
+        read_hf_config(folder)
+    src, _ = _authors_moe(tmp_path, 2)
+    raw = json.loads((src / "config.json").read_text())
+    raw["moe"]["expert_choice"] = True
+    (src / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="expert_choice"):
+        import_multimodal(src, tmp_path / "ckpt", vision_hf_dir=tmp_path / "clip",
+                          show_progress=False)
+
+
+def test_upcycling_top2_follows_the_authors():
+    assert MoEConfig.from_choices({"router_topk": 2}).renormalize is True
+    assert MoEConfig.from_choices({}).renormalize is False
+    assert MoEConfig.from_choices({"router_topk": 2, "renormalize": False}).renormalize is False
