@@ -5,7 +5,6 @@ MEDMOE_OTHER_TRANSFORMERS_PYTHON to a Python whose transformers is the other end
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
