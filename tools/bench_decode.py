@@ -27,6 +27,8 @@ def main(argv=None):
     p.add_argument("--max-position-embeddings", type=int, default=None,
                    help="raise the flavor's limit to reach the largest position")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also report the share of a decode step the device is busy (CUDA)")
     args = p.parse_args(argv)
 
     import dataclasses
@@ -67,6 +69,13 @@ def main(argv=None):
                     sync()
                     times.append(time.perf_counter() - start)
             per_position[position] = statistics.median(times) * 1e3
+            if args.profile and dev.type == "cuda" and position == args.positions[0]:
+                busy = _device_busy_share(decoder, embeds[position:position + 1],
+                                          per_position[position])
+        if args.profile and dev.type == "cuda":
+            print(json.dumps({"batch": batch, "position": args.positions[0],
+                              "device_busy_share": round(busy[0], 3),
+                              "kernels_per_step": busy[1]}), flush=True)
         ms = statistics.mean(per_position.values())
         print(json.dumps({"flavor": args.flavor, "device": str(dev), "dtype": cfg.params_dtype,
                           "experts": args.num_experts, "topk": args.moe_router_topk,
@@ -75,6 +84,20 @@ def main(argv=None):
                           "tokens_per_s": round(batch * 1e3 / ms, 1),
                           "threads": torch.get_num_threads()}), flush=True)
     return 0
+
+
+def _device_busy_share(decoder, step_input, step_ms: float) -> tuple[float, int]:
+    """(kernel time / wall time, kernel launches) of one decode step, from torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.context.sequence_len_offset -= 1  # re-run the last position (same cache slot)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.forward(step_input)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_ms = sum(e.device_time for e in kernels) / 1e3
+    return busy_ms / step_ms, len(kernels)
 
 
 if __name__ == "__main__":
