@@ -71,7 +71,8 @@ def main(argv=None):
     samples, names, skipped = router_samples(_records(args), Tokenizer(tok_dir), cfg)
     if skipped:
         print(f"skipped records: {dict(skipped)}")
-    model = build_model(cfg, perform_initialization=False, parallel_output=False)
+    model = build_model(cfg, perform_initialization=False, parallel_output=False) \
+        .to(parallel.device())  # a few Megatron parameters are made on the CPU
     checkpointing.load_into(model, folder)
     try:
         router, report = train_router(model, samples, names, recipe)

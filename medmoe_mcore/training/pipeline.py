@@ -22,7 +22,7 @@ from medmoe_mcore.flavors import LANGUAGE_FLAVORS, medmoe_language, vision_flavo
 from medmoe_mcore.models.medmoe import MedMoEModel, build_model
 from medmoe_mcore.router import file as router_file
 from medmoe_mcore.router.training import RouterRecipe, router_samples, train_router
-from medmoe_mcore.runtime.parallel import log
+from medmoe_mcore.runtime.parallel import device, log
 from medmoe_mcore.training.config import TrainConfig
 
 DEMO_TRAIN_ITERS = 200  # per stage
@@ -102,7 +102,7 @@ def train_demo_router(stage2, router_shards, out, tok) -> float:
     writes the file). Returns the held-out accuracy."""
     recipe = RouterRecipe()
     cfg = checkpointing.read_config(stage2, ParallelConfig())
-    model = build_model(cfg)
+    model = build_model(cfg).to(device())  # a few Megatron parameters are made on the CPU
     checkpointing.load_into(model, stage2)
     samples, names, skipped = router_samples(read_shards(shard_paths(router_shards)), tok, cfg)
     if skipped:
