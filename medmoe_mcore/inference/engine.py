@@ -63,18 +63,21 @@ def _cast_except_router(model, dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def _choose(logits: torch.Tensor, gen: GenerationConfig, generators) -> torch.Tensor:
-    """[b, vocab] float32 logits -> [b] next tokens (greedy, or temperature + top-p sampled
-    on CPU with each sample's own generator, so every rank draws the same token)."""
-    if gen.temperature == 0:
-        return logits.argmax(dim=-1)
+def _choose(logits: torch.Tensor, gen: GenerationConfig, generators, drawing) -> torch.Tensor:
+    """[b, vocab] float32 logits -> [b] next tokens: greedy, or temperature + top-p sampled on
+    CPU with each sample's own generator (every rank draws the same token). Only samples in
+    `drawing` draw, so a sample's random stream does not depend on its batch."""
+    tokens = logits.argmax(dim=-1)
+    if gen.temperature == 0 or not any(drawing):
+        return tokens
     probs = torch.softmax(logits.float().cpu() / gen.temperature, dim=-1)
     if gen.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= gen.top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
-    return torch.cat(picks).to(logits.device)
+    for i in (i for i, on in enumerate(drawing) if on):
+        tokens[i] = torch.multinomial(probs[i], 1, generator=generators[i]).item()
+    return tokens
 
 
 class KVCacheDecoder:
@@ -137,9 +140,10 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     while True:
-        tokens = _choose(logits, gen, generators)
+        drawing = [position >= lengths[i] and not done[i] for i in range(b)]
+        tokens = _choose(logits, gen, generators, drawing)
         for i in range(b):
-            if position >= lengths[i] and not done[i]:
+            if drawing[i]:
                 out[i].append(int(tokens[i]))
                 done[i] = int(tokens[i]) == eos_id or len(out[i]) == gen.max_new_tokens
         if not _anyone_running(not all(done), dev):

@@ -200,3 +200,34 @@ def test_upcycling_top2_follows_the_authors():
     assert MoEConfig.from_choices({"router_topk": 2}).renormalize is True
     assert MoEConfig.from_choices({}).renormalize is False
     assert MoEConfig.from_choices({"router_topk": 2, "renormalize": False}).renormalize is False
+
+
+def test_llava_format_needs_an_explicit_lm_head_bias_choice(tmp_path, single_rank):
+    from medmoe_mcore.conversion.llava import export_llava
+
+    ws = make_workspace(tmp_path / "ws")
+    cfg = checkpointing.read_config(ws["init"])
+    biased = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
+                                                                   output_layer_bias=True))
+    checkpointing.save(MedMoEModel(biased).sharded_state_dict(), tmp_path / "b", biased)
+    with pytest.raises(ConfigError, match="--drop-lm-head-bias"):
+        export_llava(tmp_path / "b", tmp_path / "out", show_progress=False)
+    export_llava(tmp_path / "b", tmp_path / "out", show_progress=False, drop_lm_head_bias=True)
+    keys = load_file(tmp_path / "out" / "model.safetensors")
+    assert not any(k.endswith("lm_head.bias") for k in keys)
+    moe = dataclasses.replace(cfg, moe=MoEConfig())
+    checkpointing.save(MedMoEModel(moe).sharded_state_dict(), tmp_path / "m", moe)
+    with pytest.raises(ConfigError, match="--format medmoe"):
+        export_llava(tmp_path / "m", tmp_path / "out2", show_progress=False)
+
+
+def test_generate_tool_checks_its_inputs_before_any_model(tmp_path, capsys):
+    from tools.generate import main
+
+    assert main(["--load", str(tmp_path), "--question", "What is it?"]) == 2
+    assert "--question needs --image" in capsys.readouterr().err
+    assert main(["--load", str(tmp_path), "--question", "q", "--image", "nope.png"]) == 2
+    assert "--image nope.png: not found" in capsys.readouterr().err
+    assert main(["--load", str(tmp_path), "--question", "q", "--image", "x",
+                 "--temperature", "0", "--top-p", "0.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
