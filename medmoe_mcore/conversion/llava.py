@@ -235,31 +235,22 @@ def _expected_llava_keys(hf_cfg: dict, layout: Layout) -> set[str]:
     return {relayout(k, LAYOUTS["llava-modular"], layout) for k in model.state_dict()}
 
 
-def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
-                 max_shard_bytes: int = 2 << 30, drop_lm_head_bias: bool = False) -> Path:
-    """Megatron multimodal checkpoint -> HF LlavaForConditionalGeneration folder (dense only;
-    an LM-head bias is dropped only when asked)."""
-    folder = checkpointing.resolve(load_root)
-    cfg = checkpointing.read_config(folder, ParallelConfig())
-    base = folder / checkpointing.HF_CONFIG
+def kept_aside(folder: Path, cfg: ModelConfig) -> dict:
+    """The CLIP tensors an HF import kept aside; for a model never imported, only the layers
+    that run are written (`cfg` is changed so) plus an identity post_layernorm (never run)."""
     aside_file = folder / PASSTHROUGH / PASSTHROUGH_FILE
-    aside = load_file(str(aside_file)) if aside_file.exists() else {}
-    if not aside and (cfg.vision.source_num_layers or 0) > cfg.vision.num_layers:
-        # Nothing kept aside (not imported from HF): write only the layers that run.
-        cfg.vision.source_num_layers = None
-    hf_cfg = llava_config(cfg, json.loads(base.read_text()) if base.exists() else None,
-                          drop_lm_head_bias)
-    if not aside:
-        h = cfg.vision.hidden_size  # identity post_layernorm: LLaVA never runs it
-        aside = {"post_layernorm.weight": torch.ones(h, dtype=DTYPES[cfg.params_dtype]),
-                 "post_layernorm.bias": torch.zeros(h, dtype=DTYPES[cfg.params_dtype])}
-    layout = LAYOUTS["llava"]
-    model = conversion_model(cfg)
-    checkpointing.load_into(model, folder)
-    state = weights(model)
-    if drop_lm_head_bias:
-        state.pop("language_model.output_layer.bias", None)
-    expected = _expected_llava_keys(hf_cfg, layout) - {layout.vision + k for k in aside}
+    if aside_file.exists():
+        return load_file(str(aside_file))
+    cfg.vision.source_num_layers = None
+    h, dtype = cfg.vision.hidden_size, DTYPES[cfg.params_dtype]
+    return {"post_layernorm.weight": torch.ones(h, dtype=dtype),
+            "post_layernorm.bias": torch.zeros(h, dtype=dtype)}
+
+
+def write_weights(out: Path, state: dict, cfg: ModelConfig, layout: Layout, expected: set,
+                  aside: dict, desc: str, show_progress: bool, max_shard_bytes: int) -> None:
+    """The model's tensors in `layout` (every expected key, nothing else) + those kept aside."""
+    expected = expected - {layout.vision + k for k in aside}
     groups = plan(multimodal_table(cfg, layout), state.keys(), expected, to_megatron=False)
 
     def tensors():
@@ -267,12 +258,31 @@ def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
         for key, tensor in aside.items():
             yield layout.vision + key, tensor
 
+    bar = progress(sum(len(g.targets) for g in groups) + len(aside), desc, show_progress)
+    write_sharded(tensors(), out, max_shard_bytes=max_shard_bytes,
+                  progress=lambda _: bar.update())
+    bar.close()
+
+
+def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
+                 max_shard_bytes: int = 2 << 30, drop_lm_head_bias: bool = False) -> Path:
+    """Megatron multimodal checkpoint -> HF LlavaForConditionalGeneration folder (dense only;
+    an LM-head bias is dropped only when asked)."""
+    folder = checkpointing.resolve(load_root)
+    cfg = checkpointing.read_config(folder, ParallelConfig())
+    base = folder / checkpointing.HF_CONFIG
+    aside = kept_aside(folder, cfg)
+    hf_cfg = llava_config(cfg, json.loads(base.read_text()) if base.exists() else None,
+                          drop_lm_head_bias)
+    layout = LAYOUTS["llava"]
+    model = conversion_model(cfg)
+    checkpointing.load_into(model, folder)
+    state = weights(model)
+    if drop_lm_head_bias:
+        state.pop("language_model.output_layer.bias", None)
     with AtomicDir(hf_dir, overwrite=overwrite) as out:
-        bar = progress(sum(len(g.targets) for g in groups) + len(aside), "Megatron -> LLaVA",
-                        show_progress)
-        write_sharded(tensors(), out, max_shard_bytes=max_shard_bytes,
-                      progress=lambda _: bar.update())
-        bar.close()
+        write_weights(out, state, cfg, layout, _expected_llava_keys(hf_cfg, layout), aside,
+                      "Megatron -> LLaVA", show_progress, max_shard_bytes)
         from transformers import LlavaConfig
 
         LlavaConfig(**{k: v for k, v in hf_cfg.items() if k != "model_type"}) \

@@ -19,24 +19,20 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from medmoe_mcore import checkpointing
 from medmoe_mcore import hf as hf_classes
-from medmoe_mcore.checkpointing import PASSTHROUGH
 from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
 from medmoe_mcore.conventions import EOS, IMAGE_TOKEN, SYSTEM_PROMPT
-from medmoe_mcore.conversion.common import conversion_model, progress, weights
-from medmoe_mcore.conversion.engine import convert, plan
+from medmoe_mcore.conversion.common import conversion_model, weights
 from medmoe_mcore.conversion.hf_config import hf_config_from_language
-from medmoe_mcore.conversion.llava import PASSTHROUGH_FILE, multimodal_table
-from medmoe_mcore.conversion.safetensors_io import AtomicDir, write_sharded
+from medmoe_mcore.conversion.llava import kept_aside, write_weights
+from medmoe_mcore.conversion.safetensors_io import AtomicDir
 from medmoe_mcore.conversion.tables.vision import (
     LAYOUTS,
     clip_config_from_vision,
     feature_layer,
 )
-from medmoe_mcore.models.transformer_config import DTYPES
 
 # The phi / stablelm conversation format (conventions.py) as a chat template: messages with
 # string content or processor-style [{"type": "image"}, {"type": "text", ...}] lists.
@@ -175,37 +171,17 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
         raise ConfigError("the authors' MoE-LLaVA code would compute this model differently: "
                           + "; ".join(divergences) + " (pass --accept-authors-divergence to "
                           "export anyway; the folder's README.md then says so)")
-    aside_file = folder / PASSTHROUGH / PASSTHROUGH_FILE
-    aside = load_file(str(aside_file)) if aside_file.exists() else {}
-    if not aside:  # nothing kept from an HF import: write the layers that run
-        cfg.vision.source_num_layers = None
-        h = cfg.vision.hidden_size  # an identity post_layernorm (never run)
-        aside = {"post_layernorm.weight": torch.ones(h, dtype=DTYPES[cfg.params_dtype]),
-                 "post_layernorm.bias": torch.zeros(h, dtype=DTYPES[cfg.params_dtype])}
+    aside = kept_aside(folder, cfg)
     base = folder / checkpointing.HF_CONFIG
     base_cfg = json.loads(base.read_text()) if base.exists() else None
-    layout = LAYOUTS["authors"]
     model = conversion_model(cfg)
     checkpointing.load_into(model, folder)
-    state = weights(model)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else folder / checkpointing.TOKENIZER
     hf_cfg = release_config(cfg, base_cfg, cfg.vision.image_token_id)
-    expected = _expected_keys(hf_cfg) - {layout.vision + k for k in aside}
-    groups = plan(multimodal_table(cfg, layout), state.keys(), expected, to_megatron=False)
-
-    def tensors():
-        yield from convert(groups, state.__getitem__, None, to_megatron=False)
-        for key, tensor in aside.items():
-            yield layout.vision + key, tensor
-
     with AtomicDir(hf_dir, overwrite=overwrite) as out:
-        token_ids = write_processor(out, cfg, tokenizer_dir)
-        bar = progress(sum(len(g.targets) for g in groups) + len(aside), "Megatron -> release",
-                       show_progress)
-        write_sharded(tensors(), out, max_shard_bytes=max_shard_bytes,
-                      progress=lambda _: bar.update())
-        bar.close()
-        hf_cfg.update(token_ids)
+        hf_cfg.update(write_processor(out, cfg, tokenizer_dir))
+        write_weights(out, weights(model), cfg, LAYOUTS["authors"], _expected_keys(hf_cfg),
+                      aside, "Megatron -> release", show_progress, max_shard_bytes)
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         for path in hf_classes.REMOTE_CODE_FILES:
             shutil.copy(path, out / path.name)
