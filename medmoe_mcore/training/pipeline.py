@@ -89,8 +89,11 @@ def summarise(losses: dict, accuracy: Optional[float], pipe: PipelineConfig, rou
             f"({'falls' if last < first else 'DOES NOT FALL'})")
     if accuracy is not None:
         log(f"router held-out accuracy: {accuracy:.3f} (chance {1 / 4:.3f})")
-    log(f"checkpoints: {Path(pipe.work_dir) / 'checkpoints'}/stage1, stage2, stage3_init, "
-        f"stage3; router: {router_path}")
+    checkpoints = Path(pipe.work_dir) / "checkpoints"
+    log(f"checkpoints: {checkpoints}/stage1, stage2, stage3_init, stage3; router: {router_path}")
+    log(f"ask it: python tools/generate.py --load {checkpoints / 'stage3'} --image IMAGE "
+        f"--question TEXT; release it: python tools/convert_mcore_to_hf.py --load "
+        f"{checkpoints / 'stage3'} --hf-dir RELEASE_DIR")
     log(f"total time: {seconds:.0f} s")
     result = {**losses, "router_accuracy": accuracy}
     log(json.dumps(result))

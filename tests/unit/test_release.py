@@ -231,3 +231,23 @@ def test_generate_tool_checks_its_inputs_before_any_model(tmp_path, capsys):
     assert main(["--load", str(tmp_path), "--question", "q", "--image", "x",
                  "--temperature", "0", "--top-p", "0.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_release_imports_back_and_answers_through_generate_tool(tmp_path, single_rank, capsys):
+    from tools.generate import main
+    from tests.release_setup import write_questions
+
+    ws = make_workspace(tmp_path / "ws")
+    export_release(ws["init"], tmp_path / "out", show_progress=False)
+    import_multimodal(tmp_path / "out", tmp_path / "back", show_progress=False)
+    export_release(tmp_path / "back", tmp_path / "again", show_progress=False)
+    a = load_file(tmp_path / "out" / "model.safetensors")
+    b = load_file(tmp_path / "again" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    questions = write_questions(tmp_path / "q")
+    assert main(["--load", str(ws["init"]), "--questions", str(questions),
+                 "--max-new-tokens", "4"]) == 0
+    from_checkpoint = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert main(["--hf-dir", str(tmp_path / "out"), "--questions", str(questions),
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-3:] == from_checkpoint
