@@ -192,9 +192,11 @@ class MoEConfig:
     routing_granularity: Literal["token", "sample"] = option(
         "token", "route each token, or each sample by its mean hidden state",
         flag="--moe-routing-granularity")
-    renormalize: bool = option(False, "renormalise the chosen top-k probabilities to sum to 1 "
-                               "(default: on for top-2, as the authors' code, off for top-1)",
-                               flag="--moe-router-renormalize")
+    # None: the authors' rule, resolved on construction (their top-2 renormalises its two
+    # weights, their top-1 takes the raw probability).
+    renormalize: Optional[bool] = option(
+        None, "renormalise the chosen top-k probabilities to sum to 1 (default: on for top-2, "
+        "as the authors' code, off for top-1)", flag="--moe-router-renormalize")
     aux_loss_coeff: float = option(0.0, "load-balancing loss coefficient, learned router only "
                                    "(default 0.01 for it, as MoE-LLaVA)",
                                    flag="--moe-aux-loss-coeff")
@@ -210,10 +212,12 @@ class MoEConfig:
         """The fields a user chose; the others default by router type (MoE-LLaVA's settings
         for the learned router: top-2 renormalised, aux loss 0.01) and top-k (the authors'
         top-2 renormalises its two weights, their top-1 takes the raw probability)."""
-        defaults = dict(LEARNED_ROUTER_DEFAULTS) if chosen.get("router_type") == "learned" \
-            else {}
-        defaults["renormalize"] = chosen.get("router_topk", defaults.get("router_topk", 1)) == 2
+        defaults = LEARNED_ROUTER_DEFAULTS if chosen.get("router_type") == "learned" else {}
         return cls(**{**defaults, **chosen})
+
+    def __post_init__(self):
+        if self.renormalize is None:
+            self.renormalize = self.router_topk == 2
 
     def moe_layers(self, num_layers: int) -> list[bool]:
         if isinstance(self.layer_freq, int):

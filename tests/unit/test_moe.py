@@ -71,7 +71,8 @@ def _dense_checkpoint(root, flavor):
 
 @pytest.mark.parametrize("flavor,topk", [("tiny", 2), ("tiny_stablelm", 1)])
 def test_upcycled_moe_layer_is_scaled_dense_ffn(tmp_path, single_rank, flavor, topk):
-    """Right after upcycling: MoE layer output == (1 + sum of chosen G_i) * FFN(x)."""
+    """Right after upcycling: MoE layer output == (1 + sum of chosen G_i) * FFN(x); top-2
+    renormalises by default (the authors' rule), so there the sum is 1."""
     from medmoe_mcore.models.language import LanguageModel
     from medmoe_mcore.conversion.upcycle import upcycle
 
@@ -83,6 +84,7 @@ def test_upcycled_moe_layer_is_scaled_dense_ffn(tmp_path, single_rank, flavor, t
             tmp_path / "router.safetensors")
     cfg = checkpointing.read_config(tmp_path / "moe").validate()
     assert cfg.moe.modalities == router.modalities
+    assert cfg.moe.renormalize is (topk == 2)
     moe = LanguageModel(cfg)
     checkpointing.load_into(moe, tmp_path / "moe")
     x = torch.randn(8, 2, lm.hidden_size)
@@ -96,6 +98,8 @@ def test_upcycled_moe_layer_is_scaled_dense_ffn(tmp_path, single_rank, flavor, t
                 continue
             g = torch.softmax(x.reshape(-1, lm.hidden_size) @ router.weight.T + router.bias, -1)
             chosen = g.topk(topk, dim=-1).values.sum(-1).reshape(8, 2, 1)
+            if cfg.moe.renormalize:
+                chosen = torch.ones_like(chosen)
             assert torch.allclose(got, (1 + chosen) * ffn, atol=1e-5)
 
 

@@ -251,3 +251,31 @@ def test_release_imports_back_and_answers_through_generate_tool(tmp_path, single
     assert main(["--hf-dir", str(tmp_path / "out"), "--questions", str(questions),
                  "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-3:] == from_checkpoint
+
+
+def test_stablelm_release_answers_like_megatron(tmp_path, single_rank):
+    """The StableLM family end to end: legacy keys of their `stablelm_epoch` config written,
+    our classes answer as the Megatron engine does (Med-MoE, top-2)."""
+    from medmoe_mcore.config import ModelConfig, ParallelConfig
+    from medmoe_mcore.data.tokenizer import Tokenizer
+    from medmoe_mcore.flavors import medmoe_language, vision_flavor
+    from medmoe_mcore.inference.config import GenerationConfig
+    from medmoe_mcore.inference.engine import load_for_inference
+    from medmoe_mcore.inference.questions import answer, read_questions
+    from tests.release_setup import hf_answers, write_questions
+
+    ws = make_workspace(tmp_path / "ws")
+    tok = Tokenizer(ws["tokenizer"])
+    cfg = ModelConfig(language=medmoe_language("tiny_stablelm"), moe=MoEConfig(router_topk=2),
+                      vision=vision_flavor("tiny_stablelm", tok.image_token_id))
+    torch.manual_seed(0)
+    checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg,
+                       extra_dirs={checkpointing.TOKENIZER: ws["tokenizer"]})
+    export_release(tmp_path / "m", tmp_path / "out", show_progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "moe_llava_stablelm" and written["moe"]["renormalize"]
+    assert (written["rope_pct"], written["norm_eps"]) == (0.25, 1e-5)
+    questions = write_questions(tmp_path / "q")
+    model, _ = load_for_inference(tmp_path / "m", ParallelConfig())
+    ours = answer(model, read_questions(questions), tok, GenerationConfig(max_new_tokens=8))
+    assert [a["tokens"] for a in ours] == hf_answers(tmp_path / "out", questions, 8)
