@@ -1,0 +1,96 @@
+"""The Med-VQA metrics pinned on hand-computed examples (LLaVA-Med's definitions), and
+scoring joined by id."""
+
+import json
+
+import pytest
+
+from medmoe_mcore.config import ConfigError
+from medmoe_mcore.eval.metrics import closed_scores, open_scores
+from medmoe_mcore.eval.normalize import normalize_answer
+from medmoe_mcore.eval.scoring import gold_items, join, prediction_items, score
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("The Left Lung.", "left lung"),            # articles, case, final period
+    ("two nodules", "2 nodules"),               # number words
+    ("none", "0"),
+    ("it isnt", "it isn't"),                    # contractions
+    ("left-sided, (small)", "left sided small"),  # marks not touching a space -> space
+    ("right , left", "right left"),              # "," touching a space: deleted everywhere
+    ("1,000 cells", "1000 cells"),               # a digit comma digit: marks deleted
+    ("3.5 cm.", "3.5 cm"),                       # a decimal point stays
+    ("", ""),
+])
+def test_normalisation(text, expected):
+    assert normalize_answer(text) == expected
+
+
+def test_open_scores_by_hand():
+    s = open_scores("left lung", "The left lung")
+    assert (s["recall"], s["precision"], s["f1"], s["exact_match"]) == (1.0, 1.0, 1.0, 1.0)
+    s = open_scores("left upper lobe", "left lobe of the lung")  # pred words: left lobe of lung
+    assert s["precision"] == pytest.approx(2 / 4) and s["recall"] == pytest.approx(2 / 3)
+    assert s["f1"] == pytest.approx(2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3))
+    assert s["exact_match"] == pytest.approx(2 / 4)  # reference words found / prediction words
+    assert s["bleu_1"] == pytest.approx(0.5)  # 2 of 4 unigrams, no brevity penalty (4 > 3)
+    empty = open_scores("two", "")
+    assert all(v == 0.0 for v in empty.values())
+    assert open_scores("two", "2")["recall"] == 1.0
+
+
+def test_closed_scores_substring_and_strict():
+    assert closed_scores("yes", "Yes, it is.") == {"correct": 1.0, "strict": 1.0}
+    assert closed_scores("no", "no, yes") == {"correct": 1.0, "strict": 0.0}
+    assert closed_scores("yes", "no, yes") == {"correct": 1.0, "strict": 0.0}
+    assert closed_scores("no", "yes") == {"correct": 0.0, "strict": 0.0}
+    assert closed_scores("liver", "the liver") == {"correct": 1.0, "strict": 1.0}
+    assert closed_scores("liver", "liver and spleen")["strict"] == 0.0
+
+
+def _files(tmp_path, predictions):
+    gold = [{"id": i, "conversations": [{"from": "human", "value": "q"},
+                                        {"from": "gpt", "value": a}],
+             "answer_type": t, "modality": m}
+            for i, a, t, m in ((1, "yes", "CLOSED", "CT"), (2, "left lung", "OPEN", "CT"),
+                               (3, "no", "close", "MRI"), (4, "two", "open", "MRI"))]
+    (tmp_path / "gold.json").write_text(json.dumps(gold))
+    (tmp_path / "pred.jsonl").write_text("\n".join(json.dumps(p) for p in predictions))
+    return gold_items(tmp_path / "gold.json"), prediction_items(tmp_path / "pred.jsonl")
+
+
+PREDICTIONS = [{"question_id": 1, "text": "Yes"}, {"question_id": 2, "text": "the left lung"},
+               {"question_id": 3, "text": "yes"}, {"question_id": 4, "text": "2"}]
+
+
+def test_scores_are_joined_by_id_not_by_order(tmp_path):
+    ordered = score(join(*_files(tmp_path, PREDICTIONS))[0])
+    shuffled = score(join(*_files(tmp_path, PREDICTIONS[::-1]))[0])
+    assert ordered == shuffled
+    assert ordered["closed_accuracy"] == 50.0 and ordered["open_recall"] == 100.0
+    assert (ordered["num_open"], ordered["num_closed"]) == (2, 2)
+    assert ordered["per_dataset"]["gold"]["closed_accuracy"] == 50.0
+
+
+def test_missing_duplicate_and_unknown_ids_are_named(tmp_path):
+    gold, preds = _files(tmp_path, PREDICTIONS[:3])
+    with pytest.raises(ConfigError, match=r"no prediction for ids \['4'\]"):
+        join(gold, preds)
+    joined, missing = join(gold, preds, allow_missing=True)
+    assert missing == ["4"] and len(joined) == 3
+    with pytest.raises(ConfigError, match=r"not in the gold file: \['9'\]"):
+        join(*_files(tmp_path, PREDICTIONS + [{"question_id": 9, "text": "x"}]))
+    with pytest.raises(ConfigError, match=r"duplicate ids \['1'\]"):
+        _files(tmp_path, PREDICTIONS + [{"question_id": 1, "text": "x"}])
+
+
+def test_score_tool_prints_the_figures_last(tmp_path, capsys):
+    from tools.evaluate import main
+
+    _files(tmp_path, PREDICTIONS)
+    assert main(["score", "--gold", str(tmp_path / "gold.json"), "--predictions",
+                 str(tmp_path / "pred.jsonl"), "--report", str(tmp_path / "r.json")]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"closed_accuracy", "open_recall", "open_f1", "open_exact_match", "bleu_1",
+            "bleu_2", "bleu_3", "num_closed", "num_open", "per_dataset"} <= set(last)
+    assert json.loads((tmp_path / "r.json").read_text())["groups"]
