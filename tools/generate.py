@@ -27,7 +27,9 @@ def parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--load", help="Megatron checkpoint (any stage) root or iteration folder")
     source.add_argument("--hf-dir", help="an HF release folder (tools/convert_mcore_to_hf.py), "
-                                         "converted on the fly into a temporary checkpoint")
+                                         "converted on the fly into a temporary checkpoint "
+                                         "(every rank must see $TMPDIR: one node, or a "
+                                         "shared filesystem)")
     asked = p.add_mutually_exclusive_group(required=True)
     asked.add_argument("--question", help="one question (with --image)")
     asked.add_argument("--questions", help="JSON lines: question/text, image, optional id")
