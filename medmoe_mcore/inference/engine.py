@@ -98,10 +98,6 @@ class KVCacheDecoder:
         self.context.sequence_len_offset += decoder_input.shape[0]
         return logits[:, -1, :self.vocab].float()
 
-    @property
-    def position(self) -> int:
-        return self.context.sequence_len_offset
-
 
 @torch.inference_mode()
 def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor | None,
@@ -133,10 +129,8 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
     decoder = KVCacheDecoder(model, b, min(lengths) + steps + 1)
     sample_ids = list(range(b)) if sample_ids is None else sample_ids
     generators = [torch.Generator().manual_seed(gen.seed + i) for i in sample_ids]
-    step = decoder.forward
-
     position = min(lengths)
-    logits = step(embeds[:position])
+    logits = decoder.forward(embeds[:position])
     out: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     while True:
@@ -154,7 +148,7 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
         if position < embeds.shape[0]:
             next_input = torch.where(in_prompt.view(1, b, 1), embeds[position:position + 1],
                                      next_input)
-        logits = step(next_input)
+        logits = decoder.forward(next_input)
         position += 1
 
 
