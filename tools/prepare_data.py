@@ -37,7 +37,8 @@ def medmnist_records(path, split, label_names, modality):
         Image.fromarray(image).save(buf, format="PNG")
         blobs[name] = buf.getvalue()
         records.append({"id": f"{Path(path).stem}-{split}-{i}", "image": name,
-                        "modality": modality, "answer_type": "CLOSED", "conversations": [
+                        "modality": modality, "answer_type": "CLOSED",
+                        "labels": list(label_names), "conversations": [
                             {"from": "human", "value": f"<image>\nWhich class does this image "
                                                         f"show? Options: {options}."},
                             {"from": "gpt", "value": label_names[int(label)]}]})

@@ -3,7 +3,9 @@ question (eval/metrics.py) and averaged per dataset x answer type x modality and
 
 Gold: LLaVA-format test records (a JSON list or JSON lines) with `id`, `conversations` (the
 first assistant turn is the answer), `answer_type` (OPEN/open or CLOSED/close/closed), and
-optional `modality`, `dataset`; or our prediction files, which carry `answer`. Predictions:
+optional `modality`, `dataset`; or our prediction files, which carry `answer`. A record with
+`labels` (MedMNIST, tools/prepare_data.py) is a classification question instead
+(eval/classification.py). Predictions:
 our JSON lines (`id`, `prediction`) or LLaVA-style answer files (`question_id`, `text`).
 """
 
@@ -14,6 +16,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from medmoe_mcore.config import ConfigError
+from medmoe_mcore.eval.classification import classification_report
 from medmoe_mcore.eval.metrics import BLEU_WEIGHTS, closed_scores, open_scores
 
 ANSWER_TYPES = {"open": "open", "closed": "closed", "close": "closed"}
@@ -47,6 +50,11 @@ def gold_items(path) -> dict[str, dict]:
         if answer is None and isinstance(r.get("conversations"), list):
             answer = next((t.get("value") for t in r["conversations"][1:2]), None)
         kind = ANSWER_TYPES.get(str(r.get("answer_type", "")).lower())
+        if isinstance(r.get("labels"), list):
+            kind = "classification"
+            if answer not in r["labels"]:
+                problems.append(f"record {n}: answer {answer!r} is not one of its labels")
+                continue
         if qid is None or not isinstance(answer, str) or kind is None:
             problems.append(f"record {n}: needs id, an answer and answer_type open/closed")
         elif str(qid) in items:
@@ -54,7 +62,8 @@ def gold_items(path) -> dict[str, dict]:
         else:
             items[str(qid)] = {"answer": answer, "answer_type": kind,
                                "modality": r.get("modality") or "-",
-                               "dataset": r.get("dataset") or Path(path).stem}
+                               "dataset": r.get("dataset") or Path(path).stem,
+                               "labels": r.get("labels")}
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems[:10]))
     return items
@@ -101,8 +110,23 @@ def _summary(rows: list[tuple[dict, dict]]) -> dict:
     return out
 
 
+def _classification(joined: list) -> dict:
+    """Per dataset: accuracy, per-class accuracy and confusion matrix."""
+    by = defaultdict(list)
+    for _, item, prediction in joined:
+        if item["answer_type"] == "classification":
+            by[(item["dataset"], tuple(item["labels"]))].append((item["answer"], prediction))
+    datasets = [d for d, _ in by]
+    if len(set(datasets)) != len(datasets):
+        raise ConfigError(f"classification datasets with different label lists: {datasets}")
+    return {d: classification_report(pairs, list(labels)) for (d, labels), pairs in by.items()}
+
+
 def score(joined: list) -> dict:
-    """Overall figures, `per_dataset`, and `groups` (dataset / answer type / modality)."""
+    """Overall figures, `per_dataset`, `groups` (dataset / answer type / modality) and
+    `classification` (per dataset)."""
+    classification = _classification(joined)
+    joined = [j for j in joined if j[1]["answer_type"] != "classification"]
     rows = [(item, (open_scores if item["answer_type"] == "open" else closed_scores)
              (item["answer"], prediction)) for _, item, prediction in joined]
     by = defaultdict(list)
@@ -110,7 +134,11 @@ def score(joined: list) -> dict:
         by[("dataset", item["dataset"])].append((item, scores))
         by[("group", (item["dataset"], item["answer_type"], item["modality"]))].append(
             (item, scores))
+    correct = sum(r["accuracy"] * r["num"] for r in classification.values())
+    total = sum(r["num"] for r in classification.values())
     return {**_summary(rows),
+            "classification_accuracy": correct / total if total else None,
+            "classification": classification,
             "per_dataset": {k[1]: _summary(v) for k, v in sorted(by.items()) if k[0] == "dataset"},
             "groups": [{"dataset": k[1][0], "answer_type": k[1][1], "modality": k[1][2],
                         **_summary(v)} for k, v in sorted(by.items()) if k[0] == "group"]}

@@ -94,3 +94,33 @@ def test_score_tool_prints_the_figures_last(tmp_path, capsys):
     assert {"closed_accuracy", "open_recall", "open_f1", "open_exact_match", "bleu_1",
             "bleu_2", "bleu_3", "num_closed", "num_open", "per_dataset"} <= set(last)
     assert json.loads((tmp_path / "r.json").read_text())["groups"]
+
+
+@pytest.mark.parametrize("prediction,expected", [
+    ("Pneumonia.", "pneumonia"),
+    ("The image shows a normal chest.", "normal"),
+    ("normal or pneumonia", "(none)"),          # two labels named: wrong
+    ("I cannot tell", "(none)"),
+    ("left lung", "left lung"),                 # the longer label wins over "lung"
+])
+def test_label_matching_rule(prediction, expected):
+    from medmoe_mcore.eval.classification import predicted_label
+
+    labels = ["normal", "pneumonia"] if "lung" not in prediction else ["lung", "left lung"]
+    assert predicted_label(prediction, labels) == expected
+
+
+def test_classification_report_and_confusion(tmp_path):
+    gold = [{"id": i, "answer": a, "labels": ["normal", "pneumonia"], "dataset": "pneumonia"}
+            for i, a in enumerate(["normal", "normal", "pneumonia", "pneumonia"])]
+    (tmp_path / "gold.jsonl").write_text("\n".join(json.dumps(g) for g in gold))
+    preds = [{"id": i, "prediction": p} for i, p in
+             enumerate(["normal", "pneumonia", "pneumonia", "normal and pneumonia"])]
+    (tmp_path / "pred.jsonl").write_text("\n".join(json.dumps(p) for p in preds))
+    report = score(join(gold_items(tmp_path / "gold.jsonl"),
+                        prediction_items(tmp_path / "pred.jsonl"))[0])
+    c = report["classification"]["pneumonia"]
+    assert c["accuracy"] == 50.0 and report["classification_accuracy"] == 50.0
+    assert c["per_class"] == {"normal": 50.0, "pneumonia": 50.0}
+    assert c["confusion"]["matrix"] == [[1, 1, 0], [0, 1, 1]]
+    assert report["num_closed"] == report["num_open"] == 0
