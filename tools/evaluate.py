@@ -9,7 +9,8 @@ the ids named; `--allow-missing` scores what is there and reports how many were 
 Metrics: LLaVA-Med's definitions (eval/metrics.py). Prints a table per dataset x answer type x
 modality, then as the last line one JSON object (percentages 0-100).
 
-Not yet here (issue 12, next): `generate` mode, MedMNIST classification, --expert-stats.
+MedMNIST records (with `labels`) are scored as classification (eval/classification.py).
+Not yet here (issue 12, next): `generate` mode, --expert-stats.
 """
 
 import argparse
