@@ -54,3 +54,28 @@ def test_generate_equals_transformers_on_the_release(released, stage, layout):
     tokens = [a["tokens"] for a in ours]
     assert all(len(t) == NEW_TOKENS or t[-1] == 0 for t in tokens), tokens
     assert tokens == released["answers"][stage], (tokens, released["answers"][stage])
+
+
+@pytest.mark.slow
+def test_evaluation_predictions_are_the_same_at_tp1_and_tp2xep2(main_job, tmp_path):
+    """tools/evaluate.py generate on demo test records at two layouts, then score."""
+    work = main_job["work_dir"]
+    records = json.loads((work / "data" / "stage3.json").read_text())[:8]
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    outputs = []
+    for layout in ("TP1", "TP2xEP2"):
+        nproc, flags = LAYOUTS[layout]
+        out = tmp_path / f"pred_{nproc}.jsonl"
+        r = run_tool("tools/evaluate.py", "generate", "--load",
+                     str(work / "checkpoints" / "stage3"), "--data", str(tmp_path / "test.json"),
+                     "--image-folder", str(work / "data" / "images"), "--output", str(out),
+                     "--max-new-tokens", "8", "--micro-batch-size", "3", *flags, nproc=nproc,
+                     timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 8
+    r = run_tool("tools/evaluate.py", "score", "--gold", str(tmp_path / "test.json"),
+                 "--predictions", str(tmp_path / "pred_1.jsonl"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    assert figures["num_open"] + figures["num_closed"] == 8

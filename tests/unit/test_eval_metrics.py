@@ -124,3 +124,17 @@ def test_classification_report_and_confusion(tmp_path):
     assert c["per_class"] == {"normal": 50.0, "pneumonia": 50.0}
     assert c["confusion"]["matrix"] == [[1, 1, 0], [0, 1, 1]]
     assert report["num_closed"] == report["num_open"] == 0
+
+
+def test_test_file_problems_are_named_before_any_model(tmp_path):
+    from medmoe_mcore.eval.predict import test_questions
+
+    records = [{"id": "a", "image": "missing.png", "answer_type": "OPEN",
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                  {"from": "gpt", "value": "x"}]}]
+    (tmp_path / "t.json").write_text(json.dumps(records))
+    with pytest.raises(ConfigError, match=r"id a: image .*missing\.png not found"):
+        test_questions(tmp_path / "t.json")
+    (tmp_path / "missing.png").write_bytes(b"")
+    questions, gold = test_questions(tmp_path / "t.json")
+    assert questions[0].question == "What?" and gold["a"]["answer"] == "x"
