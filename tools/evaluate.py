@@ -21,6 +21,7 @@ Not yet here (issue 12, next): `generate --hf-dir`, --expert-stats.
 import argparse
 import json
 import sys
+import time
 
 
 def main(argv=None):
@@ -89,13 +90,17 @@ def generate(args) -> int:
         tok = Tokenizer(gen.tokenizer or folder / checkpointing.TOKENIZER)
         parallel.initialize(par, seed=gen.seed)
         model, _ = load_for_inference(folder, par, bf16=gen.bf16)
-        answers = answer(model, questions, tok, gen)
+        start = time.perf_counter()
+        answers = answer(model, questions, tok, gen, show=lambda done, total: parallel.log(
+            f"micro-batch {done}/{total} ({time.perf_counter() - start:.1f} s)"))
+        seconds = time.perf_counter() - start
     except (ConfigError, ImageDecodeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if answers is not None:
         write_predictions(answers, gold, args.output)
-        print(f"wrote {len(answers)} predictions: {args.output}")
+        print(f"wrote {len(answers)} predictions: {args.output} ({seconds:.1f} s generating, "
+              f"{len(answers) / seconds:.2f} questions/s)")
     return 0
 
 
