@@ -91,10 +91,7 @@ def main(argv=None):
         questions = _questions(args)  # every input checked before any model is built
         load = args.load or _checkpoint_of_hf_dir(args.hf_dir)
         folder = checkpointing.resolve(load)
-        tokenizer = gen.tokenizer or folder / checkpointing.TOKENIZER
-        if not gen.tokenizer and not tokenizer.exists():
-            raise ConfigError(f"{folder}: no tokenizer/ in the checkpoint; pass --tokenizer")
-        tok = Tokenizer(tokenizer)
+        tok = Tokenizer(gen.tokenizer or folder / checkpointing.TOKENIZER)
         parallel.initialize(par, seed=gen.seed)
         model, cfg = load_for_inference(folder, par, bf16=gen.bf16)
         parallel.log(f"{len(questions)} question(s); model: {cfg.language.family}, "

@@ -17,6 +17,9 @@ class Tokenizer:
 
     def __init__(self, path):
         path = Path(path)
+        if not path.exists():  # transformers would take it for a hub repo id
+            raise FileNotFoundError(f"{path}: no tokenizer there (an HF tokenizer folder or a "
+                                    "sentencepiece .model; tools take --tokenizer)")
         model = path / "tokenizer.model" if path.is_dir() else path
         if model.suffix == ".model" and model.exists():
             import sentencepiece as spm
