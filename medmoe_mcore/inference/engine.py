@@ -113,14 +113,7 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
     lm, vision = model.language_model, cfg.vision
     dev = next(model.parameters()).device
     b = len(prompts)
-    ids = torch.full((b, max(map(len, prompts))), pad_id, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    placeholder = ids == vision.image_token_id
-    text = lm.embedding(input_ids=ids.masked_fill(placeholder, 0), position_ids=None)
-    image_embeds = None if images is None or images.shape[0] == 0 else \
-        model.image_features(images.to(dev))
-    embeds, _ = splice_images(text, ids, image_embeds, vision.image_token_id)
+    embeds = _embed(model, padded(prompts, pad_id, dev), images)
     lengths = [len(p) + (vision.num_patches - 1) * p.count(vision.image_token_id)
                for p in prompts]
     # A rank whose samples are done keeps stepping while others decode (expert-parallel
@@ -150,6 +143,33 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
                                      next_input)
         logits = decoder.forward(next_input)
         position += 1
+
+
+def padded(prompts: list[list[int]], pad_id: int, dev) -> torch.Tensor:
+    """[b, longest] token ids, right-padded."""
+    ids = torch.full((len(prompts), max(map(len, prompts))), pad_id, dtype=torch.long,
+                     device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    return ids
+
+
+def _embed(model: MedMoEModel, ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+    """[S, b, h] embeddings with each placeholder replaced by its image's (no SP scatter)."""
+    lm, vision = model.language_model, model.model_config.vision
+    text = lm.embedding(input_ids=ids.masked_fill(ids == vision.image_token_id, 0),
+                        position_ids=None)
+    image_embeds = None if images is None or images.shape[0] == 0 else \
+        model.image_features(images.to(ids.device))
+    return splice_images(text, ids, image_embeds, vision.image_token_id)[0]
+
+
+@torch.inference_mode()
+def forward_once(model: MedMoEModel, ids: torch.Tensor, images: torch.Tensor | None) -> None:
+    """One forward pass over whole sequences without a cache, outputs discarded: for what
+    forward hooks observe (eval/expert_stats.py). A collective like generate."""
+    model.language_model(input_ids=None, position_ids=None, attention_mask=None,
+                         decoder_input=_embed(model, ids, images).contiguous())
 
 
 def _world_max(value: int, dev) -> int:

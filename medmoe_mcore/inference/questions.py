@@ -22,7 +22,7 @@ from medmoe_mcore.data.encoding import encode_prompt
 from medmoe_mcore.data.images import load_image, preprocess
 from medmoe_mcore.data.tokenizer import Tokenizer
 from medmoe_mcore.inference.config import GenerationConfig
-from medmoe_mcore.inference.engine import generate
+from medmoe_mcore.inference.engine import forward_once, generate, padded
 
 
 @dataclass
@@ -30,7 +30,13 @@ class Question:
     index: int  # position in the input (answers come back in this order; sampling seed)
     id: object
     question: str
-    image: str
+    image: str  # a path, or the image's name when `image_bytes` holds it (shards)
+    modality: str = "-"
+    image_bytes: bytes | None = None
+
+    def load_image(self):
+        return load_image(self.image_bytes if self.image_bytes is not None else self.image,
+                          name=self.image)
 
 
 def read_questions(path, image_folder=None) -> list[Question]:
@@ -65,10 +71,13 @@ def _prompt(q: Question, tok: Tokenizer, template: str) -> list[int]:
 
 
 def answer(model, questions: list[Question], tok: Tokenizer, gen: GenerationConfig,
-           show=None) -> list[dict] | None:
+           show=None, expert_stats=None) -> list[dict] | None:
     """Decode every question; returns the answers in input order on rank 0 (None
     elsewhere). Each data-parallel rank takes every dp-th question; all ranks run the same
-    number of micro-batches (expert-parallel all-to-alls need everyone)."""
+    number of micro-batches (expert-parallel all-to-alls need everyone).
+
+    With `expert_stats` (eval/expert_stats.ExpertActivation), each micro-batch's prompts and
+    the answer tokens fed back while decoding run once more in one pass, counted."""
     vision = model.model_config.vision
     dp = parallel_state.get_data_parallel_world_size()
     mine = questions[parallel_state.get_data_parallel_rank()::dp]
@@ -81,10 +90,16 @@ def answer(model, questions: list[Question], tok: Tokenizer, gen: GenerationConf
     for b in range(int(count.item())):
         batch = batches[b] if b < len(batches) else questions[:1]  # a stand-in, discarded
         prompts = [_prompt(q, tok, gen.template) for q in batch]
-        images = torch.stack([preprocess(load_image(q.image), vision, train=False)
-                              for q in batch])
+        images = torch.stack([preprocess(q.load_image(), vision, train=False) for q in batch])
         tokens = generate(model, prompts, images, tok.eos_id, gen,
                           sample_ids=[q.index for q in batch], pad_id=tok.pad_id)
+        if expert_stats is not None:
+            # the last new token was never fed back: it routed nowhere
+            fed = [p + t[:-1] for p, t in zip(prompts, tokens)]
+            ids = padded(fed, tok.pad_id, count.device)
+            expert_stats.begin_batch(ids, map(len, fed), [q.modality for q in batch])
+            forward_once(model, ids, images)
+            expert_stats.end_batch()
         if b < len(batches):
             for q, t in zip(batch, tokens):
                 text = tok.decode([x for x in t if x != tok.eos_id]).strip()

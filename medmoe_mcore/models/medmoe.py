@@ -76,6 +76,23 @@ def splice_images(text_embeds: torch.Tensor, input_ids: torch.Tensor,
     return embeds, out_labels
 
 
+TEXT, IMAGE = 1, 2  # token_kinds' values; 0 is padding
+
+
+def token_kinds(input_ids: torch.Tensor, lengths, image_token_id: int, image_len: int,
+                pad_to_multiple: int = 1) -> torch.Tensor:
+    """[S, b] long over the spliced sequence: TEXT, IMAGE, or 0 for padding (positions past a
+    sample's `lengths[b]` ids, and the splice's own right padding). The layout is
+    splice_images' own, applied to a one-channel stand-in for the embeddings."""
+    s, b = input_ids.shape[1], input_ids.shape[0]
+    real = torch.arange(s).unsqueeze(1) < torch.as_tensor(list(lengths)).unsqueeze(0)
+    n_images = int((input_ids == image_token_id).sum())
+    images = torch.full((n_images, image_len, 1), float(IMAGE)) if n_images else None
+    spliced, _ = splice_images((real.float() * TEXT).unsqueeze(-1), input_ids.cpu(), images,
+                               image_token_id, pad_to_multiple=pad_to_multiple)
+    return spliced[..., 0].long()
+
+
 class MedMoEModel(MegatronModule):
     """Children: `vision` (frozen CLIP tower, layers up to the feature layer), `projector`,
     `language_model` (our LanguageModel). Checkpoint keys carry these prefixes."""
