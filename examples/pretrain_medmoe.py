@@ -133,7 +133,11 @@ def pipeline(args) -> dict:
     run = train_stage(demo.stage_config(ck / "stage3_init", par, stage_train), stage_train)
     losses["stage3"] = (run[0], run[-1])
     log(f"stage 3: loss {run[0]:.4f} -> {run[-1]:.4f}")
-    return demo.summarise(losses, accuracy, pipe, router_path, time.time() - begin)
+
+    log("\n=== held-out evaluation ===")
+    parallel.initialize(ParallelConfig(), seed=train.seed)
+    held_out = demo.evaluate_held_out(pipe, tok)
+    return demo.summarise(losses, accuracy, pipe, router_path, time.time() - begin, held_out)
 
 
 def _marked(cls, mode: str) -> list:

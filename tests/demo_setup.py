@@ -3,7 +3,7 @@
 from pathlib import Path
 
 
-def make_workspace(root, samples_per_image: int = 3) -> dict:
+def make_workspace(root, samples_per_image: int = 4, held_out: int = 1) -> dict:
     """Needs an initialised process group (the single_rank fixture)."""
     from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ModelConfig
@@ -13,7 +13,8 @@ def make_workspace(root, samples_per_image: int = 3) -> dict:
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     root = Path(root)
-    shards = demo.build(root / "data", samples_per_image=samples_per_image, show_progress=False)
+    shards = demo.build(root / "data", samples_per_image=samples_per_image, held_out=held_out,
+                        show_progress=False)
     tok = train_bpe(demo.corpus(root / "data"), root / "tokenizer")
     cfg = ModelConfig(language=medmoe_language("tiny"),
                       vision=vision_flavor("tiny", tok.image_token_id))

@@ -1,11 +1,18 @@
 """Med-VQA / MedMNIST evaluation: predictions from a checkpoint, scored by question id.
 
     torchrun --nproc_per_node 4 tools/evaluate.py generate --load CKPT --data test.json \
-        --image-folder images/ --output predictions.jsonl --tensor-model-parallel-size 2 ...
+        --image-folder images/ --output predictions.jsonl --expert-stats stats/ \
+        --tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2
     python tools/evaluate.py score --gold test.json --predictions answers.jsonl [--report r.json]
 
-`generate`: one prediction per question (greedy; DP-sharded, gathered in file order), the
-record's own question as prompt; the output also serves as `--gold` (it carries the answers).
+`generate`: one prediction per question (greedy; DP-sharded, gathered in file order) from a
+checkpoint (--load) or a release folder (--hf-dir); test data as a LLaVA-format JSON / JSON
+lines file (+ --image-folder; no image outside it is read) or shards of
+tools/prepare_data.py. The prompt is the record's question + the --prompt-style line of its
+answer type (`authors`: the question as written, as their model_vqa_med.py). The output also
+serves as `--gold` (it carries the answers). `--expert-stats DIR`: expert_activation.csv and
+.png, the tokens each MoE layer routed to each expert while answering, by modality and by
+image / text token.
 
 Gold: LLaVA-format test records (`id`, `conversations`, `answer_type`, optional `modality`,
 `dataset`). Predictions: JSON lines with `id` + `prediction` (ours) or `question_id` + `text`
@@ -15,7 +22,6 @@ Metrics: LLaVA-Med's definitions (eval/metrics.py). Prints a table per dataset x
 modality, then as the last line one JSON object (percentages 0-100).
 
 MedMNIST records (with `labels`) are scored as classification (eval/classification.py).
-Not yet here (issue 12, next): `generate --hf-dir`, --expert-stats.
 """
 
 import argparse
@@ -25,6 +31,11 @@ import time
 
 
 def main(argv=None):
+    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.eval.predict import PROMPT_STYLES
+    from medmoe_mcore.inference.config import GenerationConfig
+    from medmoe_mcore.training.arguments import add_config_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     modes = p.add_subparsers(dest="mode", required=True)
     s = modes.add_parser("score", help="score predictions against gold answers")
@@ -35,72 +46,84 @@ def main(argv=None):
                    help="score the questions that have a prediction; report the others")
     s.add_argument("--report", help="also write the full report (JSON) here")
     g = modes.add_parser("generate", help="predict an answer for every test question")
-    g.add_argument("--load", required=True, help="Megatron checkpoint (any stage)")
-    g.add_argument("--data", required=True, help="LLaVA-format test JSON / JSON lines")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--load", help="Megatron checkpoint (any stage)")
+    source.add_argument("--hf-dir", help="a release folder (tools/convert_mcore_to_hf.py), "
+                                         "converted on the fly into a temporary checkpoint")
+    g.add_argument("--data", required=True, help="LLaVA-format test JSON / JSON lines, or a "
+                                                 "shard folder / .tar")
     g.add_argument("--image-folder", help="image paths are relative to this (default: the "
                                           "data file's folder)")
     g.add_argument("--output", required=True, help="predictions (JSON lines)")
-    from medmoe_mcore.config import ParallelConfig
-    from medmoe_mcore.inference.config import GenerationConfig
-    from medmoe_mcore.training.arguments import add_config_arguments
-
+    g.add_argument("--prompt-style", default="authors", choices=sorted(PROMPT_STYLES),
+                   help="the line after each question, by answer type (default: authors)")
+    g.add_argument("--expert-stats", metavar="DIR", help="MoE models: write the expert "
+                   "activation (CSV + heatmap PNG) of the answers here")
     add_config_arguments(g, GenerationConfig, "generation")
     add_config_arguments(g, ParallelConfig, "parallelism")
     args = p.parse_args(argv)
-    if args.mode == "generate":
-        return generate(args)
+    return generate(args) if args.mode == "generate" else score(args)
 
+
+def score(args) -> int:
     from medmoe_mcore.config import ConfigError
-    from medmoe_mcore.eval.scoring import gold_items, join, prediction_items, score, table
+    from medmoe_mcore.eval.scoring import evaluate_predictions, headline, table
 
     try:
-        joined, missing = join(gold_items(args.gold), prediction_items(args.predictions),
-                               args.allow_missing)
+        report = evaluate_predictions(args.gold, args.predictions, args.allow_missing)
     except (ConfigError, FileNotFoundError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = {**score(joined), "num_missing": len(missing), "missing_ids": missing}
     print(table(report))
-    if missing:
-        print(f"{len(missing)} question(s) without a prediction were left out")
+    if report["num_missing"]:
+        print(f"{report['num_missing']} question(s) without a prediction were left out")
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("groups", "missing_ids")}))
+    print(json.dumps(headline(report)))
     return 0
 
 
 def generate(args) -> int:
     from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ConfigError, ParallelConfig
+    from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.data.images import ImageDecodeError
     from medmoe_mcore.data.tokenizer import Tokenizer
-    from medmoe_mcore.eval.predict import test_questions, write_predictions
+    from medmoe_mcore.eval.predict import predict, test_questions
     from medmoe_mcore.inference.config import GenerationConfig
-    from medmoe_mcore.inference.engine import load_for_inference
-    from medmoe_mcore.inference.questions import answer
+    from medmoe_mcore.inference.engine import checkpoint_of_release, load_for_inference
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.arguments import given
 
     try:
         gen = GenerationConfig(**given(args, GenerationConfig)).validate()
         par = ParallelConfig(**given(args, ParallelConfig))
-        questions, gold = test_questions(args.data, args.image_folder)  # before any model
-        folder = checkpointing.resolve(args.load)
+        questions, gold = test_questions(args.data, args.image_folder, args.prompt_style)
+        load = args.load
+        if args.hf_dir:
+            parallel.initialize(ParallelConfig())  # the conversion's own groups (TP=1)
+            load = checkpoint_of_release(args.hf_dir)
+        folder = checkpointing.resolve(load)
         tok = Tokenizer(gen.tokenizer or folder / checkpointing.TOKENIZER)
         parallel.initialize(par, seed=gen.seed)
-        model, _ = load_for_inference(folder, par, bf16=gen.bf16)
+        model, cfg = load_for_inference(folder, par, bf16=gen.bf16)
+        if args.expert_stats and cfg.moe is None:
+            raise ConfigError(f"--expert-stats: {folder} is a dense model (no experts)")
         start = time.perf_counter()
-        answers = answer(model, questions, tok, gen, show=lambda done, total: parallel.log(
-            f"micro-batch {done}/{total} ({time.perf_counter() - start:.1f} s)"))
+        answers = predict(model, questions, gold, tok, gen, args.output, args.expert_stats,
+                          show=lambda done, total: parallel.log(
+                              f"micro-batch {done}/{total} "
+                              f"({time.perf_counter() - start:.1f} s)"))
         seconds = time.perf_counter() - start
-    except (ConfigError, ImageDecodeError, FileNotFoundError) as e:
+    except (ConfigError, ConversionError, ImageDecodeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if answers is not None:
-        write_predictions(answers, gold, args.output)
         print(f"wrote {len(answers)} predictions: {args.output} ({seconds:.1f} s generating, "
               f"{len(answers) / seconds:.2f} questions/s)")
+        if args.expert_stats:
+            print(f"expert activation: {args.expert_stats}/expert_activation.csv, .png")
     return 0
 
 

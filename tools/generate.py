@@ -14,7 +14,6 @@ prints one JSON line per question in input order (`id`, `question`, `image`, `an
 import argparse
 import json
 import sys
-import tempfile
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,22 +55,6 @@ def _questions(args):
     return [Question(0, 0, args.question, args.image)]
 
 
-def _checkpoint_of_hf_dir(hf_dir) -> str:
-    """Convert a release folder once (at TP=1, every rank taking part in the collective
-    save) into a temporary checkpoint that all ranks then load."""
-    import torch.distributed as dist
-
-    from medmoe_mcore.config import ParallelConfig
-    from medmoe_mcore.conversion.llava import import_multimodal
-    from medmoe_mcore.runtime import parallel
-
-    parallel.initialize(ParallelConfig())
-    where = [tempfile.mkdtemp(prefix="medmoe-generate-") if parallel.is_rank0() else None]
-    dist.broadcast_object_list(where, src=0)
-    import_multimodal(hf_dir, where[0], show_progress=False)
-    return where[0]
-
-
 def main(argv=None):
     args = parser().parse_args(argv)
     from medmoe_mcore import checkpointing
@@ -80,7 +63,7 @@ def main(argv=None):
     from medmoe_mcore.data.images import ImageDecodeError
     from medmoe_mcore.data.tokenizer import Tokenizer
     from medmoe_mcore.inference.config import GenerationConfig
-    from medmoe_mcore.inference.engine import load_for_inference
+    from medmoe_mcore.inference.engine import checkpoint_of_release, load_for_inference
     from medmoe_mcore.inference.questions import answer
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.arguments import given
@@ -89,7 +72,10 @@ def main(argv=None):
         gen = GenerationConfig(**given(args, GenerationConfig)).validate()
         par = ParallelConfig(**given(args, ParallelConfig))
         questions = _questions(args)  # every input checked before any model is built
-        load = args.load or _checkpoint_of_hf_dir(args.hf_dir)
+        load = args.load
+        if args.hf_dir:
+            parallel.initialize(ParallelConfig())  # the conversion's own groups (TP=1)
+            load = checkpoint_of_release(args.hf_dir)
         folder = checkpointing.resolve(load)
         tok = Tokenizer(gen.tokenizer or folder / checkpointing.TOKENIZER)
         parallel.initialize(par, seed=gen.seed)

@@ -41,7 +41,8 @@ class EncodedDataset:
             except SkipRecord as e:
                 self.skipped[e.reason] += 1
                 continue
-            self.samples.append((ids, labels, image, record.get("id")))
+            self.samples.append((ids, labels, image, record.get("id"),
+                                 str(record.get("modality") or "-")))
         if not self.samples:
             raise ValueError(f"{data_path}: no usable record (skipped {dict(self.skipped)})")
         self.template = template
@@ -59,25 +60,31 @@ class EncodedDataset:
         ids = torch.full((len(rows), length), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         images = []
-        for b, (x, y, image, rid) in enumerate(rows):
+        for b, (x, y, image, rid, _) in enumerate(rows):
             ids[b, : len(x)] = torch.tensor(x)
             labels[b, : len(y)] = torch.tensor(y)
             if self.vision is not None:  # decodable: validated when sharded
                 images.append(preprocess(load_image(image, name=str(rid)), self.vision,
                                          train=True))
         return {"input_ids": ids, "labels": labels,
-                "images": torch.stack(images) if images else None}
+                "images": torch.stack(images) if images else None,
+                "lengths": [len(r[0]) for r in rows], "modalities": [r[4] for r in rows]}
 
 
 class Batches:
+    """`shuffle=False` (validation): file order, wrapping around."""
+
     def __init__(self, data: EncodedDataset, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int):
+                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True):
         self.data, self.gbs, self.mbs = data, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.shuffle = shuffle
         self._orders: dict[int, np.ndarray] = {}
 
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, len(self.data))
+        if not self.shuffle:
+            return offset
         if epoch not in self._orders:
             self._orders = {epoch: np.random.default_rng([self.seed, epoch])
                             .permutation(len(self.data))}

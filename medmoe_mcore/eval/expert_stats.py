@@ -50,6 +50,12 @@ class ExpertActivation:
                          for i, layer in enumerate(self.layers)]
 
     @property
+    def expert_names(self) -> list[str] | None:
+        """The modality router's class of each expert (its file's names), if known."""
+        moe = self.model_config.moe
+        return [str(n) for n in moe.modalities] if moe is not None and moe.modalities else None
+
+    @property
     def layer_numbers(self) -> list[int]:
         return [int(layer.layer_number) for layer in self.layers]
 
@@ -99,7 +105,7 @@ class ExpertActivation:
     def rows(self, counts: torch.Tensor) -> list[dict]:
         """One row per layer x modality x kind x expert: count and share (of that layer,
         modality and kind's assignments)."""
-        out = []
+        out, names = [], self.expert_names or [""] * counts.shape[-1]
         for li, layer in enumerate(self.layer_numbers):
             for mi, modality in enumerate(self.modalities):
                 for ki, kind in enumerate(KINDS):
@@ -107,8 +113,8 @@ class ExpertActivation:
                     for e, n in enumerate(counts[li, mi, ki].tolist()):
                         if total:
                             out.append({"layer": layer, "modality": modality,
-                                        "tokens": kind, "expert": e, "count": n,
-                                        "share": round(n / total, 6)})
+                                        "tokens": kind, "expert": e, "expert_name": names[e],
+                                        "count": n, "share": round(n / total, 6)})
         return out
 
     def write_csv(self, counts: torch.Tensor, path) -> Path:
@@ -116,7 +122,7 @@ class ExpertActivation:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["layer", "modality", "tokens", "expert",
-                                                   "count", "share"])
+                                                   "expert_name", "count", "share"])
             writer.writeheader()
             writer.writerows(self.rows(counts))
         return path

@@ -9,10 +9,12 @@ import torch
 
 
 def expert_heatmap(counts: torch.Tensor, layer_numbers: list[int], modalities: list[str],
-                   path, title: str = "Expert activation") -> Path:
+                   path, title: str = "Expert activation",
+                   expert_names: list[str] | None = None) -> Path:
     """One panel per modality: share of its (image + text) tokens' routing assignments per
-    MoE layer (rows) and expert (columns); a last panel: each modality's top-1 expert per
-    layer. Modalities without tokens are left out. Returns the PNG's path."""
+    MoE layer (rows) and expert (columns, named by `expert_names`: the router's classes);
+    a last panel: each modality's top-1 expert per layer. Modalities without tokens are
+    left out. Returns the PNG's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,6 +27,8 @@ def expert_heatmap(counts: torch.Tensor, layer_numbers: list[int], modalities: l
     if not present:
         raise ValueError("no image or text token was counted: nothing to draw")
     layers, experts = share.shape[0], share.shape[2]
+    labels = [f"{e} {n}" for e, n in enumerate(expert_names)] if expert_names else \
+        [str(e) for e in range(experts)]
     width = 1.2 + 0.55 * experts
     fig, axes = plt.subplots(1, len(present) + 1, squeeze=False,
                              figsize=(width * len(present) + 0.6 * len(present) + 1.5,
@@ -33,7 +37,8 @@ def expert_heatmap(counts: torch.Tensor, layer_numbers: list[int], modalities: l
     for ax, m in zip(axes, present):
         image = ax.imshow(share[:, m], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(modalities[m], fontsize=9)
-        ax.set_xticks(range(experts), [str(e) for e in range(experts)], fontsize=7)
+        ax.set_xticks(range(experts), labels, fontsize=7, rotation=45 if expert_names else 0,
+                      ha="right" if expert_names else "center")
         ax.set_yticks(range(layers), [str(n) for n in layer_numbers], fontsize=7)
         ax.set_xlabel("expert", fontsize=8)
     axes[0].set_ylabel("MoE layer", fontsize=8)

@@ -41,10 +41,11 @@ def read_records(path) -> list[dict]:
     return out
 
 
-def gold_items(path) -> dict[str, dict]:
-    """id -> {answer, answer_type, modality, dataset}; duplicates and gaps are refused."""
+def gold_items(path, records: list[dict] | None = None) -> dict[str, dict]:
+    """id -> {answer, answer_type, modality, dataset, labels} of the file's records (or of
+    `records` read from `path`); duplicates and gaps are refused."""
     items, problems = {}, []
-    for n, r in enumerate(read_records(path), 1):
+    for n, r in enumerate(read_records(path) if records is None else records, 1):
         qid = r.get("id", r.get("question_id"))
         answer = r.get("answer")
         if answer is None and isinstance(r.get("conversations"), list):
@@ -144,6 +145,18 @@ def score(joined: list) -> dict:
                         **_summary(v)} for k, v in sorted(by.items()) if k[0] == "group"]}
 
 
+def evaluate_predictions(gold_path, predictions_path, allow_missing: bool = False) -> dict:
+    """The full report of a prediction file against a gold file, joined by id."""
+    joined, missing = join(gold_items(gold_path), prediction_items(predictions_path),
+                           allow_missing)
+    return {**score(joined), "num_missing": len(missing), "missing_ids": missing}
+
+
+def headline(report: dict) -> dict:
+    """The report without its long parts (groups, missing ids): the one-line summary."""
+    return {k: v for k, v in report.items() if k not in ("groups", "missing_ids")}
+
+
 def table(report: dict) -> str:
     """A readable table: one row per dataset x answer type x modality."""
     head = f"{'dataset':<16}{'type':<8}{'modality':<12}{'n':>6}{'closed acc':>12}" \
@@ -158,4 +171,8 @@ def table(report: dict) -> str:
                      f"{pct(g['closed_accuracy']):>12}{pct(g['closed_strict_accuracy']):>8}"
                      f"{pct(g['open_recall']):>8}{pct(g['open_f1']):>8}"
                      f"{pct(g['open_exact_match']):>8}{pct(g['bleu_1']):>8}")
+    for dataset, c in report["classification"].items():
+        per_class = ", ".join(f"{k} {pct(v)}" for k, v in c["per_class"].items())
+        lines.append(f"{dataset:<16}{'labels':<8}{'-':<12}{c['num']:>6}  accuracy "
+                     f"{pct(c['accuracy'])} (per class: {per_class})")
     return "\n".join(lines)

@@ -53,6 +53,21 @@ def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
     return model, cfg
 
 
+def checkpoint_of_release(hf_dir) -> str:
+    """A release folder (tools/convert_mcore_to_hf.py) converted once into a temporary
+    checkpoint that every rank then loads. Every rank takes part in the collective save, in
+    the TP=1 process groups the entry point made; every rank must see $TMPDIR (one node, or a
+    shared filesystem)."""
+    import tempfile
+
+    from medmoe_mcore.conversion.llava import import_multimodal
+
+    where = [tempfile.mkdtemp(prefix="medmoe-release-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(where, src=0)
+    import_multimodal(hf_dir, where[0], show_progress=False)
+    return where[0]
+
+
 def _cast_except_router(model, dtype) -> None:
     """Every parameter in the run's dtype (a few modules, such as CLIP's ln_pre, are built in
     float32 whatever params_dtype), except the modality router's: float32 as the authors'."""

@@ -60,7 +60,7 @@ class RunCheckpoint:
         setup.scheduler.load_state_dict(state["scheduler"])
         progress = Progress(state["iteration"], state["consumed_samples"])
         if same_world:
-            _set_rng_state(state["rng"])
+            set_rng_state(state["rng"])
         log(f"resumed from {folder}: iteration {progress.iteration}, consumed samples "
             f"{progress.consumed_samples}"
             f"{'' if same_world else ' (other world size: RNG reseeded)'}")
@@ -86,11 +86,11 @@ def _state(setup, progress: Progress, loading: bool, with_rng: bool = True) -> d
              "world_size": dist.get_world_size()}
     if with_rng:
         rank, world = dist.get_rank(), dist.get_world_size()
-        state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+        state["rng"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
     return state
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state(), "tracker": get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -98,7 +98,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

@@ -21,6 +21,12 @@ class TrainConfig:
                                   "pipeline", choices=STAGES, pipeline=False)
     data_path: Optional[str] = option(None, "training shards (tools/prepare_data.py output)",
                                       pipeline=False)
+    valid_data_path: Optional[str] = option(None, "validation shards: the loss on them every "
+                                            "--eval-interval iterations", pipeline=False)
+    eval_interval: Optional[int] = option(None, "iterations between validations (default "
+                                          "1000, and at the end; needs --valid-data-path)")
+    eval_iters: Optional[int] = option(None, "global batches per validation (default 100), "
+                                       "the same ones each time, in file order")
     tokenizer: Optional[str] = option(None, "HF tokenizer folder or sentencepiece .model "
                                       "(default: the checkpoint's tokenizer/)", pipeline=False)
     template: Optional[str] = option(None, "prompt template (default: plain for stage 1, phi "
@@ -66,11 +72,28 @@ class TrainConfig:
             missing.append("--load or --pretrained-checkpoint")
         if missing:
             raise ConfigError(f"--stage {self.stage} needs {', '.join(missing)}")
+        if self.valid_data_path is None:
+            asked = [f for f, v in (("--eval-interval", self.eval_interval),
+                                    ("--eval-iters", self.eval_iters)) if v is not None]
+            if asked:
+                raise ConfigError(f"{', '.join(asked)} without --valid-data-path: there is no "
+                                  "validation data to evaluate")
+        for flag, value in (("--eval-interval", self.eval_interval),
+                            ("--eval-iters", self.eval_iters)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} {value}: must be a positive integer")
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                               f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
                               f"{dp}")
         return self
+
+    @property
+    def validation(self) -> Optional[tuple[int, int]]:
+        """(eval interval, eval iters) with Megatron-LM's defaults, or None without data."""
+        if self.valid_data_path is None:
+            return None
+        return self.eval_interval or 1000, self.eval_iters or 100
 
     @property
     def template_or_default(self) -> str:

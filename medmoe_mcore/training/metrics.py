@@ -28,14 +28,14 @@ class TrainingMetrics:
     def start_window(self) -> None:
         self._window_start, self._window_iters, self._window_tokens = time.time(), 0, 0
 
-    def record(self, iteration: int, consumed_samples: int, result) -> None:
-        """Count one step (a trainer.StepResult); log when a window is complete."""
+    def record(self, iteration: int, consumed_samples: int, result) -> bool:
+        """Count one step (a trainer.StepResult); log when a window is complete (True)."""
         self.skipped += result.skipped
         self.nan += not math.isfinite(result.loss)
         self._window_iters += 1
         self._window_tokens += result.tokens
         if iteration % self.log_interval and iteration != self.train_iters:
-            return
+            return False
         seconds = max(time.time() - self._window_start, 1e-9)
         # A short last window (train_iters not a multiple of log_interval) divides by its own
         # length, not by log_interval.
@@ -57,6 +57,31 @@ class TrainingMetrics:
                 self.writer.add_scalar(name, value, iteration)
             self.writer.flush()
         self.start_window()
+        return True
+
+    def validation(self, iteration: int, loss: float, seconds: float) -> None:
+        """Megatron's validation block; its time is left out of the iteration times."""
+        ppl = math.exp(min(20.0, loss))
+        line = (f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+                f"lm loss PPL: {ppl:.6E} |")
+        log("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+        self._window_start += seconds
+        if self.writer:
+            self.writer.add_scalar("lm-loss-validation", loss, iteration)
+            self.writer.add_scalar("lm-loss-validation-ppl", ppl, iteration)
+            self.writer.flush()
+
+    def expert_load(self, iteration: int, counts, layer_numbers: list[int]) -> None:
+        """Share of each MoE layer's routed (non-padding) tokens per expert since the last
+        point (eval/expert_stats.py counts): `expert-load/layer{n}/expert{e}`."""
+        from medmoe_mcore.eval.expert_stats import load_per_layer
+
+        if self.writer:
+            for layer, row in zip(layer_numbers, load_per_layer(counts).tolist()):
+                for expert, share in enumerate(row):
+                    self.writer.add_scalar(f"expert-load/layer{layer:02d}/expert{expert}",
+                                           share, iteration)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer:

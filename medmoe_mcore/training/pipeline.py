@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,7 +20,11 @@ from medmoe_mcore.config import ModelConfig, ParallelConfig, option
 from medmoe_mcore.data import demo
 from medmoe_mcore.data.records import read_shards, shard_paths
 from medmoe_mcore.data.tokenizer import Tokenizer, train_bpe
+from medmoe_mcore.eval.predict import predict, test_questions
+from medmoe_mcore.eval.scoring import evaluate_predictions, table
 from medmoe_mcore.flavors import LANGUAGE_FLAVORS, medmoe_language, vision_flavor
+from medmoe_mcore.inference.config import GenerationConfig
+from medmoe_mcore.inference.engine import load_for_inference
 from medmoe_mcore.models.medmoe import MedMoEModel, build_model
 from medmoe_mcore.router import file as router_file
 from medmoe_mcore.router.training import RouterRecipe, router_samples, train_router
@@ -72,30 +78,69 @@ def prepare_demo(pipe: PipelineConfig, seed: int) -> tuple[dict, Tokenizer, Path
 
 def stage_train_config(train: TrainConfig, stage: int, pipe: PipelineConfig, shards: dict,
                        start) -> TrainConfig:
-    """A demo stage: its data, start and checkpoint folder; the run's other choices."""
+    """A demo stage: its data, start and checkpoint folder; the run's other choices. Stage 3
+    validates on the held-out split (by default 4 times, covering all of it each time)."""
     work = Path(pipe.work_dir)
+    iters = train.train_iters or DEMO_TRAIN_ITERS
+    valid = dict(valid_data_path=None, eval_interval=None, eval_iters=None)
+    if stage == 3:
+        held_out = len(json.loads((work / "data" / "test.json").read_text()))
+        valid = dict(valid_data_path=str(shards["test"]),
+                     eval_interval=train.eval_interval or max(1, iters // 4),
+                     eval_iters=train.eval_iters or math.ceil(held_out / train.global_batch_size))
     return dataclasses.replace(
-        train, stage=stage, train_iters=train.train_iters or DEMO_TRAIN_ITERS,
-        lr=train.lr or DEMO_LR, tokenizer=str(work / "tokenizer"),
-        data_path=str(shards[f"stage{stage}"]), pretrained_checkpoint=str(start),
-        save=str(work / "checkpoints" / f"stage{stage}"))
+        train, stage=stage, train_iters=iters, lr=train.lr or DEMO_LR,
+        tokenizer=str(work / "tokenizer"), data_path=str(shards[f"stage{stage}"]),
+        pretrained_checkpoint=str(start), save=str(work / "checkpoints" / f"stage{stage}"),
+        **valid)
+
+
+def evaluate_held_out(pipe: PipelineConfig, tok: Tokenizer) -> Optional[dict]:
+    """Stage 3 answers the held-out split (never trained on), scored; with the expert
+    activation heatmap. Needs TP=1 process groups; the figures on rank 0 (None elsewhere)."""
+    work = Path(pipe.work_dir)
+    data, out = work / "data", work / "eval"
+    questions, gold = test_questions(data / "test.json", data / "images")
+    model, cfg = load_for_inference(work / "checkpoints" / "stage3", ParallelConfig())
+    start = time.perf_counter()
+    answers = predict(model, questions, gold, tok, GenerationConfig(max_new_tokens=32),
+                      out / "predictions.jsonl", out if cfg.moe is not None else None)
+    seconds = time.perf_counter() - start
+    if answers is None:
+        return None
+    report = evaluate_predictions(data / "test.json", out / "predictions.jsonl")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    log(table(report))
+    figures = {k: report[k] for k in ("closed_accuracy", "closed_strict_accuracy",
+                                      "open_recall", "classification_accuracy", "num_closed",
+                                      "num_open")}
+    figures["questions_per_s"] = round(len(answers) / seconds, 2)
+    log(f"held-out ({len(answers)} questions never trained on, {figures['questions_per_s']} "
+        f"questions/s): predictions, report.json and expert_activation.png in {out}")
+    return figures
 
 
 def summarise(losses: dict, accuracy: Optional[float], pipe: PipelineConfig, router_path,
-              seconds: float) -> dict:
+              seconds: float, held_out: Optional[dict]) -> dict:
     log("\n=== summary ===")
     for stage, (first, last) in losses.items():
         log(f"{stage}: loss {first:.4f} -> {last:.4f} "
             f"({'falls' if last < first else 'DOES NOT FALL'})")
     if accuracy is not None:
         log(f"router held-out accuracy: {accuracy:.3f} (chance {1 / 4:.3f})")
+    if held_out is not None:
+        pct = {k: "-" if v is None else f"{v:.1f}" for k, v in held_out.items()}
+        log(f"stage 3 on the held-out split: closed accuracy {pct['closed_accuracy']} "
+            f"(strict {pct['closed_strict_accuracy']}), open recall {pct['open_recall']}, "
+            f"modality classification accuracy {pct['classification_accuracy']} (%); "
+            f"expert activation: {Path(pipe.work_dir) / 'eval' / 'expert_activation.png'}")
     checkpoints = Path(pipe.work_dir) / "checkpoints"
     log(f"checkpoints: {checkpoints}/stage1, stage2, stage3_init, stage3; router: {router_path}")
     log(f"ask it: python tools/generate.py --load {checkpoints / 'stage3'} --image IMAGE "
         f"--question TEXT; release it: python tools/convert_mcore_to_hf.py --load "
         f"{checkpoints / 'stage3'} --hf-dir RELEASE_DIR")
     log(f"total time: {seconds:.0f} s")
-    result = {**losses, "router_accuracy": accuracy}
+    result = {**losses, "router_accuracy": accuracy, "held_out": held_out}
     log(json.dumps(result))
     return result
 

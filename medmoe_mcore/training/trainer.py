@@ -8,6 +8,7 @@ No argv here: examples/pretrain_medmoe.py builds `TrainConfig` from its flags.
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import torch
@@ -17,10 +18,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from medmoe_mcore.config import ModelConfig
 from medmoe_mcore.data.loader import Batches, EncodedDataset
+from medmoe_mcore.eval.expert_stats import ExpertActivation
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
 from medmoe_mcore.training import setup as training_setup
-from medmoe_mcore.training.checkpoint import RunCheckpoint
+from medmoe_mcore.training.checkpoint import RunCheckpoint, rng_state, set_rng_state
 from medmoe_mcore.training.config import TrainConfig
 from medmoe_mcore.training.metrics import TrainingMetrics
 
@@ -47,11 +49,26 @@ class Trainer:
         self.data = EncodedDataset(train.data_path, train.tokenizer, train.template_or_default,
                                    train.seq_length, cfg)
         log(self.data.summary())
-        self.batches = Batches(self.data, train.global_batch_size, train.micro_batch_size,
-                               parallel_state.get_data_parallel_rank(), self.dp, train.seed)
+        self.batches = self._batches(self.data, shuffle=True)
+        self.valid = None
+        if train.validation:
+            valid = EncodedDataset(train.valid_data_path, self.data.tok,
+                                   train.template_or_default, train.seq_length, cfg)
+            interval, iters = train.validation
+            log(f"validation {valid.summary()}; every {interval} iterations and at the end: "
+                f"{iters} global batches of {train.global_batch_size}")
+            self.valid = self._batches(valid, shuffle=False)
         self.metrics = TrainingMetrics(train.train_iters, train.log_interval, self.dp,
                                        train.tensorboard_dir, train.stage)
+        # expert load per layer to TensorBoard, as Megatron's MoE metrics (every rank counts)
+        self.expert_load = ExpertActivation(model, ["-"]) \
+            if cfg.moe is not None and train.tensorboard_dir else None
         self.losses: list[float] = []
+
+    def _batches(self, data: EncodedDataset, shuffle: bool) -> Batches:
+        return Batches(data, self.train.global_batch_size, self.train.micro_batch_size,
+                       parallel_state.get_data_parallel_rank(), self.dp, self.train.seed,
+                       shuffle=shuffle)
 
     @property
     def model(self):
@@ -69,7 +86,15 @@ class Trainer:
         dev = parallel.device()
         images = batch["images"].to(dev, self.model.config.params_dtype) \
             if batch["images"] is not None else None
+        counting = self.expert_load is not None and torch.is_grad_enabled()  # not validation
+        if counting:
+            par = self.cfg.parallel
+            self.expert_load.begin_batch(
+                batch["input_ids"], batch["lengths"], ["-"] * len(batch["lengths"]),
+                par.tensor_model_parallel_size if par.sequence_parallel else 1)
         loss, mask = model(batch["input_ids"].to(dev), images, labels=batch["labels"].to(dev))
+        if counting:
+            self.expert_load.end_batch()
 
         def loss_func(output):
             per_token, m = output
@@ -80,6 +105,35 @@ class Trainer:
 
         return (loss, mask), loss_func
 
+    def _losses(self, micro: list[dict], forward_only: bool) -> list[torch.Tensor]:
+        """Each micro-batch's mean token loss, through Megatron's schedule."""
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iter(micro),
+            model=[self.setup.ddp], num_microbatches=len(micro),
+            seq_length=self.train.seq_length, micro_batch_size=self.train.micro_batch_size,
+            forward_only=forward_only)
+        return [x["lm loss"] for x in losses]
+
+    def _mean_over_dp(self, losses: list[torch.Tensor]) -> float:
+        loss = torch.stack(losses).mean()
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        return (loss / self.dp).item()
+
+    def evaluate(self) -> float:
+        """Mean validation loss over the same `eval_iters` global batches every time. Nothing
+        of the training state changes: no gradient, and every RNG is put back."""
+        s, (_, iters) = self.setup, self.train.validation
+        rng = rng_state()
+        s.ddp.eval()
+        try:
+            with torch.no_grad():
+                losses = [x for i in range(iters) for x in self._losses(
+                    self.valid.global_batch(i * self.train.global_batch_size), True)]
+        finally:
+            s.ddp.train()
+            set_rng_state(rng)
+        return self._mean_over_dp(losses)
+
     def step(self) -> StepResult:
         """One global batch."""
         s, p = self.setup, self.progress
@@ -87,13 +141,7 @@ class Trainer:
         tokens = sum(int(b["input_ids"].numel()) for b in micro)
         s.ddp.zero_grad_buffer()
         s.optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iter(micro), model=[s.ddp],
-            num_microbatches=len(micro), seq_length=self.train.seq_length,
-            micro_batch_size=self.train.micro_batch_size, forward_only=False)
-        loss = torch.stack([x["lm loss"] for x in losses]).mean()
-        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-        loss = (loss / self.dp).item()
+        loss = self._mean_over_dp(self._losses(micro, forward_only=False))
         grad_norm, skipped = float("nan"), True
         if math.isfinite(loss):
             ok, norm, _ = s.optimizer.step()
@@ -113,7 +161,14 @@ class Trainer:
             result = self.step()
             self.losses.append(result.loss)
             it = self.progress.iteration
-            self.metrics.record(it, self.progress.consumed_samples, result)
+            if self.metrics.record(it, self.progress.consumed_samples, result) and \
+                    self.expert_load is not None:
+                self.metrics.expert_load(it, self.expert_load.reduce(),
+                                         self.expert_load.layer_numbers)
+                self.expert_load.counts.zero_()
+            if self.valid and (it % self.train.validation[0] == 0 or it == t.train_iters):
+                start = time.time()
+                self.metrics.validation(it, self.evaluate(), time.time() - start)
             saved = bool(t.save and t.save_interval and it % t.save_interval == 0)
             if saved:
                 self.save()

@@ -37,7 +37,8 @@ def released(main_job, tmp_path_factory):
         for code in ("configuration_medmoe.py", "modeling_medmoe.py"):
             assert "medmoe_mcore" not in (out / stage / code).read_text()  # self-contained
         answers[stage] = hf_answers(out / stage, questions, NEW_TOKENS)
-    return {"questions": questions, "answers": answers, "work_dir": main_job["work_dir"]}
+    return {"questions": questions, "answers": answers, "work_dir": main_job["work_dir"],
+            "release": out}
 
 
 @pytest.mark.slow
@@ -57,25 +58,34 @@ def test_generate_equals_transformers_on_the_release(released, stage, layout):
 
 
 @pytest.mark.slow
-def test_evaluation_predictions_are_the_same_at_tp1_and_tp2xep2(main_job, tmp_path):
-    """tools/evaluate.py generate on demo test records at two layouts, then score."""
-    work = main_job["work_dir"]
-    records = json.loads((work / "data" / "stage3.json").read_text())[:8]
+def test_evaluation_is_the_same_at_tp1_tp2xep2_and_from_the_release(released, tmp_path):
+    """tools/evaluate.py generate on held-out demo records (VQA and modality classification)
+    from the checkpoint at TP1 and TP2xEP2 and from its release folder: the same predictions
+    and the same expert activation counts; then scored."""
+    work = released["work_dir"]
+    records = json.loads((work / "data" / "test.json").read_text())[:8]
     (tmp_path / "test.json").write_text(json.dumps(records))
-    outputs = []
-    for layout in ("TP1", "TP2xEP2"):
-        nproc, flags = LAYOUTS[layout]
-        out = tmp_path / f"pred_{nproc}.jsonl"
-        r = run_tool("tools/evaluate.py", "generate", "--load",
-                     str(work / "checkpoints" / "stage3"), "--data", str(tmp_path / "test.json"),
-                     "--image-folder", str(work / "data" / "images"), "--output", str(out),
+    runs = {"TP1": ("--load", work / "checkpoints" / "stage3", *LAYOUTS["TP1"]),
+            "TP2xEP2": ("--load", work / "checkpoints" / "stage3", *LAYOUTS["TP2xEP2"]),
+            "release": ("--hf-dir", released["release"] / "stage3", *LAYOUTS["TP1"])}
+    predictions, stats = {}, {}
+    for name, (source, path, nproc, flags) in runs.items():
+        out = tmp_path / name
+        r = run_tool("tools/evaluate.py", "generate", source, str(path), "--data",
+                     str(tmp_path / "test.json"), "--image-folder", str(work / "data" / "images"),
+                     "--output", str(out / "pred.jsonl"), "--expert-stats", str(out),
                      "--max-new-tokens", "8", "--micro-batch-size", "3", *flags, nproc=nproc,
                      timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-        outputs.append(out.read_text())
-    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 8
+        predictions[name] = (out / "pred.jsonl").read_text()
+        stats[name] = (out / "expert_activation.csv").read_text()
+        assert (out / "expert_activation.png").stat().st_size > 0
+    assert predictions["TP1"] == predictions["TP2xEP2"] == predictions["release"]
+    assert stats["TP1"] == stats["TP2xEP2"] == stats["release"]
+    assert len(predictions["TP1"].splitlines()) == 8
     r = run_tool("tools/evaluate.py", "score", "--gold", str(tmp_path / "test.json"),
-                 "--predictions", str(tmp_path / "pred_1.jsonl"))
+                 "--predictions", str(tmp_path / "TP1" / "pred.jsonl"))
     assert r.returncode == 0, r.stderr[-2000:]
     figures = json.loads(r.stdout.strip().splitlines()[-1])
-    assert figures["num_open"] + figures["num_closed"] == 8
+    classified = sum(c["num"] for c in figures["classification"].values())
+    assert figures["num_open"] + figures["num_closed"] + classified == 8 and classified > 0

@@ -27,16 +27,29 @@ def _train(*args, nproc=2):
 
 @pytest.mark.slow
 def test_interrupt_and_resume_is_bitwise(tmp_path, workspace):
+    """With validation interleaved in the interrupted run (not in the reference): evaluation
+    changes no training state, and resume stays bitwise."""
     stage2 = ("--stage", "2", "--data-path", workspace["shards"]["stage2"],
               "--pretrained-checkpoint", workspace["init"], "--train-iters", "6")
+    valid = ("--valid-data-path", workspace["shards"]["stage3"], "--eval-interval", "2",
+             "--eval-iters", "2")
     full, log = _train(*stage2, "--save", tmp_path / "a", "--save-interval", "3")
     assert "consumed samples" in log and "grad norm" in log and "tokens/s" in log
-    first, _ = _train(*stage2, "--save", tmp_path / "b", "--exit-interval", "3")  # saves at exit
-    rest, log = _train(*stage2, "--save", tmp_path / "b", "--load", tmp_path / "b")
+    first, log = _train(*stage2, *valid, "--save", tmp_path / "b", "--exit-interval", "3")
+    assert log.count("validation loss at iteration") == 1  # at 2; exit at 3 (saves)
+    rest, log = _train(*stage2, *valid, "--save", tmp_path / "b", "--load", tmp_path / "b",
+                       "--tensorboard-dir", tmp_path / "tb")
     assert "resumed from" in log and "iteration 3, consumed samples 12" in log
+    assert [line.split("|")[0].strip() for line in log.splitlines()
+            if "validation loss at" in line] == ["validation loss at iteration 4",
+                                                 "validation loss at iteration 6"]
     assert first == full[:3]
     assert rest == full[3:]  # bitwise: same floats after the restart
     assert full[-1] < full[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb" / "stage2")).Reload()
+    assert [e.step for e in events.Scalars("lm-loss-validation")] == [4, 6]
 
 
 def _upcycled(tmp_path, workspace):
@@ -105,10 +118,20 @@ def test_demo_pipeline_main_job(main_job):
     assert "Warning" not in r.stdout + r.stderr, r.stderr[-3000:]
     assert r.stdout.count("CPU runtime active") == 1
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"stage1", "stage2", "stage3", "router_accuracy"}
-    for stage in ("stage1", "stage2", "stage3"):
+    assert set(summary) == {"stage1", "stage2", "stage3", "router_accuracy", "held_out"}
+    for stage in ("stage1", "stage2"):
         assert summary[stage][1] < summary[stage][0], (stage, summary[stage])
+    # stage 3 validates on the held-out split every iteration here (3 x 4 rounded down to
+    # 1); the same batches each time, so it falls more reliably than 3 training batches
+    stage3 = r.stdout[r.stdout.index("=== stage 3 ==="):]
+    valid = [float(line.split("lm loss value: ")[1].split(" |")[0])
+             for line in stage3.splitlines() if "validation loss at iteration" in line]
+    assert len(valid) == 3 and valid[-1] < valid[0], valid
     assert "router held-out accuracy" in r.stdout
+    held_out = summary["held_out"]  # 9 images x 4 held-out crops x (VQA + classification)
+    assert held_out["num_open"] + held_out["num_closed"] == 36
+    assert held_out["classification_accuracy"] is not None
+    assert (main_job["work_dir"] / "eval" / "expert_activation.png").stat().st_size > 0
 
 
 def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
