@@ -119,6 +119,7 @@ def generate(args) -> int:
     except (ConfigError, ConversionError, ImageDecodeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    parallel.finish()
     if answers is not None:
         print(f"wrote {len(answers)} predictions: {args.output} ({seconds:.1f} s generating, "
               f"{len(answers) / seconds:.2f} questions/s)")

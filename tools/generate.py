@@ -88,6 +88,7 @@ def main(argv=None):
     except (ConfigError, ConversionError, ImageDecodeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    parallel.finish()
     if results is None:
         return 0
     lines = [json.dumps({k: r[k] for k in ("id", "question", "image", "answer", "tokens")})

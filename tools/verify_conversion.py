@@ -85,8 +85,7 @@ def main(argv=None):
               "passed": diff <= tolerance}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    parallel.finish()
     return 0 if result["passed"] else 1
 
 

@@ -63,6 +63,15 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+def finish() -> None:
+    """An entry point's orderly end: every rank done with its collectives, then the groups
+    torn down together (a rank leaving while others still tear down can abort in gloo)."""
+    if dist.is_initialized():
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if not cpu_runtime.is_active() \
         and torch.cuda.is_available() else torch.device("cpu")

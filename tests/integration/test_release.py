@@ -61,7 +61,7 @@ def test_generate_equals_transformers_on_the_release(released, stage, layout):
 def test_evaluation_is_the_same_at_tp1_tp2xep2_and_from_the_release(released, tmp_path):
     """tools/evaluate.py generate on held-out demo records (VQA and modality classification)
     from the checkpoint at TP1 and TP2xEP2 and from its release folder: the same predictions
-    and the same expert activation counts; then scored."""
+    and the same expert activation counts (image and text tokens); then scored."""
     work = released["work_dir"]
     records = json.loads((work / "data" / "test.json").read_text())[:8]
     (tmp_path / "test.json").write_text(json.dumps(records))
@@ -78,7 +78,9 @@ def test_evaluation_is_the_same_at_tp1_tp2xep2_and_from_the_release(released, tm
                      timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
         predictions[name] = (out / "pred.jsonl").read_text()
-        stats[name] = (out / "expert_activation.csv").read_text()
+        # padding rows depend on how questions were batched, which differs with DP
+        stats[name] = [line for line in (out / "expert_activation.csv").read_text()
+                       .splitlines() if ",padding," not in line]
         assert (out / "expert_activation.png").stat().st_size > 0
     assert predictions["TP1"] == predictions["TP2xEP2"] == predictions["release"]
     assert stats["TP1"] == stats["TP2xEP2"] == stats["release"]

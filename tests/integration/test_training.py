@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import run_tool
 from tests.demo_setup import make_workspace
@@ -46,8 +47,6 @@ def test_interrupt_and_resume_is_bitwise(tmp_path, workspace):
     assert first == full[:3]
     assert rest == full[3:]  # bitwise: same floats after the restart
     assert full[-1] < full[0]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     events = EventAccumulator(str(tmp_path / "tb" / "stage2")).Reload()
     assert [e.step for e in events.Scalars("lm-loss-validation")] == [4, 6]
 
@@ -75,12 +74,24 @@ def test_stage3_checkpoint_reshards_tp_ep(tmp_path, workspace):
     tp2ep2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel",
               "--expert-model-parallel-size", "2")
     ref, _ = _train(*stage3, "--train-iters", "3", "--save", tmp_path / "c", "--save-interval",
-                    "2")
+                    "2", "--tensorboard-dir", tmp_path / "tb_ref")
     # Saved at TP1/EP1 (iteration 2), continued at TP2+SP/EP2: the next loss equals TP1/EP1's.
     up, _ = _train(*stage3, *tp2ep2, "--train-iters", "4", "--load",
                    tmp_path / "c" / "iter_0000002", "--save", tmp_path / "d", "--save-interval",
-                   "3")
+                   "3", "--tensorboard-dir", tmp_path / "tb_up")
     assert abs(up[0] - ref[2]) < 1e-5, (up, ref)
+    # the expert load of iteration 3 (TensorBoard) is the same counted at either layout
+    load = {}
+    for run in ("ref", "up"):
+        events = EventAccumulator(str(tmp_path / f"tb_{run}" / "stage3")).Reload()
+        tags = [t for t in events.Tags()["scalars"] if t.startswith("expert-load/")]
+        load[run] = {t: next(e.value for e in events.Scalars(t) if e.step == 3) for t in tags}
+    assert sorted(load["ref"]) == [f"expert-load/layer{n:02d}/expert{e}" for n in (1, 3)
+                                   for e in range(4)]
+    assert load["ref"] == pytest.approx(load["up"], abs=1e-6)
+    for n in (1, 3):
+        assert sum(v for t, v in load["ref"].items() if f"layer{n:02d}" in t) == \
+            pytest.approx(1.0)
     # ... and back: saved at TP2/EP2 (iteration 3), continued at TP1/EP1: the same next loss as
     # the TP2/EP2 run that went on from there.
     down, _ = _train(*stage3, "--train-iters", "4", "--load", tmp_path / "d" / "iter_0000003",
