@@ -7,9 +7,8 @@ modality router at token or sample granularity, or Megatron's learned TopKRouter
 counts the tokens it routed: with sequence parallelism a tensor-parallel rank holds a slice
 of the positions, without it every tensor-parallel rank holds them all and only rank 0
 counts. `reduce()` sums over the world, so the totals are those of the whole input, at any
-TP/EP/DP. Padding is counted apart (its amount depends on how questions were batched):
-every layer's total over experts is (routed tokens x
-top-k), padding included.
+TP/EP/DP. Padding is counted apart (its amount depends on how questions were batched);
+every layer's total over experts is (routed tokens x top-k), padding included.
 """
 
 from __future__ import annotations
