@@ -94,3 +94,11 @@ def test_flags_a_run_cannot_honour_are_refused(tmp_path, capsys):
     assert "--work-dir: demo-pipeline flags" in capsys.readouterr().err
     assert example.main(["--stage", "2", "--pretrained-checkpoint", str(ckpt)]) == 2
     assert "--stage 2 needs --data-path, --train-iters, --lr" in capsys.readouterr().err
+    common = ["--stage", "2", "--pretrained-checkpoint", str(ckpt), "--data-path", "d",
+              "--train-iters", "4", "--lr", "1e-3"]
+    assert example.main([*common, "--eval-interval", "2"]) == 2  # nothing to validate on
+    assert "--eval-interval without --valid-data-path" in capsys.readouterr().err
+    assert example.main([*common, "--valid-data-path", "v", "--eval-iters", "0"]) == 2
+    assert "--eval-iters 0: must be a positive integer" in capsys.readouterr().err
+    assert example.main(["--valid-data-path", "v"]) == 2  # the pipeline brings its own
+    assert "--valid-data-path: a single stage's inputs" in capsys.readouterr().err

@@ -138,3 +138,36 @@ def test_test_file_problems_are_named_before_any_model(tmp_path):
     (tmp_path / "missing.png").write_bytes(b"")
     questions, gold = test_questions(tmp_path / "t.json")
     assert questions[0].question == "What?" and gold["a"]["answer"] == "x"
+
+
+def test_test_data_outside_the_image_folder_shards_and_prompt_styles(tmp_path):
+    from medmoe_mcore.data.records import write_shards
+    from medmoe_mcore.eval.predict import test_questions
+
+    def record(qid, image, kind):
+        return {"id": qid, "image": image, "answer_type": kind, "conversations": [
+            {"from": "human", "value": "<image>\nIs it?"}, {"from": "gpt", "value": "yes"}]}
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    for bad in ("../secret.png", str(tmp_path / "secret.png")):
+        (tmp_path / "t.json").write_text(json.dumps([record("a", bad, "CLOSED")]))
+        with pytest.raises(ConfigError, match="id a: image .* is outside the image folder"):
+            test_questions(tmp_path / "t.json", tmp_path / "images")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "ok.png")
+    records = [record("c", "ok.png", "CLOSED"), record("o", "ok.png", "OPEN")]
+    (tmp_path / "t.json").write_text(json.dumps(records))
+    questions, _ = test_questions(tmp_path / "t.json", tmp_path / "images", "short-answer")
+    assert [q.question for q in questions] == ["Is it?\nAnswer with yes or no",
+                                              "Is it?\nAnswer with a single word or short phrase"]
+    with pytest.raises(ConfigError, match="--prompt-style 'x'"):
+        test_questions(tmp_path / "t.json", tmp_path / "images", "x")
+    write_shards(records, lambda r: (tmp_path / "images" / r["image"]).read_bytes(),
+                 tmp_path / "shards", show_progress=False)
+    from_shards, gold = test_questions(tmp_path / "shards")
+    assert [q.id for q in from_shards] == ["c", "o"] and gold["o"]["answer_type"] == "open"
+    assert from_shards[0].image_bytes is not None and from_shards[0].load_image().size == (8, 8)
+    with pytest.raises(ConfigError, match="shards .* carry their images"):
+        test_questions(tmp_path / "shards", tmp_path / "images")
