@@ -55,8 +55,10 @@ class Trainer:
             valid = EncodedDataset(train.valid_data_path, self.data.tok,
                                    train.template_or_default, train.seq_length, cfg)
             interval, iters = train.validation
+            repeats = iters * train.global_batch_size > len(valid)
             log(f"validation {valid.summary()}; every {interval} iterations and at the end: "
-                f"{iters} global batches of {train.global_batch_size}")
+                f"{iters} global batches of {train.global_batch_size}"
+                f"{' (more than the data: samples repeat)' if repeats else ''}")
             self.valid = self._batches(valid, shuffle=False)
         self.metrics = TrainingMetrics(train.train_iters, train.log_interval, self.dp,
                                        train.tensorboard_dir, train.stage)
