@@ -96,6 +96,7 @@ def generate(args) -> int:
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.arguments import given
 
+    own_groups = not parallel.started()  # an in-process caller keeps its own
     try:
         gen = GenerationConfig(**given(args, GenerationConfig)).validate()
         par = ParallelConfig(**given(args, ParallelConfig))
@@ -119,7 +120,7 @@ def generate(args) -> int:
     except (ConfigError, ConversionError, ImageDecodeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parallel.finish()
+    parallel.finish(tear_down=own_groups)
     if answers is not None:
         print(f"wrote {len(answers)} predictions: {args.output} ({seconds:.1f} s generating, "
               f"{len(answers) / seconds:.2f} questions/s)")

@@ -68,6 +68,7 @@ def main(argv=None):
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.arguments import given
 
+    own_groups = not parallel.started()  # an in-process caller keeps its own
     try:
         gen = GenerationConfig(**given(args, GenerationConfig)).validate()
         par = ParallelConfig(**given(args, ParallelConfig))
@@ -88,7 +89,7 @@ def main(argv=None):
     except (ConfigError, ConversionError, ImageDecodeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parallel.finish()
+    parallel.finish(tear_down=own_groups)
     if results is None:
         return 0
     lines = [json.dumps({k: r[k] for k in ("id", "question", "image", "answer", "tokens")})

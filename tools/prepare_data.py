@@ -5,8 +5,13 @@ with a validation report (records skipped and counted by reason, never silently)
     python tools/prepare_data.py --medmnist pneumoniamnist.npz --split train \\
         --label-names normal,pneumonia --modality X-Ray --output SHARDS
 
-Reasons: malformed, missing_image, corrupt_image, no_image_token, empty_answer, unknown_role,
-not_utf8, too_long. The report is printed and written to OUTPUT/report.json.
+Reasons: malformed, missing_image, corrupt_image, image_too_large (more than
+--max-image-pixels: never decoded), path_outside_root (an image path leading outside
+--image-folder, symlinks followed: never opened), no_image_token, image_count_mismatch (more
+<image> tokens than the record's one image), empty_answer, unknown_role, not_utf8, too_long.
+The report (per-shard record counts included) is printed and written to OUTPUT/report.json;
+training reads the shards against it. An OUTPUT that already holds files is refused unless
+--overwrite, which replaces it once the new shards are complete.
 """
 
 import argparse
@@ -58,29 +63,44 @@ def main(argv=None):
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--max-chars", type=int, default=8000, help="longer records are skipped")
     p.add_argument("--prefix", default="shard")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="images with more pixels are skipped (image_too_large) before "
+                        "decoding (default: PIL's decompression-bomb limit, ~89.5M)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder that already holds files (atomically, "
+                        "once the new shards are complete)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from medmoe_mcore.data.records import load_json_records, write_shards
+    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.data.images import DEFAULT_MAX_PIXELS
+    from medmoe_mcore.data.records import folder_reader, load_json_records, write_shards
 
     if args.json:
         if not args.image_folder:
             raise SystemExit("error: --json needs --image-folder")
-        folder = Path(args.image_folder)
-
-        def reader(record):
-            path = folder / str(record.get("image"))
-            return path.read_bytes() if record.get("image") and path.is_file() else None
-
-        records = load_json_records(args.json)
+        if not Path(args.image_folder).is_dir():
+            raise SystemExit(f"error: --image-folder {args.image_folder}: not a folder")
+        reader = folder_reader(args.image_folder)
+        try:
+            records = load_json_records(args.json)
+        except (ConfigError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         if not args.label_names:
             raise SystemExit("error: --medmnist needs --label-names")
         records, reader = medmnist_records(args.medmnist, args.split,
                                            args.label_names.split(","), args.modality)
-    report = write_shards(records, reader, args.output, samples_per_shard=args.samples_per_shard,
-                          max_chars=args.max_chars, prefix=args.prefix, total=len(records),
-                          show_progress=not args.no_progress)
+    try:
+        report = write_shards(records, reader, args.output,
+                              samples_per_shard=args.samples_per_shard,
+                              max_chars=args.max_chars, prefix=args.prefix, total=len(records),
+                              show_progress=not args.no_progress, overwrite=args.overwrite,
+                              max_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(report.to_json())
     print(f"wrote {report.written} records in {len(report.shards)} shard(s) to {args.output}; "
           f"skipped {sum(report.skipped.values())}")

@@ -43,6 +43,7 @@ def main(argv=None):
     from medmoe_mcore.config import ParallelConfig
     from medmoe_mcore.models.language import LanguageModel
 
+    own_groups = not parallel.started()  # an in-process caller keeps its own
     tp = args.tensor_model_parallel_size
     par = ParallelConfig(tensor_model_parallel_size=tp,
                          sequence_parallel=tp > 1 and not args.no_sequence_parallel,
@@ -85,7 +86,7 @@ def main(argv=None):
               "passed": diff <= tolerance}
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
-    parallel.finish()
+    parallel.finish(tear_down=own_groups)
     return 0 if result["passed"] else 1
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from medmoe_mcore.data.medical_images import CATALOGUE, MedicalImage
-from medmoe_mcore.data.records import load_json_records, write_shards
+from medmoe_mcore.data.records import folder_reader, load_json_records, write_shards
 
 VERSION = 2
 STAGES = ("stage1", "stage2", "router", "stage3", "test")
@@ -110,19 +110,11 @@ def build(cache_dir, samples_per_image: int = 40, image_size: int = 96, seed: in
         order = np.random.default_rng([seed, 99]).permutation(len(records))
         path = cache / f"{stage}.json"
         path.write_text(json.dumps([records[i] for i in order], indent=1))
-        write_shards(load_json_records(path), _reader(cache / "images"), folders[stage],
+        write_shards(load_json_records(path), folder_reader(cache / "images"), folders[stage],
                      samples_per_shard=200, total=len(records), prefix=stage,
-                     show_progress=show_progress)
+                     show_progress=show_progress, overwrite=True)  # the cache is ours
     marker.write_text(json.dumps(stamp))
     return folders
-
-
-def _reader(folder: Path):
-    def read(record):
-        path = folder / str(record.get("image"))
-        return path.read_bytes() if path.is_file() else None
-
-    return read
 
 
 def corpus(cache_dir) -> list[str]:

@@ -18,8 +18,22 @@ from PIL import Image, UnidentifiedImageError
 from medmoe_mcore.config import VisionConfig
 
 
+# PIL's own decompression-bomb threshold (it refuses twice this); --max-image-pixels sets ours.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
 class ImageDecodeError(ValueError):
     """An image that cannot be read; the message names its source."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """More pixels than allowed (a decompression bomb, or simply too large): never decoded."""
+
+
+def _check_size(label: str, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{label}: {width} x {height} pixels, more than the limit "
+                                 f"{max_pixels} (--max-image-pixels)")
 
 
 def is_dicom(data: bytes) -> bool:
@@ -27,12 +41,15 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def dicom_to_rgb(source) -> Image.Image:
+def dicom_to_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "DICOM"
+                 ) -> Image.Image:
     """A DICOM file (path or file-like) as 8-bit RGB: colour kept; grey levels windowed to
-    the 0.5-99.5 percentiles, MONOCHROME1 inverted (white = air)."""
+    the 0.5-99.5 percentiles, MONOCHROME1 inverted (white = air). The pixel count is checked
+    from the header before any pixel is decoded."""
     import pydicom
 
     ds = pydicom.dcmread(source)
+    _check_size(label, int(ds.Columns), int(ds.Rows), max_pixels)
     pixels = ds.pixel_array
     if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
         pixels = pixels[pixels.shape[0] // 2]  # a multi-frame file: its middle frame
@@ -46,9 +63,10 @@ def dicom_to_rgb(source) -> Image.Image:
     return Image.fromarray((pixels * 255).astype(np.uint8)).convert("RGB")
 
 
-def load_image(source: bytes | str | Path, name: str | None = None) -> Image.Image:
+def load_image(source: bytes | str | Path, name: str | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode PNG/JPEG/... or DICOM to RGB; raises ImageDecodeError naming `name` (or the
-    path)."""
+    path), ImageTooLargeError before decoding an image of more than `max_pixels`."""
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -56,12 +74,19 @@ def load_image(source: bytes | str | Path, name: str | None = None) -> Image.Ima
         raise ImageDecodeError(f"{label}: cannot read ({e})") from None
     if is_dicom(data):
         try:
-            return dicom_to_rgb(io.BytesIO(data))
+            return dicom_to_rgb(io.BytesIO(data), max_pixels, label)
+        except ImageTooLargeError:
+            raise
         except Exception as e:  # pydicom raises many kinds for a broken file
             raise ImageDecodeError(f"{label}: cannot decode DICOM ({e})") from None
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        _check_size(label, *image.size, max_pixels)
         image.load()
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{label}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ImageDecodeError(f"{label}: cannot decode image ({e})") from None
     return image.convert("RGB")

@@ -1,11 +1,16 @@
 """LLaVA-format records: validation by reason, and webdataset tar shards (`{key}.json` +
 `{key}.{ext}` image bytes) written with progress and a report. Never a crash, never silent:
-every skipped record is counted under its reason and the first few are named."""
+every skipped record is counted under its reason and the first few are named; no image
+outside the image folder is ever opened; an output folder holding earlier work is replaced
+only when asked, atomically; shards are read against the report's per-shard counts, so a
+truncated or corrupt shard is named."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,12 +19,20 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
+from medmoe_mcore.config import ConfigError
 from medmoe_mcore.conventions import IMAGE_TOKEN
-from medmoe_mcore.data.images import ImageDecodeError, load_image
+from medmoe_mcore.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError,
+                                      load_image)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-REASONS = ("malformed", "missing_image", "corrupt_image", "no_image_token", "empty_answer",
+REASONS = ("malformed", "missing_image", "corrupt_image", "image_too_large",
+           "path_outside_root", "no_image_token", "image_count_mismatch", "empty_answer",
            "unknown_role", "not_utf8", "too_long")
+REPORT = "report.json"
+
+
+class ShardError(ConfigError):
+    """A shard that cannot be read as written (truncated, corrupt, or not the report's)."""
 
 
 class SkipRecord(ValueError):
@@ -44,10 +57,13 @@ def _utf8(text: str) -> None:
         raise SkipRecord("not_utf8", repr(text[:40])) from None
 
 
-def check(record: dict, image_bytes: Optional[bytes], max_chars: int) -> None:
+def check(record: dict, image_bytes: Optional[bytes], max_chars: int,
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Raise SkipRecord naming the first problem of a record."""
     if not isinstance(record, dict):
         raise SkipRecord("malformed", "not a JSON object")
+    if "image" in record and not isinstance(record["image"], str):
+        raise SkipRecord("malformed", "`image` must be one file name")
     turns = conversations(record)
     total = 0
     for i, turn in enumerate(turns):
@@ -63,14 +79,38 @@ def check(record: dict, image_bytes: Optional[bytes], max_chars: int) -> None:
         raise SkipRecord("no_image_token", "the first human turn has no <image>")
     if not any(ROLES[t["from"]] == "assistant" for t in turns):
         raise SkipRecord("empty_answer", "no answer turn")
+    placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+    if placeholders != 1:
+        raise SkipRecord("image_count_mismatch", f"{placeholders} {IMAGE_TOKEN} tokens for "
+                                                 "1 image")
     if total > max_chars:
         raise SkipRecord("too_long", f"{total} characters > {max_chars}")
     if image_bytes is None:
         raise SkipRecord("missing_image", str(record.get("image")))
     try:
-        load_image(image_bytes, name=str(record.get("image")))
+        load_image(image_bytes, name=str(record.get("image")), max_pixels=max_pixels)
+    except ImageTooLargeError as e:
+        raise SkipRecord("image_too_large", str(e)) from None
     except ImageDecodeError as e:
         raise SkipRecord("corrupt_image", str(e)) from None
+
+
+def folder_reader(folder) -> Callable[[dict], Optional[bytes]]:
+    """A record's image bytes from `folder` (None when absent). A name that resolves outside
+    the folder (`..`, an absolute path, a symlink leading out) is skipped as
+    `path_outside_root` and never opened."""
+    root = Path(folder).resolve()
+
+    def read(record: dict) -> Optional[bytes]:
+        name = record.get("image")
+        if not isinstance(name, str) or not name:
+            return None
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise SkipRecord("path_outside_root", name)
+        return path.read_bytes() if path.is_file() else None
+
+    return read
 
 
 @dataclass
@@ -78,7 +118,7 @@ class Report:
     written: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> first few record ids
-    shards: list = field(default_factory=list)
+    shards: list = field(default_factory=list)  # [{"name", "records"}]
 
     def skip(self, reason: str, record_id) -> None:
         self.skipped[reason] += 1
@@ -95,36 +135,66 @@ class Report:
 def write_shards(records: Iterable[dict], image_reader: Callable[[dict], Optional[bytes]],
                  out_dir, samples_per_shard: int = 1000, max_chars: int = 8000,
                  prefix: str = "shard", total: Optional[int] = None,
-                 show_progress: bool = True) -> Report:
-    """Validate and write records to `out_dir/{prefix}-000000.tar, ...` + `report.json`."""
+                 show_progress: bool = True, overwrite: bool = False,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Report:
+    """Validate and write records to `out_dir/{prefix}-000000.tar, ...` + `report.json`.
+
+    Written into a fresh sibling folder that replaces `out_dir` only when complete: a folder
+    already holding files is refused unless `overwrite` (then replaced whole, never mixed)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report, tar, count = Report(), None, 0
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds files (an earlier run's shards?); "
+                              "choose another output folder or --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        report = _write(records, image_reader, work, samples_per_shard, max_chars, prefix,
+                        total, show_progress, max_pixels)
+        (work / REPORT).write_text(report.to_json())
+        _replace(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _write(records, image_reader, folder: Path, samples_per_shard, max_chars, prefix, total,
+           show_progress, max_pixels) -> Report:
+    report, tar = Report(), None
     for index, record in enumerate(tqdm(records, total=total, desc="records",
                                         disable=not show_progress)):
         rid = record.get("id", index) if isinstance(record, dict) else index
         try:
             image = image_reader(record) if isinstance(record, dict) else None
-            check(record, image, max_chars)
+            check(record, image, max_chars, max_pixels)
         except SkipRecord as e:
             report.skip(e.reason, rid)
             continue
-        if tar is None or count == samples_per_shard:
+        if tar is None or report.shards[-1]["records"] == samples_per_shard:
             if tar is not None:
                 tar.close()
             name = f"{prefix}-{len(report.shards):06d}.tar"
-            tar, count = tarfile.open(out_dir / name, "w"), 0
-            report.shards.append(name)
+            tar = tarfile.open(folder / name, "w")
+            report.shards.append({"name": name, "records": 0})
         key = f"{report.written:09d}"
         ext = Path(str(record.get("image", "x.png"))).suffix.lstrip(".").lower() or "png"
         _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
         _add(tar, f"{key}.{ext}", image)
         report.written += 1
-        count += 1
+        report.shards[-1]["records"] += 1
     if tar is not None:
         tar.close()
-    (out_dir / "report.json").write_text(report.to_json())
     return report
+
+
+def _replace(new: Path, out_dir: Path) -> None:
+    """`new` takes `out_dir`'s place; the old folder goes only once the new one is there."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    new.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -134,32 +204,76 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def read_shards(paths: Iterable) -> Iterator[tuple[dict, bytes]]:
-    """(record, image bytes) pairs from tar shards, in order."""
-    for path in paths:
-        with tarfile.open(path) as tar:
-            pending: dict[str, dict] = {}
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                data = tar.extractfile(member).read()
-                entry = pending.setdefault(key, {})
-                entry["json" if ext == "json" else "image"] = data
-                if len(entry) == 2:
-                    yield json.loads(pending.pop(key)["json"]), entry["image"]
+    """(record, image bytes) pairs from tar shards, in order. A shard that is truncated or
+    corrupt, or holds another number of records than its folder's report.json says, stops
+    the reading with a ShardError naming the file."""
+    for path in map(Path, paths):
+        expected = _expected_counts(path.parent).get(path.name)
+        count = 0
+        try:
+            with tarfile.open(path) as tar:
+                pending: dict[str, dict] = {}
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    data = tar.extractfile(member).read()
+                    entry = pending.setdefault(key, {})
+                    entry["json" if ext == "json" else "image"] = data
+                    if len(entry) == 2:
+                        count += 1
+                        yield json.loads(pending.pop(key)["json"]), entry["image"]
+        except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
+            raise ShardError(f"{path}: corrupt or truncated shard ({e})") from None
+        if expected is not None and count != expected:
+            raise ShardError(f"{path}: {count} records, but {path.parent / REPORT} says "
+                             f"{expected} (a truncated shard?)")
+
+
+def _expected_counts(folder: Path) -> dict:
+    report = folder / REPORT
+    if not report.is_file():
+        return {}
+    shards = json.loads(report.read_text()).get("shards", [])
+    return {s["name"]: s["records"] for s in shards if isinstance(s, dict)}
 
 
 def shard_paths(data_path) -> list[Path]:
-    """A shard file, or every `*.tar` of a folder (sorted)."""
+    """A shard file, or every `*.tar` of a folder (sorted); with a report.json, exactly the
+    shards it lists (a stray or missing shard is refused by name)."""
     path = Path(data_path)
     paths = sorted(path.glob("*.tar")) if path.is_dir() else [path]
     if not paths or not all(p.exists() for p in paths):
         raise FileNotFoundError(f"--data-path {data_path}: no .tar shards")
+    listed = _expected_counts(path) if path.is_dir() else {}
+    if listed and set(listed) != {p.name for p in paths}:
+        extra = sorted({p.name for p in paths} - set(listed))
+        missing = sorted(set(listed) - {p.name for p in paths})
+        raise ShardError(f"{path}: shards do not match {REPORT} (not listed: {extra}; "
+                         f"listed but absent: {missing})")
     return paths
 
 
 def load_json_records(path) -> list:
-    """A LLaVA JSON list or JSONL file; text that is not valid UTF-8 survives as lone
-    surrogates so that its record is reported (not_utf8) instead of failing the whole file."""
-    text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    """A LLaVA JSON list (`[...]`) or JSON lines (one record per line). A file that is
+    neither, or a `.json` holding a single object, is refused naming the file and the first
+    bad line. Text that is not valid UTF-8 survives as lone surrogates so that its record is
+    reported (not_utf8) instead of failing the whole file."""
+    path = Path(path)
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not a valid JSON list (line {e.lineno}: {e.msg})") \
+                from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if path.suffix == ".json" and len(lines) == 1:
+        raise ConfigError(f"{path}: a single JSON object, not a list of records (write `[...]`,"
+                          " or one record per line in a .jsonl file)")
+    records = []
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: neither a JSON list nor JSON lines: line {n} is not "
+                              f"JSON ({e.msg}): {line[:80]!r}") from None
+    return records

@@ -63,11 +63,21 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def finish() -> None:
-    """An entry point's orderly end: every rank done with its collectives, then the groups
-    torn down together (a rank leaving while others still tear down can abort in gloo)."""
-    if dist.is_initialized():
-        dist.barrier()
+def started() -> bool:
+    """Whether process groups exist already (an entry point asks at its start, to know
+    whether the groups it ends with are its own to tear down)."""
+    return dist.is_initialized()
+
+
+def finish(tear_down: bool = True) -> None:
+    """An entry point's orderly end: every rank done with its collectives, then (when the
+    entry point created them: `not started()` at its start) the groups torn down together; a
+    rank leaving while others still tear down can abort in gloo. A caller's groups (an
+    in-process caller, such as a test) are left alone."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    if tear_down:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 

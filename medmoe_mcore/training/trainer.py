@@ -41,11 +41,6 @@ class Trainer:
         self.dp = parallel_state.get_data_parallel_world_size()
         train.validate(self.dp)
         cfg.validate()
-        self.checkpoint = RunCheckpoint(cfg, train)
-        model, trainable = training_setup.stage_model(cfg, train)
-        self.checkpoint.load_starting_weights(model)
-        self.setup = training_setup.wrap(model, trainable, cfg, train)
-        self.progress = self.checkpoint.restore(self.setup)
         self.data = EncodedDataset(train.data_path, train.tokenizer, train.template_or_default,
                                    train.seq_length, cfg)
         log(self.data.summary())
@@ -60,6 +55,12 @@ class Trainer:
                 f"{iters} global batches of {train.global_batch_size}"
                 f"{' (more than the data: samples repeat)' if repeats else ''}")
             self.valid = self._batches(valid, shuffle=False)
+        # the data is read (and every shard checked) before the model is built
+        self.checkpoint = RunCheckpoint(cfg, train)
+        model, trainable = training_setup.stage_model(cfg, train)
+        self.checkpoint.load_starting_weights(model)
+        self.setup = training_setup.wrap(model, trainable, cfg, train)
+        self.progress = self.checkpoint.restore(self.setup)
         self.metrics = TrainingMetrics(train.train_iters, train.log_interval, self.dp,
                                        train.tensorboard_dir, train.stage)
         # expert load per layer to TensorBoard, as Megatron's MoE metrics (every rank counts)

@@ -2,11 +2,15 @@
 
 import io
 import json
+import struct
+import tarfile
+import zlib
 
 import numpy as np
+import pytest
 
 from medmoe_mcore.data.medical_images import BY_NAME
-from medmoe_mcore.data.records import read_shards, shard_paths
+from medmoe_mcore.data.records import ShardError, read_shards, shard_paths
 from tests.conftest import run_tool
 
 
@@ -22,12 +26,26 @@ def _conv(q, a, role="gpt"):
     return [{"from": "human", "value": q}, {"from": role, "value": a}]
 
 
+def bomb_png(width=40000, height=40000) -> bytes:
+    """A valid PNG of a few dozen bytes that claims width x height pixels."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0,
+                                                               0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
 def mixed_records(folder):
-    """Good records plus one of each bad kind; returns the JSON path."""
+    """Good records plus one of each bad kind; returns the JSON path. A real, valid image
+    lies outside the image folder, reached by `..`, an absolute path and a symlink."""
     (folder / "images").mkdir(parents=True)
     (folder / "images" / "xray.png").write_bytes(_png("RG1_UNCI"))
     (folder / "images" / "ihc.png").write_bytes(_png("immunohistochemistry"))
     (folder / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "images" / "bomb.png").write_bytes(bomb_png())
+    (folder / "outside.png").write_bytes(_png("RG1_UNCI"))
+    (folder / "images" / "link.png").symlink_to(folder / "outside.png")
     good = [{"id": f"g{i}", "image": "xray.png" if i % 2 else "ihc.png",
              "conversations": _conv("<image>\nWhat modality?", "An X-ray.")} for i in range(6)]
     good.append({"id": "typo", "image": "ihc.png",  # the authors' misspelt key
@@ -41,6 +59,13 @@ def mixed_records(folder):
         {"id": "long", "image": "xray.png", "conversations": _conv("<image>\n" + "x" * 500,
                                                                    "A.")},
         {"id": "malformed", "image": "xray.png"},
+        {"id": "bomb", "image": "bomb.png", "conversations": _conv("<image>\nQ?", "A.")},
+        {"id": "dotdot", "image": "../outside.png", "conversations": _conv("<image>\nQ?", "A.")},
+        {"id": "absolute", "image": str(folder / "outside.png"),
+         "conversations": _conv("<image>\nQ?", "A.")},
+        {"id": "symlink", "image": "link.png", "conversations": _conv("<image>\nQ?", "A.")},
+        {"id": "twoimg", "image": "xray.png", "conversations": _conv("<image>\n<image>\nQ?",
+                                                                     "A.")},
     ]
     text = json.dumps(good + bad)
     # A record whose text is not valid UTF-8 (raw byte 0xff inside its answer).
@@ -58,14 +83,66 @@ def test_prepare_data_counts_each_bad_kind(tmp_path):
                  "--samples-per-shard", "3", "--max-chars", "200", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "shards" / "report.json").read_text())
-    assert report["written"] == 7 and len(report["shards"]) == 3
-    assert report["skipped"] == {k: 1 for k in ("missing_image", "corrupt_image",
-                                                "no_image_token", "empty_answer",
-                                                "unknown_role", "too_long", "malformed",
-                                                "not_utf8")}
+    assert report["written"] == 7
+    assert [s["records"] for s in report["shards"]] == [3, 3, 1]
+    assert report["skipped"] == {**{k: 1 for k in (
+        "missing_image", "corrupt_image", "no_image_token", "empty_answer", "unknown_role",
+        "too_long", "malformed", "not_utf8", "image_too_large", "image_count_mismatch")},
+        "path_outside_root": 3}
     assert report["examples"]["corrupt_image"] == ["corrupt"]
+    assert report["examples"]["path_outside_root"] == ["dotdot", "absolute", "symlink"]
+    assert report["examples"]["image_too_large"] == ["bomb"]
     records = [rec for rec, _ in read_shards(shard_paths(tmp_path / "shards"))]
     assert [rec["id"] for rec in records] == [f"g{i}" for i in range(6)] + ["typo"]
+
+    # an output folder holding shards is refused; --overwrite replaces it whole
+    again = ("tools/prepare_data.py", "--json", str(path), "--image-folder",
+             str(tmp_path / "src" / "images"), "--output", str(tmp_path / "shards"),
+             "--max-chars", "200", "--no-progress")
+    r = run_tool(*again)
+    assert r.returncode == 2 and "already holds files" in r.stderr and "--overwrite" in r.stderr
+    (tmp_path / "shards" / "stale-000009.tar").write_bytes(b"")
+    r = run_tool(*again, "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == \
+        ["report.json", "shard-000000.tar"]
+    assert not list(tmp_path.glob(".shards.*"))  # no partial or old folder left behind
+
+
+def test_bad_input_files_are_refused_by_name(tmp_path):
+    (tmp_path / "images").mkdir()
+    for name, text, message in [
+            ("list.json", '[{"id": 1},\n {"id": 2', "list.json: not a valid JSON list (line 2"),
+            ("one.json", '{"id": 1, "image": "x.png"}', "one.json: a single JSON object"),
+            ("lines.jsonl", '{"id": 1}\nnot json\n', "lines.jsonl: neither a JSON list nor "
+                                                       "JSON lines: line 2")]:
+        (tmp_path / name).write_text(text)
+        r = run_tool("tools/prepare_data.py", "--json", str(tmp_path / name), "--image-folder",
+                     str(tmp_path / "images"), "--output", str(tmp_path / "out"))
+        assert r.returncode == 2 and message in r.stderr, r.stderr[-1000:]
+        assert not (tmp_path / "out").exists()
+
+
+def test_truncated_or_stray_shards_are_named(tmp_path):
+    path = mixed_records(tmp_path / "src")
+    r = run_tool("tools/prepare_data.py", "--json", str(path), "--image-folder",
+                 str(tmp_path / "src" / "images"), "--output", str(tmp_path / "shards"),
+                 "--samples-per-shard", "3", "--max-chars", "200", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    shard = tmp_path / "shards" / "shard-000001.tar"
+    whole = shard.read_bytes()
+    members = tarfile.open(shard).getmembers()
+    boundary = members[4].offset  # the third record's first header: a clean cut
+    for cut, message in ((boundary, "2 records, but .*report.json says 3"),
+                         (members[3].offset_data + members[3].size // 2,  # mid-image
+                          "corrupt or truncated shard")):
+        shard.write_bytes(whole[:cut])
+        with pytest.raises(ShardError, match=f"shard-000001.tar: {message}"):
+            list(read_shards(shard_paths(tmp_path / "shards")))
+    shard.write_bytes(whole)
+    (tmp_path / "shards" / "extra.tar").write_bytes(whole)
+    with pytest.raises(ShardError, match=r"not listed: \['extra.tar'\]"):
+        shard_paths(tmp_path / "shards")
 
 
 def test_medmnist_to_vqa_shards(tmp_path):

@@ -2,6 +2,7 @@
 TP/EP resharding of a stage-3 checkpoint, a rank killed mid-save, the whole demo pipeline."""
 
 import json
+import tarfile
 
 import pytest
 import torch
@@ -160,3 +161,12 @@ def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
                          "--use-distributed-optimizer", "--tensorboard-dir", tmp_path / "tb")
     assert len(losses) == 2 and "data: 7 samples" in log
     assert list((tmp_path / "tb" / "stage2").glob("events.out.tfevents.*"))  # one per stage
+    # a shard truncated at a record boundary: refused naming the file, before any model
+    shard = tmp_path / "shards" / "shard-000000.tar"
+    members = tarfile.open(shard).getmembers()
+    shard.write_bytes(shard.read_bytes()[:members[2].offset])
+    r = run_tool("examples/pretrain_medmoe.py", *COMMON, "--stage", "2", "--data-path",
+                 str(tmp_path / "shards"), "--pretrained-checkpoint", str(workspace["init"]),
+                 "--train-iters", "2", nproc=2)
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "shard-000000.tar: 1 records, but" in r.stderr and "initialised" not in r.stdout

@@ -39,3 +39,26 @@ def test_truncation_keeps_the_image(tok):
     assert len(ids) + 15 == 40 and ids[0] == tok.image_token_id
     with pytest.raises(SkipRecord, match="too_long"):
         encode(record, tok, "plain", 16, 16)
+
+
+def test_no_image_outside_the_folder_is_ever_opened(tmp_path, monkeypatch):
+    """`..`, an absolute path and a symlink leading out are skipped as path_outside_root
+    without reading the file (every read is watched); an image inside is read."""
+    import pathlib
+
+    from medmoe_mcore.data.records import SkipRecord, folder_reader
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "in.png").write_bytes(b"inside")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    (tmp_path / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    opened, read_bytes = [], pathlib.Path.read_bytes
+    monkeypatch.setattr(pathlib.Path, "read_bytes",
+                        lambda self: opened.append(self.name) or read_bytes(self))
+    reader = folder_reader(tmp_path / "images")
+    for name in ("../secret.png", str(tmp_path / "secret.png"), "link.png",
+                 "sub/../../secret.png"):
+        with pytest.raises(SkipRecord, match="path_outside_root"):
+            reader({"image": name})
+    assert reader({"image": "in.png"}) == b"inside" and reader({"image": "none.png"}) is None
+    assert opened == ["in.png"]
