@@ -76,12 +76,18 @@ def mixed_records(folder):
     return folder / "data.json"
 
 
-def test_prepare_data_counts_each_bad_kind(tmp_path):
+def _mixed_shards(tmp_path):
+    """mixed_records written to tmp_path/shards, 3 records a shard; returns the JSON path."""
     path = mixed_records(tmp_path / "src")
     r = run_tool("tools/prepare_data.py", "--json", str(path), "--image-folder",
                  str(tmp_path / "src" / "images"), "--output", str(tmp_path / "shards"),
                  "--samples-per-shard", "3", "--max-chars", "200", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
+    return path
+
+
+def test_prepare_data_counts_each_bad_kind(tmp_path):
+    path = _mixed_shards(tmp_path)
     report = json.loads((tmp_path / "shards" / "report.json").read_text())
     assert report["written"] == 7
     assert [s["records"] for s in report["shards"]] == [3, 3, 1]
@@ -124,11 +130,7 @@ def test_bad_input_files_are_refused_by_name(tmp_path):
 
 
 def test_truncated_or_stray_shards_are_named(tmp_path):
-    path = mixed_records(tmp_path / "src")
-    r = run_tool("tools/prepare_data.py", "--json", str(path), "--image-folder",
-                 str(tmp_path / "src" / "images"), "--output", str(tmp_path / "shards"),
-                 "--samples-per-shard", "3", "--max-chars", "200", "--no-progress")
-    assert r.returncode == 0, r.stderr[-2000:]
+    _mixed_shards(tmp_path)
     shard = tmp_path / "shards" / "shard-000001.tar"
     whole = shard.read_bytes()
     members = tarfile.open(shard).getmembers()
