@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from medmoe_mcore.config import ConfigError
 from medmoe_mcore.conventions import IMAGE_TOKEN
+from medmoe_mcore.data import energon_format
 from medmoe_mcore.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError,
                                       load_image)
 
@@ -153,6 +154,8 @@ def write_shards(records: Iterable[dict], image_reader: Callable[[dict], Optiona
         report = _write(records, image_reader, work, samples_per_shard, max_chars, prefix,
                         total, show_progress, max_pixels)
         (work / REPORT).write_text(report.to_json())
+        if report.shards:  # energon-ready: its index and a crude dataset description
+            energon_format.write_meta(work, [s["name"] for s in report.shards])
         _replace(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -243,6 +246,8 @@ def shard_paths(data_path) -> list[Path]:
     paths = sorted(path.glob("*.tar")) if path.is_dir() else [path]
     if not paths or not all(p.exists() for p in paths):
         raise FileNotFoundError(f"--data-path {data_path}: no .tar shards")
+    if path.is_dir() and (path / energon_format.META / energon_format.DESCRIPTION).exists():
+        energon_format.check_description(path)
     listed = _expected_counts(path) if path.is_dir() else {}
     if listed and set(listed) != {p.name for p in paths}:
         extra = sorted({p.name for p in paths} - set(listed))

@@ -8,6 +8,10 @@ import zlib
 
 import numpy as np
 import pytest
+from megatron.energon import (Cooker, DefaultTaskEncoder, WorkerConfig, basic_sample_keys,
+                              get_savable_loader, get_train_dataset, stateless)
+
+from medmoe_mcore.config import ConfigError
 
 from medmoe_mcore.data.medical_images import BY_NAME
 from medmoe_mcore.data.records import ShardError, read_shards, shard_paths
@@ -111,7 +115,7 @@ def test_prepare_data_counts_each_bad_kind(tmp_path):
     r = run_tool(*again, "--overwrite")
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == \
-        ["report.json", "shard-000000.tar"]
+        [".nv-meta", "report.json", "shard-000000.tar", "shard-000000.tar.idx"]
     assert not list(tmp_path.glob(".shards.*"))  # no partial or old folder left behind
 
 
@@ -161,3 +165,41 @@ def test_medmnist_to_vqa_shards(tmp_path):
         ["normal", "pneumonia", "pneumonia", "normal", "pneumonia"]
     assert records[0]["modality"] == "X-Ray" and "Options: normal, pneumonia" in \
         records[0]["conversations"][0]["value"]
+
+
+@stateless
+def _record_id(sample: dict) -> dict:
+    return dict(**basic_sample_keys(sample), rid=json.loads(sample["json"])["id"])
+
+
+class _Ids(DefaultTaskEncoder):
+    """Reads the crude samples' ids (the training task encoder is issue 13's next step)."""
+    cookers = [Cooker(_record_id)]
+    decoder = None
+
+    def batch(self, samples):
+        return [s["rid"] for s in samples]
+
+
+def test_shards_are_an_energon_dataset_and_foreign_code_is_refused(tmp_path):
+    """prepare_data's folder is energon-ready (its index agrees with report.json and energon
+    reads every record); a description naming code from elsewhere is refused by name."""
+    _mixed_shards(tmp_path)
+    folder = tmp_path / "shards"
+    report = json.loads((folder / "report.json").read_text())
+    info = json.loads((folder / ".nv-meta" / ".info.json").read_text())
+    assert info["shard_counts"] == {s["name"]: s["records"] for s in report["shards"]}
+    dataset = get_train_dataset(str(folder), batch_size=7, shuffle_buffer_size=None,
+                                max_samples_per_sequence=None, task_encoder=_Ids(),
+                                worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0))
+    assert sorted(next(iter(get_savable_loader(dataset)))) == \
+        sorted([f"g{i}" for i in range(6)] + ["typo"])
+    description = folder / ".nv-meta" / "dataset.yaml"
+    for text, named in (("__module__: evil\n__class__: Payload\n", "__module__: 'evil'"),
+                        ("__module__: megatron.energon\n__class__: CrudeWebdataset\n"
+                         "sample_loader: sample_loader.py:sample_loader\n", "sample_loader"),
+                        ("__module__: megatron.energon\n__class__: CrudeWebdataset\n"
+                         "subflavors:\n  x:\n    __module__: os\n", "subflavors.x.__module__")):
+        description.write_text(text)
+        with pytest.raises(ConfigError, match=f"refused.*{named}"):
+            shard_paths(folder)
