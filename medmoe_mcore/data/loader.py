@@ -41,8 +41,7 @@ class EncodedDataset:
             except SkipRecord as e:
                 self.skipped[e.reason] += 1
                 continue
-            self.samples.append((ids, labels, image, record.get("id"),
-                                 str(record.get("modality") or "-")))
+            self.samples.append((ids, labels, image, record.get("id")))
         if not self.samples:
             raise ValueError(f"{data_path}: no usable record (skipped {dict(self.skipped)})")
         self.template = template
@@ -60,7 +59,7 @@ class EncodedDataset:
         ids = torch.full((len(rows), length), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
         images = []
-        for b, (x, y, image, rid, _) in enumerate(rows):
+        for b, (x, y, image, rid) in enumerate(rows):
             ids[b, : len(x)] = torch.tensor(x)
             labels[b, : len(y)] = torch.tensor(y)
             if self.vision is not None:  # decodable: validated when sharded
@@ -68,7 +67,7 @@ class EncodedDataset:
                                          train=True))
         return {"input_ids": ids, "labels": labels,
                 "images": torch.stack(images) if images else None,
-                "lengths": [len(r[0]) for r in rows], "modalities": [r[4] for r in rows]}
+                "lengths": [len(r[0]) for r in rows]}
 
 
 class Batches:

@@ -210,8 +210,11 @@ def read_shards(paths: Iterable) -> Iterator[tuple[dict, bytes]]:
     """(record, image bytes) pairs from tar shards, in order. A shard that is truncated or
     corrupt, or holds another number of records than its folder's report.json says, stops
     the reading with a ShardError naming the file."""
+    reports: dict[Path, dict] = {}  # one read of each folder's report, not one per shard
     for path in map(Path, paths):
-        expected = _expected_counts(path.parent).get(path.name)
+        if path.parent not in reports:
+            reports[path.parent] = _expected_counts(path.parent)
+        expected = reports[path.parent].get(path.name)
         count = 0
         try:
             with tarfile.open(path) as tar:
