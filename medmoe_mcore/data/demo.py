@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from medmoe_mcore.data.medical_images import CATALOGUE, MedicalImage
 from medmoe_mcore.data.records import folder_reader, load_json_records, write_shards
 
-VERSION = 2
+VERSION = 3
 STAGES = ("stage1", "stage2", "router", "stage3", "test")
 # The router's modalities (the paper's four); other images join stages 1-3 only.
 ROUTER_MODALITIES = ("CT", "MRI", "Pathology", "X-Ray")

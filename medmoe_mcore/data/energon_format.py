@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from medmoe_mcore.config import ConfigError
@@ -36,6 +38,40 @@ def write_meta(folder, shard_names: list[str]) -> None:
     (folder / META / DESCRIPTION).write_text(yaml.safe_dump(CRUDE, sort_keys=False))
 
 
+def check_dataset(folder) -> dict[str, int]:
+    """Records per shard of a prepared folder, from energon's index, after checking what is
+    cheap to check before training: a trusted description, the shards of report.json and no
+    others (records.shard_paths), index counts equal to the report's, and each shard at least
+    as long as its index says (a copy cut short is refused naming the file)."""
+    from medmoe_mcore.data.records import REPORT, ShardError, expected_counts, shard_paths
+
+    folder = Path(folder)
+    info = folder / META / ".info.json"
+    if not info.is_file():
+        raise ConfigError(f"{folder}: not an energon dataset (no {META}/.info.json); prepare it "
+                          "with tools/prepare_data.py (or `energon prepare`)")
+    check_description(folder)
+    shards = shard_paths(folder)
+    counts = json.loads(info.read_text()).get("shard_counts", {})
+    listed = expected_counts(folder)
+    for shard in shards:
+        count = counts.get(shard.name)
+        if count is None:
+            raise ShardError(f"{shard}: not in the index {info}")
+        if shard.name in listed and listed[shard.name] != count:
+            raise ShardError(f"{shard}: {REPORT} says {listed[shard.name]} records, the index "
+                             f"{count}")
+        offsets = np.fromfile(f"{shard}.idx", dtype="<u8") \
+            if Path(f"{shard}.idx").is_file() else None
+        if offsets is None or len(offsets) != count + 1:
+            raise ShardError(f"{shard}: its index {shard.name}.idx is missing or does not hold "
+                             f"{count} records")
+        if shard.stat().st_size < int(offsets[-1]):
+            raise ShardError(f"{shard}: truncated ({shard.stat().st_size} bytes; its {count} "
+                             f"records end at byte {int(offsets[-1])})")
+    return {s.name: counts[s.name] for s in shards}
+
+
 def check_description(folder) -> dict:
     """The folder's dataset description, refused (naming file and key) when it names code
     outside energon and medmoe_mcore, or a sample loader / part filter (a .py file beside
@@ -45,7 +81,7 @@ def check_description(folder) -> dict:
         description = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: not a readable dataset description ({e})") from None
-    problems = list(_untrusted(description, "")) if isinstance(description, dict) else \
+    problems = list(untrusted(description, "")) if isinstance(description, dict) else \
         ["(top level): not a mapping"]
     if problems:
         raise ConfigError(f"{path}: refused, it would run code from outside energon and "
@@ -53,7 +89,8 @@ def check_description(folder) -> dict:
     return description
 
 
-def _untrusted(node, where: str):
+def untrusted(node, where: str):
+    """Each `key: value` of a description or metadataset that would run foreign code."""
     if isinstance(node, dict):
         for key, value in node.items():
             here = f"{where}.{key}" if where else str(key)
@@ -62,10 +99,10 @@ def _untrusted(node, where: str):
             elif key in ("sample_loader", "part_filter", "__function__"):
                 yield f"{here}: {value!r}"
             else:
-                yield from _untrusted(value, here)
+                yield from untrusted(value, here)
     elif isinstance(node, list):
         for i, value in enumerate(node):
-            yield from _untrusted(value, f"{where}[{i}]")
+            yield from untrusted(value, f"{where}[{i}]")
 
 
 def _trusted(module: str) -> bool:

@@ -1,98 +1,205 @@
-"""Encoded samples and deterministic global batches sharded by data-parallel rank.
+"""Training and validation micro-batches through megatron-energon: the datasets of
+tools/prepare_data.py (or a blend of them, data/blend.py) streamed by worker processes that
+tokenise with our templates and preprocess images; each data-parallel rank reads its own part
+(energon's WorkerConfig), so memory does not grow with the data. The training loader's state
+is saved and restored exactly (`state_bytes` / `restore_bytes`, kept per data-parallel rank in
+our checkpoints).
 
-Sample order: a fresh permutation per epoch from (seed, epoch); global batch g takes the
-samples at positions [g*GB, (g+1)*GB) of that endless sequence and DP rank r the r-th slice.
-The position is just `consumed_samples`, so a resumed run continues with the very next
-sample: nothing repeated, nothing skipped."""
+Order: energon's shuffle (slices of `MAX_SAMPLES_PER_SEQUENCE` samples in a seeded order, then
+a `SHUFFLE_BUFFER_SIZE` sample buffer, the values of Megatron-LM's multimodal example),
+repeated endlessly; a blend draws from its datasets by weight. Validation reads in file order,
+the same micro-batches every time.
+"""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
-import numpy as np
 import torch
+from megatron.energon import (Cooker, DefaultTaskEncoder, SkipSample, WorkerConfig,
+                              basic_sample_keys, get_loader, get_savable_loader,
+                              get_train_dataset, get_val_dataset, stateless)
 
-from medmoe_mcore.config import ModelConfig
+from medmoe_mcore.config import ConfigError, ModelConfig
 from medmoe_mcore.conventions import IGNORE_INDEX
+from medmoe_mcore.data import loader_state
+from medmoe_mcore.data.blend import DataBlend
 from medmoe_mcore.data.encoding import encode
-from medmoe_mcore.data.records import SkipRecord, read_shards, shard_paths
-from medmoe_mcore.data.tokenizer import Tokenizer
 from medmoe_mcore.data.images import load_image, preprocess
+from medmoe_mcore.data.records import SkipRecord
+from medmoe_mcore.data.tokenizer import Tokenizer
+
+SHUFFLE_BUFFER_SIZE = 100
+MAX_SAMPLES_PER_SEQUENCE = 100
 
 
-class EncodedDataset:
-    """Every record of the shards, tokenised (images decoded lazily, per batch)."""
+@stateless
+def _raw_record(sample: dict) -> dict:
+    """A crude webdataset sample (`{key}.json` + `{key}.{ext}` bytes) -> record + image."""
+    image = next((v for k, v in sample.items() if not k.startswith("__") and k != "json"),
+                 None)
+    return dict(**basic_sample_keys(sample), record=json.loads(sample["json"]), image=image)
 
-    def __init__(self, data_path, tokenizer, template: str, seq_length: int, cfg: ModelConfig):
-        self.tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+
+def _worker_id() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else -1
+
+
+class MedMoETaskEncoder(DefaultTaskEncoder):
+    """Records -> (ids, labels, image) with our templates, in the loader's workers; micro-
+    batches padded, with each sample's dataset and the worker's running skip counts."""
+
+    cookers = [Cooker(_raw_record)]
+    decoder = None  # raw bytes: images are decoded by data/images.py (DICOM included)
+
+    def __init__(self, tokenizer, template: str, seq_length: int, cfg: ModelConfig,
+                 train: bool = True):
+        super().__init__()
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         v = cfg.vision
-        if self.tok.vocab_size > cfg.language.vocab_size:
-            raise ValueError(f"tokenizer {self.tok.path} has {self.tok.vocab_size} tokens; "
-                             f"language.vocab_size={cfg.language.vocab_size} is smaller")
-        if v is not None and self.tok.image_token_id != v.image_token_id:
-            raise ValueError(f"tokenizer <image> id {self.tok.image_token_id} != "
-                             f"vision.image_token_id={v.image_token_id} of the checkpoint")
-        self.vision = v
-        self.samples, self.skipped = [], Counter()
-        num_patches = v.num_patches if v is not None else 1
-        for record, image in read_shards(shard_paths(data_path)):
-            try:
-                ids, labels = encode(record, self.tok, template, seq_length, num_patches)
-            except SkipRecord as e:
-                self.skipped[e.reason] += 1
-                continue
-            self.samples.append((ids, labels, image, record.get("id")))
-        if not self.samples:
-            raise ValueError(f"{data_path}: no usable record (skipped {dict(self.skipped)})")
-        self.template = template
+        if tok.vocab_size > cfg.language.vocab_size:
+            raise ConfigError(f"tokenizer {tok.path} has {tok.vocab_size} tokens; "
+                              f"language.vocab_size={cfg.language.vocab_size} is smaller")
+        if v is not None and tok.image_token_id != v.image_token_id:
+            raise ConfigError(f"tokenizer <image> id {tok.image_token_id} != "
+                              f"vision.image_token_id={v.image_token_id} of the checkpoint")
+        self.tok, self.template, self.seq_length = tok, template, seq_length
+        self.vision, self.train = v, train
+        self.skipped = Counter()  # in this worker process
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def encode_sample(self, sample: dict) -> dict:
+        record = sample["record"]
+        patches = self.vision.num_patches if self.vision is not None else 1
+        try:
+            ids, labels = encode(record, self.tok, self.template, self.seq_length, patches)
+        except SkipRecord as e:
+            self.skipped[e.reason] += 1
+            raise SkipSample() from None
+        image = None
+        if self.vision is not None:  # decodable: checked when the shards were written
+            image = preprocess(load_image(sample["image"], name=str(record.get("id"))),
+                               self.vision, train=self.train)
+        sources = sample.get("__sources__") or ()
+        return dict(**basic_sample_keys(sample), ids=ids, labels=labels, image=image,
+                    dataset=str(sources[0].dataset_path) if sources else "")
 
-    def summary(self) -> str:
-        skipped = f", skipped {dict(self.skipped)}" if self.skipped else ""
-        return f"data: {len(self)} samples ({self.template} template){skipped}"
-
-    def collate(self, indices) -> dict:
-        rows = [self.samples[i] for i in indices]
-        length = max(len(r[0]) for r in rows)
-        ids = torch.full((len(rows), length), self.tok.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        images = []
-        for b, (x, y, image, rid) in enumerate(rows):
-            ids[b, : len(x)] = torch.tensor(x)
-            labels[b, : len(y)] = torch.tensor(y)
-            if self.vision is not None:  # decodable: validated when sharded
-                images.append(preprocess(load_image(image, name=str(rid)), self.vision,
-                                         train=True))
+    def batch(self, samples: list[dict]) -> dict:
+        length = max(len(s["ids"]) for s in samples)
+        ids = torch.full((len(samples), length), self.tok.pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        for b, s in enumerate(samples):
+            ids[b, :len(s["ids"])] = torch.tensor(s["ids"])
+            labels[b, :len(s["labels"])] = torch.tensor(s["labels"])
+        images = [s["image"] for s in samples if s["image"] is not None]
         return {"input_ids": ids, "labels": labels,
                 "images": torch.stack(images) if images else None,
-                "lengths": [len(r[0]) for r in rows]}
+                "lengths": [len(s["ids"]) for s in samples],
+                "datasets": [s["dataset"] for s in samples],
+                "skipped": (_worker_id(), dict(self.skipped))}
+
+    def encode_batch(self, batch: dict) -> dict:
+        return batch
 
 
-class Batches:
-    """`shuffle=False` (validation): file order, wrapping around."""
+def _shut_down(loader) -> None:
+    """Stop a loader's worker processes now and wait for its queue threads to end. Energon
+    forks each loader's workers (and collects garbage just before): a fork while an old
+    loader's queue thread is exiting can deadlock the child in CPython, so nothing is left to
+    exit by the time the next loader forks. (torch's iterator has no public close.)"""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        for queue in [*getattr(iterator, "_index_queues", []),
+                      getattr(iterator, "_worker_result_queue", None)]:
+            thread = getattr(queue, "_thread", None)
+            if thread is not None:
+                thread.join(timeout=10)
+    loader._iterator = None
+    if hasattr(loader, "_epoch_iterator"):
+        loader._epoch_iterator = None
 
-    def __init__(self, data: EncodedDataset, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, shuffle: bool = True):
-        self.data, self.gbs, self.mbs = data, global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.shuffle = shuffle
-        self._orders: dict[int, np.ndarray] = {}
 
-    def index(self, position: int) -> int:
-        epoch, offset = divmod(position, len(self.data))
-        if not self.shuffle:
-            return offset
-        if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng([self.seed, epoch])
-                            .permutation(len(self.data))}
-        return int(self._orders[epoch][offset])
+class _Batches:
+    def __init__(self, blend: DataBlend, encoder: MedMoETaskEncoder, dp_rank: int,
+                 dp_size: int, num_workers: int, seed: int, dp_group=None):
+        self.blend, self.encoder = blend, encoder
+        self.worker_config = WorkerConfig(rank=dp_rank, world_size=dp_size,
+                                          num_workers=num_workers, seed_offset=seed,
+                                          data_parallel_group=dp_group)
+        self._skipped: dict[int, dict] = {}
+        self.drawn = [0] * len(blend.datasets)  # samples this rank read, per dataset
 
-    def global_batch(self, consumed: int) -> list[dict]:
-        """This rank's micro-batches of the global batch starting at `consumed`."""
-        per_rank = self.gbs // self.dp_size
-        start = consumed + self.dp_rank * per_rank
-        positions = list(range(start, start + per_rank))
-        return [self.data.collate([self.index(p) for p in positions[i:i + self.mbs]])
-                for i in range(0, per_rank, self.mbs)]
+    def _take(self, batch: dict) -> dict:
+        worker, counts = batch.pop("skipped")
+        self._skipped[worker] = counts
+        for path in batch["datasets"]:
+            self.drawn[self.blend.index_of(path)] += 1
+        return batch
+
+    def skipped(self) -> Counter:
+        """Records skipped while encoding (e.g. too long), by reason, in this process's run."""
+        return sum((Counter(c) for c in self._skipped.values()), Counter())
+
+
+class TrainingBatches(_Batches):
+    """This data-parallel rank's micro-batches, endlessly."""
+
+    def __init__(self, blend: DataBlend, encoder: MedMoETaskEncoder, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, num_workers: int, seed: int, dp_group=None):
+        super().__init__(blend, encoder, dp_rank, dp_size, num_workers, seed, dp_group)
+        dataset = get_train_dataset(blend.source, batch_size=micro_batch_size,
+                                    shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
+                                    max_samples_per_sequence=MAX_SAMPLES_PER_SEQUENCE,
+                                    task_encoder=encoder, worker_config=self.worker_config,
+                                    repeat=True)
+        self.loader = get_savable_loader(dataset)
+        self._iter = None
+
+    def next(self) -> dict:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        return self._take(next(self._iter))
+
+    def state_bytes(self) -> bytes:
+        return loader_state.to_bytes(self.loader.save_state_rank())
+
+    def restore_bytes(self, data: bytes, where: str) -> None:
+        self.loader.restore_state_rank(loader_state.from_bytes(data, where))
+        self._iter = None
+
+    def close(self) -> None:
+        _shut_down(self.loader)
+        self._iter = None
+
+
+class ValidationBatches(_Batches):
+    """The first `n` micro-batches of this rank's part in file order, the same every call
+    (repeating a part shorter than that)."""
+
+    def __init__(self, blend: DataBlend, encoder: MedMoETaskEncoder, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, num_workers: int, seed: int, dp_group=None):
+        super().__init__(blend, encoder, dp_rank, dp_size, num_workers, seed, dp_group)
+        self.micro_batch_size = micro_batch_size
+
+    def _loader(self):
+        # a new one each pass: an energon loader goes on where its last iteration stopped
+        return get_loader(get_val_dataset(
+            self.blend.source, split_part="train", batch_size=self.micro_batch_size,
+            task_encoder=self.encoder, worker_config=self.worker_config))
+
+    def micro_batches(self, n: int) -> list[dict]:
+        out: list[dict] = []
+        loader = self._loader()
+        try:
+            for batch in loader:
+                out.append(self._take(batch))
+                if len(out) == n:
+                    break
+        finally:
+            _shut_down(loader)
+        if not out:
+            raise ConfigError(f"{self.blend.flag}: no usable sample for data-parallel rank "
+                              f"{self.worker_config.rank} (skipped {dict(self.skipped())})")
+        return [out[i % len(out)] for i in range(n)]  # a short part repeats

@@ -213,7 +213,7 @@ def read_shards(paths: Iterable) -> Iterator[tuple[dict, bytes]]:
     reports: dict[Path, dict] = {}  # one read of each folder's report, not one per shard
     for path in map(Path, paths):
         if path.parent not in reports:
-            reports[path.parent] = _expected_counts(path.parent)
+            reports[path.parent] = expected_counts(path.parent)
         expected = reports[path.parent].get(path.name)
         count = 0
         try:
@@ -234,7 +234,7 @@ def read_shards(paths: Iterable) -> Iterator[tuple[dict, bytes]]:
                              f"{expected} (a truncated shard?)")
 
 
-def _expected_counts(folder: Path) -> dict:
+def expected_counts(folder: Path) -> dict:
     report = folder / REPORT
     if not report.is_file():
         return {}
@@ -251,7 +251,7 @@ def shard_paths(data_path) -> list[Path]:
         raise FileNotFoundError(f"--data-path {data_path}: no .tar shards")
     if path.is_dir() and (path / energon_format.META / energon_format.DESCRIPTION).exists():
         energon_format.check_description(path)
-    listed = _expected_counts(path) if path.is_dir() else {}
+    listed = expected_counts(path) if path.is_dir() else {}
     if listed and set(listed) != {p.name for p in paths}:
         extra = sorted({p.name for p in paths} - set(listed))
         missing = sorted(set(listed) - {p.name for p in paths})

@@ -17,6 +17,8 @@ KNOWN = (
     # runtime's TorchFunctionMode is where Python sees the call, hence `cpu.py` in the text).
     (r"`load_state_dict` is deprecated and will be removed", FutureWarning),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+    # megatron-energon's loaders ask for pinned memory, which a CPU box does not have.
+    (r"'pin_memory' argument is set as true but no accelerator is found", UserWarning),
 )
 
 

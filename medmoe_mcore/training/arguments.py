@@ -39,6 +39,8 @@ def _kind(hint) -> tuple[Any, tuple | None]:
         return type(args[0]), tuple(args)
     if typing.get_origin(hint) is typing.Union:  # Union[int, list]: the layer-freq syntax
         return layer_freq, None
+    if typing.get_origin(hint) is list:  # list[X]: one or more values
+        return ("list", typing.get_args(hint)[0]), None
     return ("bool", None) if hint is bool else (hint, None)
 
 
@@ -57,6 +59,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, title: str,
         if kind == "bool":
             group.add_argument(flag_of(cls, f.name), action=argparse.BooleanOptionalAction,
                                **kwargs)
+        elif isinstance(kind, tuple):
+            group.add_argument(flag_of(cls, f.name), type=kind[1], nargs="+",
+                               metavar=f.name.upper(), **kwargs)
         else:
             group.add_argument(flag_of(cls, f.name), type=kind, choices=choices,
                                metavar=None if choices else f.name.upper(), **kwargs)

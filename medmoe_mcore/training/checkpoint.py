@@ -1,6 +1,10 @@
 """A run's checkpoint state: the one place that decides "resume or start", and what a
 training checkpoint holds (model, optimizer, scheduler, iteration, consumed samples, per-rank
-RNG). Saves are atomic (checkpointing.save); a changed world size reseeds the RNG, says so."""
+RNG, and the data loader's state per data-parallel rank). Saves are atomic
+(checkpointing.save); a changed world size reseeds the RNG, says so. The loader's state only
+fits the same data, data-parallel size, worker count and micro-batch size (energon restores
+nothing else): a resume that changes any of them is refused naming each, unless
+`--no-load-data-state` asks for a fresh data order."""
 
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ModelConfig
+from medmoe_mcore.config import ConfigError, ModelConfig
+from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
 from medmoe_mcore.training.config import TrainConfig
 
@@ -33,11 +38,30 @@ class RunCheckpoint:
     """`--load` resumes when it holds a checkpoint of the run; otherwise the stage starts from
     `--pretrained-checkpoint`'s weights. Later saves carry the source's extra files along."""
 
-    def __init__(self, cfg: ModelConfig, train: TrainConfig):
-        self.cfg, self.train = cfg, train
+    def __init__(self, cfg: ModelConfig, train: TrainConfig, data_layout: dict):
+        self.cfg, self.train, self.data_layout = cfg, train, data_layout
         self.resuming = bool(train.load) and checkpointing.is_checkpoint(train.load)
         self.source = checkpointing.resolve(train.load if self.resuming
                                             else train.pretrained_checkpoint)
+        self.common = dist_checkpointing.load_common_state_dict(str(self.source)) \
+            if self.resuming else {}
+        self.loads_data_state = self.resuming and train.load_data_state
+        if self.loads_data_state:
+            self._check_data_layout()
+
+    def _check_data_layout(self) -> None:
+        """Before any model is built: the saved loader state fits this run, or it is refused."""
+        saved = self.common.get("data_layout")
+        if saved is None:
+            raise ConfigError(f"--load {self.source}: the checkpoint has no data-loader state "
+                              "(saved before the energon loader); --no-load-data-state starts "
+                              "the data order afresh")
+        changed = [f"{key}: saved {saved.get(key)!r}, now {value!r}"
+                   for key, value in self.data_layout.items() if saved.get(key) != value]
+        if changed:
+            raise ConfigError(f"--load {self.source}: the data loader cannot resume exactly "
+                              f"with {'; '.join(changed)}. Resume with the saved values, or "
+                              "pass --no-load-data-state to start the data order afresh")
 
     def load_starting_weights(self, model: torch.nn.Module) -> None:
         """Before DDP wraps the model: the pretrained weights of a fresh stage."""
@@ -46,29 +70,38 @@ class RunCheckpoint:
             log(f"initialised stage {self.train.stage} from {self.train.pretrained_checkpoint} "
                 "(weights)")
 
-    def restore(self, setup) -> Progress:
-        """After the optimizer exists: the whole state of a resumed run, else a fresh start."""
+    def restore(self, setup, data) -> Progress:
+        """After the optimizer exists: the whole state of a resumed run (the data loader's
+        too), else a fresh start."""
         if not self.resuming:
             return Progress()
         folder = self.source
-        common = dist_checkpointing.load_common_state_dict(str(folder))
-        same_world = common.get("world_size") == dist.get_world_size()
+        same_world = self.common.get("world_size") == dist.get_world_size()
+        data_length = self.common.get("data_state_bytes") if self.loads_data_state else None
         state = dist_checkpointing.load(_state(setup, Progress(), loading=True,
-                                               with_rng=same_world), str(folder))
+                                               with_rng=same_world, data_length=data_length),
+                                        str(folder))
         setup.model.load_state_dict(state["model"], strict=True)
         setup.optimizer.load_state_dict(state["optimizer"])
         setup.scheduler.load_state_dict(state["scheduler"])
         progress = Progress(state["iteration"], state["consumed_samples"])
         if same_world:
             set_rng_state(state["rng"])
+        if data_length is not None:
+            row = state["data_state"][0]
+            size = int(row[:8].view(torch.int64))
+            data.restore_bytes(row[8:8 + size].numpy().tobytes(), str(folder))
         log(f"resumed from {folder}: iteration {progress.iteration}, consumed samples "
             f"{progress.consumed_samples}"
-            f"{'' if same_world else ' (other world size: RNG reseeded)'}")
+            f"{'' if same_world else ' (other world size: RNG reseeded)'}"
+            f"{'' if data_length is not None else ' (data order started afresh)'}")
         return progress
 
-    def save(self, setup, progress: Progress) -> Path:
+    def save(self, setup, progress: Progress, data) -> Path:
         files, dirs = checkpointing.carried(self.source)
-        folder = checkpointing.save(_state(setup, progress, loading=False), self.train.save,
+        state = _state(setup, progress, loading=False, data_state=data.state_bytes())
+        state["data_layout"] = self.data_layout
+        folder = checkpointing.save(state, self.train.save,
                                     self.cfg, iteration=progress.iteration, extra_files=files,
                                     extra_dirs=dirs)
         self.source = folder
@@ -76,7 +109,8 @@ class RunCheckpoint:
         return folder
 
 
-def _state(setup, progress: Progress, loading: bool, with_rng: bool = True) -> dict:
+def _state(setup, progress: Progress, loading: bool, with_rng: bool = True,
+           data_state: bytes | None = None, data_length: int | None = None) -> dict:
     model_sd = setup.model.sharded_state_dict()
     state = {"model": model_sd,
              "optimizer": setup.optimizer.sharded_state_dict(model_sd, is_loading=loading,
@@ -87,7 +121,28 @@ def _state(setup, progress: Progress, loading: bool, with_rng: bool = True) -> d
     if with_rng:
         rank, world = dist.get_rank(), dist.get_world_size()
         state["rng"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
+    if data_state is not None:  # saving: every rank's length agreed on first (a collective)
+        length = torch.tensor(8 + len(data_state), device=parallel.device())
+        dist.all_reduce(length, op=dist.ReduceOp.MAX)
+        data_length = int(length)
+        state["data_state_bytes"] = data_length
+    if data_length is not None:
+        state["data_state"] = _data_state_tensor(data_state, data_length)
     return state
+
+
+def _data_state_tensor(payload: bytes | None, length: int) -> ShardedTensor:
+    """The loader state of this data-parallel rank as one uint8 row (8-byte length, bytes,
+    zeros) of a [DP, length] tensor: plain bytes in the checkpoint, no pickle. Ranks that
+    share the data-parallel rank hold the same state; one of them writes it."""
+    row = torch.zeros((1, length), dtype=torch.uint8)
+    if payload is not None:
+        row[0, :8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
+        row[0, 8:8 + len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    peer = dist.get_rank(group=parallel_state.get_model_parallel_group())
+    return ShardedTensor.from_rank_offsets(
+        "data_state", row, (0, parallel_state.get_data_parallel_rank(),
+                            parallel_state.get_data_parallel_world_size()), replica_id=peer)
 
 
 def rng_state() -> dict:

@@ -19,10 +19,19 @@ class TrainConfig:
     stage: Optional[int] = option(None, "train this one stage (1: projector, 2: projector + "
                                   "LLM, 3: experts + meta expert); without it: the whole demo "
                                   "pipeline", choices=STAGES, pipeline=False)
-    data_path: Optional[str] = option(None, "training shards (tools/prepare_data.py output)",
-                                      pipeline=False)
-    valid_data_path: Optional[str] = option(None, "validation shards: the loss on them every "
-                                            "--eval-interval iterations", pipeline=False)
+    data_path: Optional[list[str]] = option(
+        None, "training data: a folder of tools/prepare_data.py, a weighted blend of them "
+        "(`0.75 vqa 0.25 mnist`, Megatron's syntax) or an energon metadataset YAML",
+        pipeline=False)
+    valid_data_path: Optional[list[str]] = option(
+        None, "validation data, the same forms: the loss on it every --eval-interval "
+        "iterations", pipeline=False)
+    num_workers: int = option(2, "data-loader worker processes per rank (decoding and "
+                              "tokenising beside training)")
+    load_data_state: bool = option(True, "resume the data loader where the checkpoint left "
+                                   "it; --no-load-data-state starts the data order afresh "
+                                   "(the only way to resume at another data-parallel size, "
+                                   "worker count or micro-batch size)")
     eval_interval: Optional[int] = option(None, "iterations between validations (default "
                                           "1000, and at the end; needs --valid-data-path)")
     eval_iters: Optional[int] = option(None, "global batches per validation (default 100), "
@@ -82,6 +91,8 @@ class TrainConfig:
                             ("--eval-iters", self.eval_iters)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: must be a positive integer")
+        if self.num_workers < 0:
+            raise ConfigError(f"--num-workers {self.num_workers}: must be 0 or more")
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                               f"--micro-batch-size {self.micro_batch_size} x data-parallel size "

@@ -1,5 +1,6 @@
 """Megatron-style training logs: one line per `--log-interval` iterations (iteration, consumed
-samples, time per iteration, tokens/s, lr, loss, grad norm, skipped and NaN iterations) and
+samples, time per iteration, tokens/s, the share of it spent waiting for data, lr, loss, grad
+norm, skipped and NaN iterations) and
 the same figures to TensorBoard, in one subfolder per stage."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TrainingMetrics:
 
     def start_window(self) -> None:
         self._window_start, self._window_iters, self._window_tokens = time.time(), 0, 0
+        self._window_data_seconds = 0.0
 
     def record(self, iteration: int, consumed_samples: int, result) -> bool:
         """Count one step (a trainer.StepResult); log when a window is complete (True)."""
@@ -34,6 +36,7 @@ class TrainingMetrics:
         self.nan += not math.isfinite(result.loss)
         self._window_iters += 1
         self._window_tokens += result.tokens
+        self._window_data_seconds += result.data_seconds
         if iteration % self.log_interval and iteration != self.train_iters:
             return False
         seconds = max(time.time() - self._window_start, 1e-9)
@@ -41,9 +44,11 @@ class TrainingMetrics:
         # length, not by log_interval.
         per_iteration = seconds / self._window_iters
         tokens_per_s = self._window_tokens * self.dp / seconds
+        data_wait = 100 * self._window_data_seconds / seconds
         log(f" iteration {iteration:8d}/{self.train_iters:8d} | consumed samples: "
             f"{consumed_samples:10d} | elapsed time per iteration (ms): "
-            f"{per_iteration * 1000:.1f} | tokens/s: {tokens_per_s:.0f} | learning rate: "
+            f"{per_iteration * 1000:.1f} | tokens/s: {tokens_per_s:.0f} | data wait (%): "
+            f"{data_wait:.1f} | learning rate: "
             f"{result.lr:.6E} | lm loss: {result.loss:.6E} | grad norm: {result.grad_norm:.3f} | "
             f"number of skipped iterations: {self.skipped:3d} | number of nan iterations: "
             f"{self.nan:3d} |")
@@ -53,7 +58,8 @@ class TrainingMetrics:
             for name, value in (("lm-loss", result.loss), ("learning-rate", result.lr),
                                 ("grad-norm", result.grad_norm),
                                 ("tokens-per-sec", tokens_per_s),
-                                ("iteration-time-ms", per_iteration * 1000)):
+                                ("iteration-time-ms", per_iteration * 1000),
+                                ("data-wait-percent", data_wait)):
                 self.writer.add_scalar(name, value, iteration)
             self.writer.flush()
         self.start_window()

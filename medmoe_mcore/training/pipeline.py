@@ -85,12 +85,12 @@ def stage_train_config(train: TrainConfig, stage: int, pipe: PipelineConfig, sha
     valid = dict(valid_data_path=None, eval_interval=None, eval_iters=None)
     if stage == 3:
         held_out = len(json.loads((work / "data" / "test.json").read_text()))
-        valid = dict(valid_data_path=str(shards["test"]),
+        valid = dict(valid_data_path=[str(shards["test"])],
                      eval_interval=train.eval_interval or max(1, iters // 4),
                      eval_iters=train.eval_iters or math.ceil(held_out / train.global_batch_size))
     return dataclasses.replace(
         train, stage=stage, train_iters=iters, lr=train.lr or DEMO_LR,
-        tokenizer=str(work / "tokenizer"), data_path=str(shards[f"stage{stage}"]),
+        tokenizer=str(work / "tokenizer"), data_path=[str(shards[f"stage{stage}"])],
         pretrained_checkpoint=str(start), save=str(work / "checkpoints" / f"stage{stage}"),
         **valid)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from typing import NamedTuple
 
 import torch
@@ -17,7 +18,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from medmoe_mcore.config import ModelConfig
-from medmoe_mcore.data.loader import Batches, EncodedDataset
+from medmoe_mcore.data.blend import data_blend
+from medmoe_mcore.data.loader import MedMoETaskEncoder, TrainingBatches, ValidationBatches
 from medmoe_mcore.eval.expert_stats import ExpertActivation
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
@@ -33,6 +35,7 @@ class StepResult(NamedTuple):
     lr: float
     tokens: int  # tokens this rank processed
     skipped: bool  # non-finite loss or gradients: no update
+    data_seconds: float  # waiting for this rank's micro-batches
 
 
 class Trainer:
@@ -41,26 +44,31 @@ class Trainer:
         self.dp = parallel_state.get_data_parallel_world_size()
         train.validate(self.dp)
         cfg.validate()
-        self.data = EncodedDataset(train.data_path, train.tokenizer, train.template_or_default,
-                                   train.seq_length, cfg)
-        log(self.data.summary())
-        self.batches = self._batches(self.data, shuffle=True)
+        # the data is resolved and every dataset checked before the model is built
+        blend = data_blend(train.data_path)
+        encoder = MedMoETaskEncoder(train.tokenizer, train.template_or_default,
+                                    train.seq_length, cfg)
+        self.data = TrainingBatches(blend, encoder, train.micro_batch_size, *self._dp_layout())
+        log(f"data: {blend.summary()}; {train.template_or_default} template, "
+            f"{train.num_workers} loader workers per rank")
         self.valid = None
         if train.validation:
-            valid = EncodedDataset(train.valid_data_path, self.data.tok,
-                                   train.template_or_default, train.seq_length, cfg)
+            valid = data_blend(train.valid_data_path, "--valid-data-path")
             interval, iters = train.validation
-            repeats = iters * train.global_batch_size > len(valid)
-            log(f"validation {valid.summary()}; every {interval} iterations and at the end: "
-                f"{iters} global batches of {train.global_batch_size}"
+            repeats = iters * train.global_batch_size > valid.samples
+            log(f"validation data: {valid.summary()}; every {interval} iterations and at the "
+                f"end: {iters} global batches of {train.global_batch_size}"
                 f"{' (more than the data: samples repeat)' if repeats else ''}")
-            self.valid = self._batches(valid, shuffle=False)
-        # the data is read (and every shard checked) before the model is built
-        self.checkpoint = RunCheckpoint(cfg, train)
+            self.valid = ValidationBatches(valid, MedMoETaskEncoder(
+                encoder.tok, train.template_or_default, train.seq_length, cfg, train=False),
+                train.micro_batch_size, *self._dp_layout())
+        self.checkpoint = RunCheckpoint(cfg, train, dict(
+            datasets=blend.identity(), data_parallel_size=self.dp,
+            num_workers=train.num_workers, micro_batch_size=train.micro_batch_size))
         model, trainable = training_setup.stage_model(cfg, train)
         self.checkpoint.load_starting_weights(model)
         self.setup = training_setup.wrap(model, trainable, cfg, train)
-        self.progress = self.checkpoint.restore(self.setup)
+        self.progress = self.checkpoint.restore(self.setup, self.data)
         self.metrics = TrainingMetrics(train.train_iters, train.log_interval, self.dp,
                                        train.tensorboard_dir, train.stage)
         # expert load per layer to TensorBoard, as Megatron's MoE metrics (every rank counts)
@@ -68,10 +76,9 @@ class Trainer:
             if cfg.moe is not None and train.tensorboard_dir else None
         self.losses: list[float] = []
 
-    def _batches(self, data: EncodedDataset, shuffle: bool) -> Batches:
-        return Batches(data, self.train.global_batch_size, self.train.micro_batch_size,
-                       parallel_state.get_data_parallel_rank(), self.dp, self.train.seed,
-                       shuffle=shuffle)
+    def _dp_layout(self) -> tuple:
+        return (parallel_state.get_data_parallel_rank(), self.dp, self.train.num_workers,
+                self.train.seed, parallel_state.get_data_parallel_group())
 
     @property
     def model(self):
@@ -82,7 +89,7 @@ class Trainer:
         return self.progress.iteration
 
     def save(self):
-        return self.checkpoint.save(self.setup, self.progress)
+        return self.checkpoint.save(self.setup, self.progress, self.data)
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -117,6 +124,10 @@ class Trainer:
             forward_only=forward_only)
         return [x["lm loss"] for x in losses]
 
+    @property
+    def _micro_per_step(self) -> int:
+        return self.train.global_batch_size // (self.dp * self.train.micro_batch_size)
+
     def _mean_over_dp(self, losses: list[torch.Tensor]) -> float:
         loss = torch.stack(losses).mean()
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
@@ -130,8 +141,9 @@ class Trainer:
         s.ddp.eval()
         try:
             with torch.no_grad():
-                losses = [x for i in range(iters) for x in self._losses(
-                    self.valid.global_batch(i * self.train.global_batch_size), True)]
+                micro = self.valid.micro_batches(iters * self._micro_per_step)
+                losses = [x for i in range(0, len(micro), self._micro_per_step)
+                          for x in self._losses(micro[i:i + self._micro_per_step], True)]
         finally:
             s.ddp.train()
             set_rng_state(rng)
@@ -140,7 +152,9 @@ class Trainer:
     def step(self) -> StepResult:
         """One global batch."""
         s, p = self.setup, self.progress
-        micro = self.batches.global_batch(p.consumed_samples)
+        start = time.perf_counter()
+        micro = [self.data.next() for _ in range(self._micro_per_step)]
+        data_seconds = time.perf_counter() - start
         tokens = sum(int(b["input_ids"].numel()) for b in micro)
         s.ddp.zero_grad_buffer()
         s.optimizer.zero_grad()
@@ -154,7 +168,23 @@ class Trainer:
         s.scheduler.step(increment=1)
         p.iteration += 1
         p.consumed_samples += self.train.global_batch_size
-        return StepResult(loss, grad_norm, lr, tokens, skipped)
+        return StepResult(loss, grad_norm, lr, tokens, skipped, data_seconds)
+
+    def _report_data(self) -> None:
+        """Samples read per dataset and records skipped while encoding, over all data-parallel
+        ranks, for this run (since its start or resume)."""
+        mine = (self.data.drawn, dict(self.data.skipped()))
+        everyone = [None] * self.dp
+        dist.all_gather_object(everyone, mine, group=parallel_state.get_data_parallel_group())
+        drawn = [sum(x) for x in zip(*(d for d, _ in everyone))]
+        total = max(sum(drawn), 1)
+        log("data read this run: " + " | ".join(
+            f"{d.name} {n} samples ({n / total:.1%})"
+            for d, n in zip(self.data.blend.datasets, drawn)))
+        skipped = sum((Counter(s) for _, s in everyone), Counter())
+        if skipped:
+            log(f"data: skipped {sum(skipped.values())} records while encoding (by reason: "
+                f"{dict(skipped)})")
 
     def run(self) -> list[float]:
         t = self.train
@@ -183,5 +213,7 @@ class Trainer:
         else:
             if t.save and not saved:
                 self.save()
+        self._report_data()
+        self.data.close()
         self.metrics.close()
         return self.losses

@@ -32,7 +32,8 @@ def test_interrupt_and_resume_is_bitwise(tmp_path, workspace):
     """With validation interleaved in the interrupted run (not in the reference): evaluation
     changes no training state, and resume stays bitwise."""
     stage2 = ("--stage", "2", "--data-path", workspace["shards"]["stage2"],
-              "--pretrained-checkpoint", workspace["init"], "--train-iters", "6")
+              "--pretrained-checkpoint", workspace["init"], "--train-iters", "6",
+              "--num-workers", "2")
     valid = ("--valid-data-path", workspace["shards"]["stage3"], "--eval-interval", "2",
              "--eval-iters", "2")
     full, log = _train(*stage2, "--save", tmp_path / "a", "--save-interval", "3")
@@ -74,8 +75,10 @@ def test_stage3_checkpoint_reshards_tp_ep(tmp_path, workspace):
               "--pretrained-checkpoint", start)
     tp2ep2 = ("--tensor-model-parallel-size", "2", "--sequence-parallel",
               "--expert-model-parallel-size", "2")
+    # One process at TP1/EP1 and two at TP2/EP2: data-parallel size 1 throughout, so the data
+    # loader's state carries over and the losses can be compared.
     ref, _ = _train(*stage3, "--train-iters", "3", "--save", tmp_path / "c", "--save-interval",
-                    "2", "--tensorboard-dir", tmp_path / "tb_ref")
+                    "2", "--tensorboard-dir", tmp_path / "tb_ref", nproc=1)
     # Saved at TP1/EP1 (iteration 2), continued at TP2+SP/EP2: the next loss equals TP1/EP1's.
     up, _ = _train(*stage3, *tp2ep2, "--train-iters", "4", "--load",
                    tmp_path / "c" / "iter_0000002", "--save", tmp_path / "d", "--save-interval",
@@ -96,8 +99,16 @@ def test_stage3_checkpoint_reshards_tp_ep(tmp_path, workspace):
     # ... and back: saved at TP2/EP2 (iteration 3), continued at TP1/EP1: the same next loss as
     # the TP2/EP2 run that went on from there.
     down, _ = _train(*stage3, "--train-iters", "4", "--load", tmp_path / "d" / "iter_0000003",
-                     "--save", tmp_path / "e")
+                     "--save", tmp_path / "e", nproc=1)
     assert abs(down[0] - up[1]) < 1e-5, (down, up)
+    # At another data-parallel size the loader cannot resume: refused naming it, before any
+    # model is built; --no-load-data-state starts the data order afresh.
+    again = (*stage3, "--train-iters", "3", "--load", tmp_path / "c" / "iter_0000002")
+    r = run_tool("examples/pretrain_medmoe.py", *COMMON, *map(str, again), nproc=2)
+    assert r.returncode != 0 and "data_parallel_size: saved 1, now 2" in r.stderr, r.stderr
+    assert "--no-load-data-state" in r.stderr and "initialised" not in r.stdout
+    _, log = _train(*again, "--no-load-data-state")
+    assert "iteration 2" in log and "data order started afresh" in log
 
 
 def test_killed_mid_save_keeps_previous_checkpoint(tmp_path, workspace, single_rank):
@@ -156,10 +167,13 @@ def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
                  str(tmp_path / "src" / "images"), "--output", str(tmp_path / "shards"),
                  "--max-chars", "200", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
-    losses, log = _train("--stage", "2", "--data-path", tmp_path / "shards",
-                         "--pretrained-checkpoint", workspace["init"], "--train-iters", "2",
+    # blended 3:1 with the demo's stage-2 folder; the log names both, with their sizes
+    losses, log = _train("--stage", "2", "--data-path", "3", tmp_path / "shards", "1",
+                         workspace["shards"]["stage2"], "--pretrained-checkpoint",
+                         workspace["init"], "--train-iters", "2",
                          "--use-distributed-optimizer", "--tensorboard-dir", tmp_path / "tb")
-    assert len(losses) == 2 and "data: 7 samples" in log
+    assert len(losses) == 2 and "in a blend of 2: shards 7 samples (weight 0.75); stage2" in log
+    assert "data read this run: shards " in log and " | stage2 " in log
     assert list((tmp_path / "tb" / "stage2").glob("events.out.tfevents.*"))  # one per stage
     # a shard truncated at a record boundary: refused naming the file, before any model
     shard = tmp_path / "shards" / "shard-000000.tar"
@@ -169,4 +183,4 @@ def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
                  str(tmp_path / "shards"), "--pretrained-checkpoint", str(workspace["init"]),
                  "--train-iters", "2", nproc=2)
     assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "shard-000000.tar: 1 records, but" in r.stderr and "initialised" not in r.stdout
+    assert "shard-000000.tar: truncated" in r.stderr and "initialised" not in r.stdout

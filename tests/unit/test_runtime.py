@@ -58,7 +58,8 @@ def test_last_short_log_window_divides_by_its_own_length(monkeypatch, capsys):
     monkeypatch.setattr(metrics.time, "time", lambda: next(clock))
     m = metrics.TrainingMetrics(train_iters=3, log_interval=10, dp=1)
     for it in (1, 2, 3):
-        m.record(it, it * 8, StepResult(1.0, 0.5, 1e-3, 100, False))
+        m.record(it, it * 8, StepResult(1.0, 0.5, 1e-3, 100, False, 0.01))
     line = capsys.readouterr().out
     assert "elapsed time per iteration (ms): 1000.0" in line  # 3 s over 3 iterations
     assert "tokens/s: 100" in line
+    assert "data wait (%): 1.0" in line  # 3 x 0.01 s of 3 s

@@ -1,0 +1,76 @@
+"""The energon loader: an exact restore of its state (through the bytes our checkpoints
+keep) with 0 and 2 worker processes; blends by weight; validation the same every time."""
+
+import pytest
+import torch
+
+from medmoe_mcore.config import ConfigError, ModelConfig
+from medmoe_mcore.data import demo
+from medmoe_mcore.data.blend import data_blend
+from medmoe_mcore.data.loader import MedMoETaskEncoder, TrainingBatches, ValidationBatches
+from medmoe_mcore.data.tokenizer import train_bpe
+from medmoe_mcore.flavors import medmoe_language, vision_flavor
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("energon")
+    folders = demo.build(root / "data", samples_per_image=4, held_out=1, show_progress=False)
+    tok = train_bpe(demo.corpus(root / "data"), root / "tok")
+    cfg = ModelConfig(language=medmoe_language("tiny"),
+                      vision=vision_flavor("tiny", tok.image_token_id))
+    return folders, MedMoETaskEncoder(tok, "phi", 128, cfg)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_restore_continues_exactly(shards, workers):
+    folders, encoder = shards
+
+    def batches():
+        return TrainingBatches(data_blend(str(folders["stage2"])), encoder, 2, 0, 1, workers,
+                               seed=1234)
+
+    first = batches()
+    head = [first.next() for _ in range(3)]
+    state = first.state_bytes()
+    rest = [first.next() for _ in range(3)]
+    again = batches()
+    again.restore_bytes(state, "test")
+    for a, b in zip(rest, [again.next() for _ in range(3)]):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["images"], b["images"]) and a["lengths"] == b["lengths"]
+    assert head[0]["images"].shape == (2, 3, 56, 56)
+
+
+def test_blend_draws_by_weight(shards):
+    folders, encoder = shards
+    blend = data_blend(["3", str(folders["stage2"]), "1", str(folders["stage3"])])
+    assert [d.weight for d in blend.datasets] == [0.75, 0.25]
+    assert "stage2" in blend.summary() and "stage3" in blend.summary()
+    batches = TrainingBatches(blend, encoder, 4, 0, 1, 0, seed=1234)
+    for _ in range(100):  # 400 samples
+        batches.next()
+    assert sum(batches.drawn) == 400
+    assert abs(batches.drawn[0] / 400 - 0.75) < 0.05, batches.drawn
+
+
+def test_validation_is_the_same_every_time(shards):
+    folders, encoder = shards
+    valid = ValidationBatches(data_blend(str(folders["test"])), encoder, 2, 0, 1, 0, seed=1)
+    a, b = valid.micro_batches(30), valid.micro_batches(30)  # more than the set: wraps
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+
+
+def test_bad_blends_refused(shards, tmp_path):
+    folders, _ = shards
+    for value, text in ((["0.5", str(folders["stage2"]), "0.5"], "odd number"),
+                        (["x", str(folders["stage2"])], "'x' is not a weight"),
+                        (["-1", str(folders["stage2"]), "1", str(folders["stage3"])],
+                         "must be positive"),
+                        ([str(tmp_path)], "not an energon dataset")):
+        with pytest.raises(ConfigError, match=text):
+            data_blend(value)
+    evil = tmp_path / "blend.yaml"
+    evil.write_text("__module__: evil\n__class__: Pwn\nsplits: {}\n")
+    with pytest.raises(ConfigError, match="evil"):
+        data_blend(str(evil))
