@@ -7,14 +7,17 @@ index, so a bad folder fails naming itself before the model exists.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import yaml
 
 from medmoe_mcore.config import ConfigError
 from medmoe_mcore.data import energon_format
+from medmoe_mcore.data.records import REPORT, ShardError, expected_counts, shard_paths
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -101,8 +104,40 @@ def _dataset(path: Path, weight, flag: str) -> Dataset:
     if not path.is_dir():
         raise ConfigError(f"{flag} {path}: not a dataset folder (the output folder of "
                           "tools/prepare_data.py)")
-    counts = energon_format.check_dataset(path)
+    counts = check_dataset(path)
     return Dataset(path, weight, sum(counts.values()))
+
+
+def check_dataset(folder) -> dict[str, int]:
+    """Records per shard of a prepared folder, from energon's index, after checking what is
+    cheap to check before training: a trusted description, the shards of report.json and no
+    others (records.shard_paths), index counts equal to the report's, and each shard at least
+    as long as its index says (a copy cut short is refused naming the file)."""
+    folder = Path(folder)
+    info = folder / energon_format.META / ".info.json"
+    if not info.is_file():
+        raise ConfigError(f"{folder}: not an energon dataset (no {energon_format.META}/"
+                          ".info.json); prepare it with tools/prepare_data.py")
+    energon_format.check_description(folder)
+    shards = shard_paths(folder)
+    counts = json.loads(info.read_text()).get("shard_counts", {})
+    listed = expected_counts(folder)
+    for shard in shards:
+        count = counts.get(shard.name)
+        if count is None:
+            raise ShardError(f"{shard}: not in the index {info}")
+        if shard.name in listed and listed[shard.name] != count:
+            raise ShardError(f"{shard}: {REPORT} says {listed[shard.name]} records, the index "
+                             f"{count}")
+        offsets = np.fromfile(f"{shard}.idx", dtype="<u8") \
+            if Path(f"{shard}.idx").is_file() else None
+        if offsets is None or len(offsets) != count + 1:
+            raise ShardError(f"{shard}: its index {shard.name}.idx is missing or does not hold "
+                             f"{count} records")
+        if shard.stat().st_size < int(offsets[-1]):
+            raise ShardError(f"{shard}: truncated ({shard.stat().st_size} bytes; its {count} "
+                             f"records end at byte {int(offsets[-1])})")
+    return {s.name: counts[s.name] for s in shards}
 
 
 def _metadataset_leaves(path: Path, flag: str, seen: tuple = ()) -> list[Dataset]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from medmoe_mcore.config import ConfigError
@@ -36,40 +34,6 @@ def write_meta(folder, shard_names: list[str]) -> None:
                                               split_parts_ratio=[("train", 1.0)],
                                               shuffle_seed=None, workers=1)
     (folder / META / DESCRIPTION).write_text(yaml.safe_dump(CRUDE, sort_keys=False))
-
-
-def check_dataset(folder) -> dict[str, int]:
-    """Records per shard of a prepared folder, from energon's index, after checking what is
-    cheap to check before training: a trusted description, the shards of report.json and no
-    others (records.shard_paths), index counts equal to the report's, and each shard at least
-    as long as its index says (a copy cut short is refused naming the file)."""
-    from medmoe_mcore.data.records import REPORT, ShardError, expected_counts, shard_paths
-
-    folder = Path(folder)
-    info = folder / META / ".info.json"
-    if not info.is_file():
-        raise ConfigError(f"{folder}: not an energon dataset (no {META}/.info.json); prepare it "
-                          "with tools/prepare_data.py (or `energon prepare`)")
-    check_description(folder)
-    shards = shard_paths(folder)
-    counts = json.loads(info.read_text()).get("shard_counts", {})
-    listed = expected_counts(folder)
-    for shard in shards:
-        count = counts.get(shard.name)
-        if count is None:
-            raise ShardError(f"{shard}: not in the index {info}")
-        if shard.name in listed and listed[shard.name] != count:
-            raise ShardError(f"{shard}: {REPORT} says {listed[shard.name]} records, the index "
-                             f"{count}")
-        offsets = np.fromfile(f"{shard}.idx", dtype="<u8") \
-            if Path(f"{shard}.idx").is_file() else None
-        if offsets is None or len(offsets) != count + 1:
-            raise ShardError(f"{shard}: its index {shard.name}.idx is missing or does not hold "
-                             f"{count} records")
-        if shard.stat().st_size < int(offsets[-1]):
-            raise ShardError(f"{shard}: truncated ({shard.stat().st_size} bytes; its {count} "
-                             f"records end at byte {int(offsets[-1])})")
-    return {s.name: counts[s.name] for s in shards}
 
 
 def check_description(folder) -> dict:
