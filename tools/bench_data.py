@@ -80,7 +80,7 @@ def measure(folder: Path, tokenizer: Path, workers: int, samples: int, mbs: int)
     cfg = ModelConfig(language=medmoe_language("tiny"),
                       vision=vision_flavor("phi2", tok.image_token_id))  # CLIP-336 images
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    batches = TrainingBatches(data_blend(str(folder)), MedMoETaskEncoder(tok, "phi", 128, cfg),
+    batches = TrainingBatches(data_blend(str(folder)), MedMoETaskEncoder(tok, "phi", 1024, cfg),
                               mbs, 0, 1, workers, seed=1234)
     batches.next()  # workers started, first micro-batch in
     start = time.perf_counter()
@@ -99,12 +99,14 @@ def measure(folder: Path, tokenizer: Path, workers: int, samples: int, mbs: int)
             "peak_rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def train_wait(folder: Path, start: Path, workers: int, iters: int, work: Path) -> dict:
+def train_wait(folder: Path, start: Path, tokenizer: Path, workers: int, iters: int,
+               work: Path) -> dict:
     """A short stage-2 run (one process): mean `data wait (%)` of its log lines, the first
     (start-up) left out."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            str(ROOT / "examples" / "pretrain_medmoe.py"), "--stage", "2", "--data-path",
-           str(folder), "--pretrained-checkpoint", str(start), "--train-iters", str(iters),
+           str(folder), "--pretrained-checkpoint", str(start), "--tokenizer", str(tokenizer),
+           "--train-iters", str(iters),
            "--lr", "1e-4", "--micro-batch-size", "4", "--global-batch-size", "8",
            "--seq-length", "96", "--log-interval", "5", "--num-workers", str(workers)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
@@ -158,7 +160,8 @@ def main(argv=None):
         largest = folders[max(folders)]
         for w in args.workers:
             print(json.dumps({"records": max(folders), **train_wait(
-                largest, Path(args.train_from).resolve(), w, args.train_iters, work)}),
+                largest, Path(args.train_from).resolve(), Path(tokenizer).resolve(), w,
+                args.train_iters, work)}),
                 flush=True)
 
 

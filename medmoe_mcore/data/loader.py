@@ -20,6 +20,7 @@ import torch
 from megatron.energon import (Cooker, DefaultTaskEncoder, SkipSample, WorkerConfig,
                               basic_sample_keys, get_loader, get_savable_loader,
                               get_train_dataset, get_val_dataset, stateless)
+from megatron.energon.errors import log_exception
 
 from medmoe_mcore.config import ConfigError, ModelConfig
 from medmoe_mcore.conventions import IGNORE_INDEX
@@ -32,6 +33,18 @@ from medmoe_mcore.data.tokenizer import Tokenizer
 
 SHUFFLE_BUFFER_SIZE = 100
 MAX_SAMPLES_PER_SEQUENCE = 100
+# A worker whose first this-many records were all skipped stops the run (energon would go on
+# skipping forever): the records cannot fit, e.g. --seq-length below the image tokens.
+GIVE_UP_AFTER_SKIPPING = 100
+
+
+def _on_error(error: Exception, sample, sources=None) -> None:
+    """Energon's handler for an exception in a worker: ours (a run that cannot go on) stop the
+    run; anything else is energon's default, the traceback with the sample's source printed
+    and the sample left out."""
+    if isinstance(error, ConfigError):
+        raise error
+    log_exception(error, sample, sources)
 
 
 @stateless
@@ -68,6 +81,7 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
         self.tok, self.template, self.seq_length = tok, template, seq_length
         self.vision, self.train = v, train
         self.skipped = Counter()  # in this worker process
+        self.encoded = 0
 
     def encode_sample(self, sample: dict) -> dict:
         record = sample["record"]
@@ -76,7 +90,13 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
             ids, labels = encode(record, self.tok, self.template, self.seq_length, patches)
         except SkipRecord as e:
             self.skipped[e.reason] += 1
+            if not self.encoded and self.skipped.total() >= GIVE_UP_AFTER_SKIPPING:
+                raise ConfigError(
+                    f"the first {self.skipped.total()} records read were all skipped "
+                    f"({dict(self.skipped)}); with --seq-length {self.seq_length} and "
+                    f"{patches} image tokens per image, do they fit?") from None
             raise SkipSample() from None
+        self.encoded += 1
         image = None
         if self.vision is not None:  # decodable: checked when the shards were written
             image = preprocess(load_image(sample["image"], name=str(record.get("id"))),
@@ -127,7 +147,8 @@ class _Batches:
         self.blend, self.encoder = blend, encoder
         self.worker_config = WorkerConfig(rank=dp_rank, world_size=dp_size,
                                           num_workers=num_workers, seed_offset=seed,
-                                          data_parallel_group=dp_group)
+                                          data_parallel_group=dp_group,
+                                          global_error_handler=_on_error)
         self._skipped: dict[int, dict] = {}
         self.drawn = [0] * len(blend.datasets)  # samples this rank read, per dataset
 

@@ -22,6 +22,10 @@ def shards(tmp_path_factory):
     return folders, MedMoETaskEncoder(tok, "phi", 128, cfg)
 
 
+def encoder_cfg(encoder):
+    return ModelConfig(language=medmoe_language("tiny"), vision=encoder.vision)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restore_continues_exactly(shards, workers):
     folders, encoder = shards
@@ -74,3 +78,12 @@ def test_bad_blends_refused(shards, tmp_path):
     evil.write_text("__module__: evil\n__class__: Pwn\nsplits: {}\n")
     with pytest.raises(ConfigError, match="evil"):
         data_blend(str(evil))
+
+
+def test_records_that_cannot_fit_stop_the_run(shards):
+    """Energon would skip forever: the loader gives up naming the reason and the length."""
+    folders, encoder = shards
+    short = MedMoETaskEncoder(encoder.tok, "phi", 8, encoder_cfg(encoder))
+    batches = TrainingBatches(data_blend(str(folders["stage2"])), short, 2, 0, 1, 0, seed=1)
+    with pytest.raises(ConfigError, match="--seq-length 8"):
+        batches.next()
