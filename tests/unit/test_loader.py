@@ -87,3 +87,24 @@ def test_records_that_cannot_fit_stop_the_run(shards):
     batches = TrainingBatches(data_blend(str(folders["stage2"])), short, 2, 0, 1, 0, seed=1)
     with pytest.raises(ConfigError, match="--seq-length 8"):
         batches.next()
+
+
+def test_metadataset_yaml_blends(shards, tmp_path):
+    folders, encoder = shards
+    mds = tmp_path / "blend.yaml"
+    mds.write_text(f"""__module__: megatron.energon
+__class__: MetadatasetV2
+splits:
+  train:
+    blend:
+      - weight: 3
+        path: {folders['stage2']}
+      - weight: 1
+        path: {folders['stage3']}
+""")
+    blend = data_blend(str(mds))
+    assert [d.name for d in blend.datasets] == ["stage2", "stage3"]
+    batches = TrainingBatches(blend, encoder, 4, 0, 1, 0, seed=1234)
+    for _ in range(25):
+        batches.next()
+    assert sum(batches.drawn) == 100 and min(batches.drawn) > 0, batches.drawn
