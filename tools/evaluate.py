@@ -85,14 +85,12 @@ def score(args) -> int:
 
 
 def generate(args) -> int:
-    from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ConfigError, ParallelConfig
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.data.images import ImageDecodeError
-    from medmoe_mcore.data.tokenizer import Tokenizer
     from medmoe_mcore.eval.predict import predict, test_questions
     from medmoe_mcore.inference.config import GenerationConfig
-    from medmoe_mcore.inference.engine import checkpoint_of_release, load_for_inference
+    from medmoe_mcore.inference.engine import load_asked_model
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.arguments import given
 
@@ -101,16 +99,11 @@ def generate(args) -> int:
         gen = GenerationConfig(**given(args, GenerationConfig)).validate()
         par = ParallelConfig(**given(args, ParallelConfig))
         questions, gold = test_questions(args.data, args.image_folder, args.prompt_style)
-        load = args.load
-        if args.hf_dir:
-            parallel.initialize(ParallelConfig())  # the conversion's own groups (TP=1)
-            load = checkpoint_of_release(args.hf_dir)
-        folder = checkpointing.resolve(load)
-        tok = Tokenizer(gen.tokenizer or folder / checkpointing.TOKENIZER)
-        parallel.initialize(par, seed=gen.seed)
-        model, cfg = load_for_inference(folder, par, bf16=gen.bf16)
+        model, cfg, tok = load_asked_model(args.load, args.hf_dir, par, gen,
+                                           make_groups=parallel.initialize)
         if args.expert_stats and cfg.moe is None:
-            raise ConfigError(f"--expert-stats: {folder} is a dense model (no experts)")
+            raise ConfigError(f"--expert-stats: {args.load or args.hf_dir} is a dense model "
+                              "(no experts)")
         start = time.perf_counter()
         answers = predict(model, questions, gold, tok, gen, args.output, args.expert_stats,
                           show=lambda done, total: parallel.log(

@@ -57,13 +57,11 @@ def _questions(args):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ConfigError, ParallelConfig
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.data.images import ImageDecodeError
-    from medmoe_mcore.data.tokenizer import Tokenizer
     from medmoe_mcore.inference.config import GenerationConfig
-    from medmoe_mcore.inference.engine import checkpoint_of_release, load_for_inference
+    from medmoe_mcore.inference.engine import load_asked_model
     from medmoe_mcore.inference.questions import answer
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.arguments import given
@@ -73,14 +71,8 @@ def main(argv=None):
         gen = GenerationConfig(**given(args, GenerationConfig)).validate()
         par = ParallelConfig(**given(args, ParallelConfig))
         questions = _questions(args)  # every input checked before any model is built
-        load = args.load
-        if args.hf_dir:
-            parallel.initialize(ParallelConfig())  # the conversion's own groups (TP=1)
-            load = checkpoint_of_release(args.hf_dir)
-        folder = checkpointing.resolve(load)
-        tok = Tokenizer(gen.tokenizer or folder / checkpointing.TOKENIZER)
-        parallel.initialize(par, seed=gen.seed)
-        model, cfg = load_for_inference(folder, par, bf16=gen.bf16)
+        model, cfg, tok = load_asked_model(args.load, args.hf_dir, par, gen,
+                                           make_groups=parallel.initialize)
         parallel.log(f"{len(questions)} question(s); model: {cfg.language.family}, "
                      f"{'Med-MoE' if cfg.moe else 'dense'}; TP={par.tensor_model_parallel_size}"
                      f"{'+SP' if par.sequence_parallel else ''}, "

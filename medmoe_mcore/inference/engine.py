@@ -53,6 +53,24 @@ def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
     return model, cfg
 
 
+def load_asked_model(load, hf_dir, parallel: ParallelConfig, gen: GenerationConfig,
+                     make_groups):
+    """(model, its ModelConfig, tokenizer) for the question-answering tools, from `--load` or
+    a release folder `--hf-dir` (converted once, see `checkpoint_of_release`). `make_groups
+    (parallel, seed)` is the entry point's own process-group set-up (library code makes none):
+    called with TP=1 for the conversion, then with the layout asked for."""
+    from medmoe_mcore.data.tokenizer import Tokenizer
+
+    if hf_dir:
+        make_groups(ParallelConfig(), gen.seed)
+        load = checkpoint_of_release(hf_dir)
+    folder = checkpointing.resolve(load)
+    tok = Tokenizer(gen.tokenizer or folder / checkpointing.TOKENIZER)
+    make_groups(parallel, gen.seed)
+    model, cfg = load_for_inference(folder, parallel, bf16=gen.bf16)
+    return model, cfg, tok
+
+
 def checkpoint_of_release(hf_dir) -> str:
     """A release folder (tools/convert_mcore_to_hf.py) converted once into a temporary
     checkpoint that every rank then loads. Every rank takes part in the collective save, in
