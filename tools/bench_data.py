@@ -4,9 +4,9 @@
    image checked, energon index written): N records each, 336x336 JPEG images (a pool of
    distinct pictures; every record carries its own copy in the shards), VQA-style text.
 2. In a fresh process per run (so peak RSS is that run's alone): reads `--samples` samples of
-   one dataset through TrainingBatches with CLIP-336 preprocessing, reporting samples/s (after
-   the first micro-batch), the peak RSS of the reading process (a training rank) and of its
-   worker processes.
+   one dataset as training does (data/loader.py `training_batches`) with CLIP-336
+   preprocessing, reporting samples/s (after the first micro-batch) and the peak RSS of the
+   reading process (a training rank), of its loader's helper process and of a worker.
 3. With `--train-from CKPT` (e.g. medmoe_demo/checkpoints/init after the main job), a short
    stage-2 run of that (tiny) model on the largest dataset per worker count: the share of step
    time spent waiting for data (the training log's `data wait (%)`).
@@ -68,35 +68,63 @@ def prepare(folder: Path, records: int, pool: list[bytes]) -> dict:
             "seconds": time.time() - start}
 
 
+class _PeakRss:
+    """Peak RSS (MB) by role of this process and its descendants: with workers, the loader
+    runs in a helper process (started from a forkserver, data/loader_process.py) whose
+    children are energon's workers. Sampled between micro-batches (psutil)."""
+
+    def __init__(self):
+        import psutil
+
+        self.me = psutil.Process()
+        self.peak = {"rank": 0.0, "helper": 0.0, "worker": 0.0}
+
+    def sample(self) -> None:
+        self._see("rank", self.me)
+        for server in self.me.children():  # the forkserver
+            for helper in server.children():
+                self._see("helper", helper)
+                for worker in helper.children():
+                    self._see("worker", worker)
+
+    def _see(self, role, process) -> None:
+        try:
+            self.peak[role] = max(self.peak[role], process.memory_info().rss / 2**20)
+        except Exception:  # noqa: BLE001 - a process that just ended
+            pass
+
+
 def measure(folder: Path, tokenizer: Path, workers: int, samples: int, mbs: int) -> dict:
     """One run's loader throughput and peak memory (call in a fresh process)."""
     from medmoe_mcore.config import ModelConfig
     from medmoe_mcore.data.blend import data_blend
-    from medmoe_mcore.data.loader import MedMoETaskEncoder, TrainingBatches
+    from medmoe_mcore.data.loader import MedMoETaskEncoder, training_batches
     from medmoe_mcore.data.tokenizer import Tokenizer
     from medmoe_mcore.flavors import medmoe_language, vision_flavor
 
     tok = Tokenizer(tokenizer)
     cfg = ModelConfig(language=medmoe_language("tiny"),
                       vision=vision_flavor("phi2", tok.image_token_id))  # CLIP-336 images
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    batches = TrainingBatches(data_blend(str(folder)), MedMoETaskEncoder(tok, "phi", 1024, cfg),
-                              mbs, 0, 1, workers, seed=1234)
+    rss = _PeakRss()
+    rss.sample()
+    rss_before = rss.peak["rank"]
+    batches = training_batches(data_blend(str(folder)), MedMoETaskEncoder(tok, "phi", 1024, cfg),
+                               mbs, 0, 1, workers, seed=1234)
     batches.next()  # workers started, first micro-batch in
     start = time.perf_counter()
-    for _ in range(samples // mbs - 1):
+    for i in range(samples // mbs - 1):
         batches.next()
+        if i % 10 == 0:
+            rss.sample()
     seconds = time.perf_counter() - start
-    del batches
-    import gc
-
-    gc.collect()
-    time.sleep(1)  # let the workers exit so that RUSAGE_CHILDREN holds their peak
+    rss.sample()
+    batches.close()
     return {"folder": str(folder), "workers": workers, "samples": samples,
             "samples_per_s": (samples - mbs) / seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": max(rss.peak["rank"],
+                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "rss_before_loader_mb": rss_before,
-            "peak_rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "peak_rss_helper_mb": rss.peak["helper"], "peak_rss_worker_mb": rss.peak["worker"]}
 
 
 def train_wait(folder: Path, start: Path, tokenizer: Path, workers: int, iters: int,

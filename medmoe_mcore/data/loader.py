@@ -28,6 +28,7 @@ from medmoe_mcore.data import loader_state
 from medmoe_mcore.data.blend import DataBlend
 from medmoe_mcore.data.encoding import encode
 from medmoe_mcore.data.images import load_image, preprocess
+from medmoe_mcore.data.loader_process import LoaderProcess
 from medmoe_mcore.data.records import SkipRecord
 from medmoe_mcore.data.tokenizer import Tokenizer
 
@@ -124,10 +125,8 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
 
 
 def _shut_down(loader) -> None:
-    """Stop a loader's worker processes now and wait for its queue threads to end. Energon
-    forks each loader's workers (and collects garbage just before): a fork while an old
-    loader's queue thread is exiting can deadlock the child in CPython, so nothing is left to
-    exit by the time the next loader forks. (torch's iterator has no public close.)"""
+    """Stop a loader's worker processes now and wait for its queue threads to end, so that
+    no process or thread outlives the loader (torch's iterator has no public close)."""
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
@@ -143,21 +142,26 @@ def _shut_down(loader) -> None:
 
 class _Batches:
     def __init__(self, blend: DataBlend, encoder: MedMoETaskEncoder, dp_rank: int,
-                 dp_size: int, num_workers: int, seed: int, dp_group=None):
+                 dp_size: int, num_workers: int, seed: int):
         self.blend, self.encoder = blend, encoder
+        # no data_parallel_group: the state is saved per rank (no gather), and the config
+        # travels to the workers by pickle, which a process group does not survive
         self.worker_config = WorkerConfig(rank=dp_rank, world_size=dp_size,
                                           num_workers=num_workers, seed_offset=seed,
-                                          data_parallel_group=dp_group,
                                           global_error_handler=_on_error)
         self._skipped: dict[int, dict] = {}
-        self.drawn = [0] * len(blend.datasets)  # samples this rank read, per dataset
+        self._drawn = [0] * len(blend.datasets)
 
     def _take(self, batch: dict) -> dict:
         worker, counts = batch.pop("skipped")
         self._skipped[worker] = counts
         for path in batch["datasets"]:
-            self.drawn[self.blend.index_of(path)] += 1
+            self._drawn[self.blend.index_of(path)] += 1
         return batch
+
+    def read_per_dataset(self) -> list[int]:
+        """Samples this rank read, per dataset of the blend, in this process's run."""
+        return list(self._drawn)
 
     def skipped(self) -> Counter:
         """Records skipped while encoding (e.g. too long), by reason, in this process's run."""
@@ -168,8 +172,8 @@ class TrainingBatches(_Batches):
     """This data-parallel rank's micro-batches, endlessly."""
 
     def __init__(self, blend: DataBlend, encoder: MedMoETaskEncoder, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, num_workers: int, seed: int, dp_group=None):
-        super().__init__(blend, encoder, dp_rank, dp_size, num_workers, seed, dp_group)
+                 dp_rank: int, dp_size: int, num_workers: int, seed: int):
+        super().__init__(blend, encoder, dp_rank, dp_size, num_workers, seed)
         dataset = get_train_dataset(blend.source, batch_size=micro_batch_size,
                                     shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
                                     max_samples_per_sequence=MAX_SAMPLES_PER_SEQUENCE,
@@ -200,8 +204,8 @@ class ValidationBatches(_Batches):
     (repeating a part shorter than that)."""
 
     def __init__(self, blend: DataBlend, encoder: MedMoETaskEncoder, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, num_workers: int, seed: int, dp_group=None):
-        super().__init__(blend, encoder, dp_rank, dp_size, num_workers, seed, dp_group)
+                 dp_rank: int, dp_size: int, num_workers: int, seed: int):
+        super().__init__(blend, encoder, dp_rank, dp_size, num_workers, seed)
         self.micro_batch_size = micro_batch_size
 
     def _loader(self):
@@ -224,3 +228,27 @@ class ValidationBatches(_Batches):
             raise ConfigError(f"{self.blend.flag}: no usable sample for data-parallel rank "
                               f"{self.worker_config.rank} (skipped {dict(self.skipped())})")
         return [out[i % len(out)] for i in range(n)]  # a short part repeats
+
+    def close(self) -> None:
+        pass  # each pass's loader is shut down at its end
+
+
+def _in_process_or_helper(batches_class, args: tuple, num_workers: int, name: str):
+    # with workers, energon forks: do that from a clean helper process (data/loader_process.py)
+    return LoaderProcess(batches_class, args, name) if num_workers else batches_class(*args)
+
+
+def training_batches(blend: DataBlend, encoder: MedMoETaskEncoder, micro_batch_size: int,
+                     dp_rank: int, dp_size: int, num_workers: int, seed: int):
+    """A TrainingBatches: in this process without workers, else in a helper process."""
+    return _in_process_or_helper(
+        TrainingBatches, (blend, encoder, micro_batch_size, dp_rank, dp_size, num_workers,
+                          seed), num_workers, f"training (rank {dp_rank})")
+
+
+def validation_batches(blend: DataBlend, encoder: MedMoETaskEncoder, micro_batch_size: int,
+                       dp_rank: int, dp_size: int, num_workers: int, seed: int):
+    """A ValidationBatches: in this process without workers, else in a helper process."""
+    return _in_process_or_helper(
+        ValidationBatches, (blend, encoder, micro_batch_size, dp_rank, dp_size, num_workers,
+                            seed), num_workers, f"validation (rank {dp_rank})")

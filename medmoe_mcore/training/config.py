@@ -26,10 +26,9 @@ class TrainConfig:
     valid_data_path: Optional[list[str]] = option(
         None, "validation data, the same forms: the loss on it every --eval-interval "
         "iterations", pipeline=False)
-    # Default 0 until worker start-up is fork-safe: energon forks its workers, and a fork
-    # while another Python thread changes state can hang the child (seen in CI, CPython 3.11).
-    num_workers: int = option(0, "data-loader worker processes per rank (decoding and "
-                              "tokenising beside training)")
+    num_workers: int = option(2, "data-loader worker processes per rank (decoding and "
+                              "tokenising beside training; with any, the loader runs in a "
+                              "helper process per rank); 0 reads in the training process")
     load_data_state: bool = option(True, "resume the data loader where the checkpoint left "
                                    "it; --no-load-data-state starts the data order afresh "
                                    "(the only way to resume at another data-parallel size, "

@@ -19,7 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from medmoe_mcore.config import ModelConfig
 from medmoe_mcore.data.blend import data_blend
-from medmoe_mcore.data.loader import MedMoETaskEncoder, TrainingBatches, ValidationBatches
+from medmoe_mcore.data.loader import MedMoETaskEncoder, training_batches, validation_batches
 from medmoe_mcore.eval.expert_stats import ExpertActivation
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
@@ -48,7 +48,8 @@ class Trainer:
         blend = data_blend(train.data_path)
         encoder = MedMoETaskEncoder(train.tokenizer, train.template_or_default,
                                     train.seq_length, cfg)
-        self.data = TrainingBatches(blend, encoder, train.micro_batch_size, *self._dp_layout())
+        self.blend = blend
+        self.data = training_batches(blend, encoder, train.micro_batch_size, *self._dp_layout())
         log(f"data: {blend.summary()}; {train.template_or_default} template, "
             f"{train.num_workers} loader workers per rank")
         self.valid = None
@@ -59,7 +60,7 @@ class Trainer:
             log(f"validation data: {valid.summary()}; every {interval} iterations and at the "
                 f"end: {iters} global batches of {train.global_batch_size}"
                 f"{' (more than the data: samples repeat)' if repeats else ''}")
-            self.valid = ValidationBatches(valid, MedMoETaskEncoder(
+            self.valid = validation_batches(valid, MedMoETaskEncoder(
                 encoder.tok, train.template_or_default, train.seq_length, cfg, train=False),
                 train.micro_batch_size, *self._dp_layout())
         self.checkpoint = RunCheckpoint(cfg, train, dict(
@@ -78,7 +79,7 @@ class Trainer:
 
     def _dp_layout(self) -> tuple:
         return (parallel_state.get_data_parallel_rank(), self.dp, self.train.num_workers,
-                self.train.seed, parallel_state.get_data_parallel_group())
+                self.train.seed)
 
     @property
     def model(self):
@@ -173,14 +174,14 @@ class Trainer:
     def _report_data(self) -> None:
         """Samples read per dataset and records skipped while encoding, over all data-parallel
         ranks, for this run (since its start or resume)."""
-        mine = (self.data.drawn, dict(self.data.skipped()))
+        mine = (self.data.read_per_dataset(), dict(self.data.skipped()))
         everyone = [None] * self.dp
         dist.all_gather_object(everyone, mine, group=parallel_state.get_data_parallel_group())
         drawn = [sum(x) for x in zip(*(d for d, _ in everyone))]
         total = max(sum(drawn), 1)
         log("data read this run: " + " | ".join(
             f"{d.name} {n} samples ({n / total:.1%})"
-            for d, n in zip(self.data.blend.datasets, drawn)))
+            for d, n in zip(self.blend.datasets, drawn)))
         skipped = sum((Counter(s) for _, s in everyone), Counter())
         if skipped:
             log(f"data: skipped {sum(skipped.values())} records while encoding (by reason: "
@@ -215,5 +216,7 @@ class Trainer:
                 self.save()
         self._report_data()
         self.data.close()
+        if self.valid is not None:
+            self.valid.close()
         self.metrics.close()
         return self.losses

@@ -1,13 +1,16 @@
 """The energon loader: an exact restore of its state (through the bytes our checkpoints
 keep) with 0 and 2 worker processes; blends by weight; validation the same every time."""
 
+import multiprocessing
+
 import pytest
 import torch
 
 from medmoe_mcore.config import ConfigError, ModelConfig
 from medmoe_mcore.data import demo
 from medmoe_mcore.data.blend import data_blend
-from medmoe_mcore.data.loader import MedMoETaskEncoder, TrainingBatches, ValidationBatches
+from medmoe_mcore.data.loader import (MedMoETaskEncoder, TrainingBatches, ValidationBatches,
+                                      training_batches)
 from medmoe_mcore.data.tokenizer import train_bpe
 from medmoe_mcore.flavors import medmoe_language, vision_flavor
 
@@ -30,9 +33,9 @@ def encoder_cfg(encoder):
 def test_restore_continues_exactly(shards, workers):
     folders, encoder = shards
 
-    def batches():
-        return TrainingBatches(data_blend(str(folders["stage2"])), encoder, 2, 0, 1, workers,
-                               seed=1234)
+    def batches():  # with workers: in a helper process, as in training
+        return training_batches(data_blend(str(folders["stage2"])), encoder, 2, 0, 1, workers,
+                                seed=1234)
 
     first = batches()
     head = [first.next() for _ in range(3)]
@@ -44,6 +47,8 @@ def test_restore_continues_exactly(shards, workers):
         assert torch.equal(a["input_ids"], b["input_ids"])
         assert torch.equal(a["images"], b["images"]) and a["lengths"] == b["lengths"]
     assert head[0]["images"].shape == (2, 3, 56, 56)
+    assert sum(first.read_per_dataset()) == 12
+    first.close(), again.close()
 
 
 def test_blend_draws_by_weight(shards):
@@ -54,8 +59,9 @@ def test_blend_draws_by_weight(shards):
     batches = TrainingBatches(blend, encoder, 4, 0, 1, 0, seed=1234)
     for _ in range(100):  # 400 samples
         batches.next()
-    assert sum(batches.drawn) == 400
-    assert abs(batches.drawn[0] / 400 - 0.75) < 0.05, batches.drawn
+    drawn = batches.read_per_dataset()
+    assert sum(drawn) == 400
+    assert abs(drawn[0] / 400 - 0.75) < 0.05, drawn
 
 
 def test_validation_is_the_same_every_time(shards):
@@ -80,13 +86,18 @@ def test_bad_blends_refused(shards, tmp_path):
         data_blend(str(evil))
 
 
-def test_records_that_cannot_fit_stop_the_run(shards):
-    """Energon would skip forever: the loader gives up naming the reason and the length."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_records_that_cannot_fit_stop_the_run(shards, workers):
+    """Energon would skip forever: the loader gives up naming the reason and the length
+    (raised in a worker, it reaches the caller through the helper process)."""
     folders, encoder = shards
     short = MedMoETaskEncoder(encoder.tok, "phi", 8, encoder_cfg(encoder))
-    batches = TrainingBatches(data_blend(str(folders["stage2"])), short, 2, 0, 1, 0, seed=1)
+    batches = training_batches(data_blend(str(folders["stage2"])), short, 2, 0, 1, workers,
+                               seed=1)
     with pytest.raises(ConfigError, match="--seq-length 8"):
         batches.next()
+    batches.close()
+    assert not multiprocessing.active_children()  # the helper and its workers are gone
 
 
 def test_metadataset_yaml_blends(shards, tmp_path):
@@ -107,4 +118,5 @@ splits:
     batches = TrainingBatches(blend, encoder, 4, 0, 1, 0, seed=1234)
     for _ in range(25):
         batches.next()
-    assert sum(batches.drawn) == 100 and min(batches.drawn) > 0, batches.drawn
+    drawn = batches.read_per_dataset()
+    assert sum(drawn) == 100 and min(drawn) > 0, drawn
