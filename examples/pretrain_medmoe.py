@@ -55,24 +55,18 @@ def stage_run(args) -> list:
     """One stage: checks the flags against the checkpoint, then trains."""
     from medmoe_mcore import checkpointing
     from medmoe_mcore.training.arguments import reconcile_with_checkpoint, refuse
+    from medmoe_mcore.training.checkpoint import starting_point
     from medmoe_mcore.training.pipeline import PipelineConfig, stage_config
 
     refuse(args, PipelineConfig, _marked(PipelineConfig, "stage"),
            "demo-pipeline flags; a --stage run does not use them")
-    from medmoe_mcore.config import ConfigError
-
     train, par, moe_given, _ = configs(args)
     train.validate(dp=1)  # names what is missing, before anything is read
-    source = train.load if train.load and checkpointing.is_checkpoint(train.load) \
-        else train.pretrained_checkpoint
-    if source is None:
-        raise ConfigError(f"--load {train.load}: no checkpoint there to resume, and no "
-                          "--pretrained-checkpoint to start from")
+    source = starting_point(train).folder  # or an error naming what --load holds
     cfg = stage_config(source, par, train)
-    notes = reconcile_with_checkpoint(cfg, checkpointing.resolve(source), moe_given,
-                                      getattr(args, "flavor", None))
+    notes = reconcile_with_checkpoint(cfg, source, moe_given, getattr(args, "flavor", None))
     if train.tokenizer is None:
-        train.tokenizer = str(checkpointing.resolve(source) / checkpointing.TOKENIZER)
+        train.tokenizer = str(source / checkpointing.TOKENIZER)
     return train_stage(cfg, train, notes)
 
 
@@ -108,6 +102,7 @@ def pipeline(args) -> dict:
     for stage, start in ((1, init), (2, ck / "stage1")):
         log(f"\n=== stage {stage} ===")
         stage_train = demo.stage_train_config(train, stage, pipe, shards, start)
+        demo.replace_previous(stage_train.save)
         run = train_stage(demo.stage_config(start, par, stage_train), stage_train)
         losses[f"stage{stage}"] = (run[0], run[-1])
         log(f"stage {stage}: loss {run[0]:.4f} -> {run[-1]:.4f}")
@@ -124,12 +119,14 @@ def pipeline(args) -> dict:
         accuracy = demo.train_demo_router(ck / "stage2", shards["router"], router_path, tok)
 
     log("\n=== upcycling ===")
+    demo.replace_previous(ck / "stage3_init")
     upcycle(ck / "stage2", ck / "stage3_init", moe, router_path=router_path)
     log(f"upcycled {ck / 'stage2'} -> {ck / 'stage3_init'}: {moe.num_experts} experts, top-"
         f"{moe.router_topk}, meta expert")
 
     log("\n=== stage 3 ===")
     stage_train = demo.stage_train_config(train, 3, pipe, shards, ck / "stage3_init")
+    demo.replace_previous(stage_train.save)
     run = train_stage(demo.stage_config(ck / "stage3_init", par, stage_train), stage_train)
     losses["stage3"] = (run[0], run[-1])
     log(f"stage 3: loss {run[0]:.4f} -> {run[-1]:.4f}")
@@ -161,6 +158,7 @@ def main(argv=None) -> int:
 
     from medmoe_mcore.config import ConfigError
     from medmoe_mcore.runtime.parallel import log
+    from medmoe_mcore.training.trainer import TrainingStopped
 
     args = parser().parse_args(argv)
     try:
@@ -171,6 +169,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: training stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -6,6 +6,10 @@
 
 A save goes to a temporary folder that is renamed only after every rank finished, and the
 tracker file moves last (atomically), so an interrupted save never replaces a good checkpoint.
+A save never replaces an existing iteration folder and never moves the tracker backwards; a
+release (conversion) into a folder that holds any checkpoint is refused unless `overwrite`,
+which replaces the folder whole. Every save records each file's size and SHA-256
+(integrity.py); loading verifies them first.
 """
 
 from __future__ import annotations
@@ -17,8 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
-from medmoe_mcore.config import ModelConfig, ParallelConfig
+from medmoe_mcore import integrity
+from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
+from medmoe_mcore.runtime.parallel import log
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG = "medmoe_config.json"
@@ -46,42 +53,154 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def resolve(root: str | os.PathLike) -> Path:
-    """The checkpoint folder the tracker points to (or `root` itself if it holds a config)."""
+class NoCheckpoint(FileNotFoundError):
+    """The folder does not exist, is empty, or holds only an interrupted save: nothing there
+    (a run may start afresh when it was told where from)."""
+
+
+def iterations(root: Path) -> list[int]:
+    """The complete iteration folders under `root` (with a config), oldest first."""
+    found = []
+    for p in root.glob("iter_*"):
+        if p.is_dir() and (p / CONFIG).exists() and p.name[5:].isdigit():
+            found.append(int(p.name[5:]))
+    return sorted(found)
+
+
+def _listing(root: Path, limit: int = 6) -> str:
+    names = sorted(p.name for p in root.iterdir())
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if
+                                       len(names) > limit else "")
+
+
+def resolve(root: str | os.PathLike, step: int | None = None) -> Path:
+    """The checkpoint folder `root` means: the iteration its tracker names (or `step`'s), or
+    `root` itself if it holds a config. Otherwise NoCheckpoint (nothing there) or
+    ConfigError naming what was found."""
     root = Path(root)
+    if not root.exists():
+        raise NoCheckpoint(f"{root} does not exist")
+    if not root.is_dir():
+        raise ConfigError(f"{root} is a file, not a checkpoint folder")
+    if step is not None:
+        folder = root / tag_for(step)
+        if not (folder / CONFIG).exists():
+            raise ConfigError(f"{root}: no complete iteration {step} ({folder.name}); "
+                              f"iterations there: {iterations(root) or 'none'}")
+        return folder
     if (root / CONFIG).exists():
         return root
     tracker = root / TRACKER
-    if not tracker.exists():
-        raise FileNotFoundError(f"{root}: no {TRACKER} and no {CONFIG}: not a checkpoint")
-    text = tracker.read_text().strip()
-    folder = root / (text if text == "release" else tag_for(int(text)))
-    if not (folder / CONFIG).exists():
-        raise FileNotFoundError(f"{tracker} points to {folder}, which has no {CONFIG}")
-    return folder
+    if tracker.exists():
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise ConfigError(f"{tracker}: {text!r} is neither 'release' nor an iteration")
+        folder = root / (text if text == "release" else tag_for(int(text)))
+        if not (folder / CONFIG).exists():
+            raise ConfigError(f"{tracker} names {folder.name}, which is missing or has no "
+                              f"{CONFIG}; complete iterations there: "
+                              f"{iterations(root) or 'none'}")
+        return folder
+    found = iterations(root)
+    if found:
+        raise ConfigError(f"{root}: no {TRACKER}, but iteration folders "
+                          f"{tag_for(found[0])} .. {tag_for(found[-1])} (newest {found[-1]}); "
+                          f"pass --ckpt-step {found[-1]} to use the newest (or another)")
+    entries = list(root.iterdir())
+    if not entries:
+        raise NoCheckpoint(f"{root} is empty")
+    if all(p.name.endswith(".tmp") for p in entries):
+        raise NoCheckpoint(f"{root} holds only an interrupted save ({_listing(root)})")
+    if (root / "config.json").exists() or any(root.glob("*.safetensors")):
+        raise ConfigError(f"{root} holds a Hugging Face model ({_listing(root)}), not a "
+                          "Megatron checkpoint: convert it with tools/convert_hf_to_mcore.py")
+    raise ConfigError(f"{root} holds no checkpoint (no {TRACKER}, no {CONFIG}; found: "
+                      f"{_listing(root)})")
 
 
 def is_checkpoint(root: str | os.PathLike) -> bool:
     try:
         resolve(root)
         return True
-    except FileNotFoundError:
+    except (FileNotFoundError, ConfigError):
         return False
 
 
 def read_config(root: str | os.PathLike, parallel: ParallelConfig | None = None) -> ModelConfig:
-    return ModelConfig.from_json((resolve(root) / CONFIG).read_text(), parallel=parallel)
+    path = resolve(root) / CONFIG
+    try:
+        return ModelConfig.from_json(path.read_text(), parallel=parallel)
+    except (ValueError, TypeError, KeyError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def check_can_save(root: str | os.PathLike, iteration: int) -> None:
+    """A training save of `iteration` into `root` would replace nothing and not move the
+    tracker backwards (called before training too, so a run never computes for a save it
+    cannot make)."""
+    root = Path(root)
+    if not root.exists():
+        return
+    if (root / tag_for(None)).exists() or (root / CONFIG).exists():
+        raise ConfigError(f"--save {root} holds a converted checkpoint (release), not a "
+                          "training run: save the run elsewhere")
+    later = [i for i in iterations(root) if i >= iteration]
+    tracker = root / TRACKER
+    marked = tracker.read_text().strip() if tracker.exists() else None
+    if later:
+        raise ConfigError(f"--save {root} already holds {tag_for(later[0])}"
+                          f"{f' .. {tag_for(later[-1])}' if len(later) > 1 else ''} "
+                          f"(another run's work, at or beyond this run's iteration "
+                          f"{iteration}): it is never replaced; save elsewhere")
+    if marked is not None and marked.isdigit() and int(marked) >= iteration:
+        raise ConfigError(f"{tracker} says {marked}: saving iteration {iteration} would move "
+                          "it backwards; save elsewhere")
+
+
+def _holds_checkpoint(root: Path) -> bool:
+    return (root / TRACKER).exists() or (root / CONFIG).exists() or \
+        (root / tag_for(None)).exists() or bool(iterations(root))
+
+
+def check_can_release(root: str | os.PathLike, overwrite: bool) -> None:
+    """A conversion may write its release into `root`: refused where `root` holds any
+    checkpoint (a training run included), unless `overwrite` (called before converting)."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--save {root}: a file, not a folder")
+    if root.exists() and _holds_checkpoint(root) and not overwrite:
+        marked = (root / TRACKER).read_text().strip() if (root / TRACKER).exists() else ""
+        latest = marked if marked.isdigit() else (iterations(root) or [None])[-1]
+        what = f"a training run (latest iteration {latest})" if latest is not None \
+            else "a checkpoint"
+        raise ConfigError(f"--save {root} holds {what} ({_listing(root)}): choose another "
+                          "folder, or --overwrite to replace it whole")
 
 
 def save(sharded_state_dict: dict, root: str | os.PathLike, cfg: ModelConfig,
          iteration: int | None = None, extra_files: dict[str, str] | None = None,
-         extra_dirs: dict[str, str | os.PathLike] | None = None) -> Path:
-    """Collective: every rank passes its sharded state dict. Returns the final folder."""
+         extra_dirs: dict[str, str | os.PathLike] | None = None,
+         overwrite: bool = False) -> Path:
+    """Collective: every rank passes its sharded state dict. Returns the final folder. A
+    training save (`iteration`) is refused where it would replace an iteration or move the
+    tracker back; a release into a folder holding a checkpoint is refused unless `overwrite`
+    (then the whole folder is replaced once the new one is complete)."""
     root = Path(root)
-    final = root / tag_for(iteration)
-    tmp = root / f"{final.name}.tmp"
+    replacing = iteration is None and root.exists() and _holds_checkpoint(root)
+    if iteration is None:
+        check_can_release(root, overwrite)
+    else:
+        check_can_save(root, iteration)
+    _barrier()  # every rank checked the same folder before anyone writes
+    target = root.with_name(f"{root.name}.new") if replacing else root
+    final = target / tag_for(iteration)
+    tmp = target / f"{final.name}.tmp"
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        if replacing:
+            shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
@@ -93,22 +212,65 @@ def save(sharded_state_dict: dict, root: str | os.PathLike, cfg: ModelConfig,
             (tmp / name).write_text(text)
         for name, src in (extra_dirs or {}).items():
             shutil.copytree(src, tmp / name)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / TRACKER, final.name if iteration is None else str(iteration))
     _barrier()
-    return final
+    integrity.record(tmp)
+    if _rank() == 0:
+        os.replace(tmp, final)
+        _write_atomic(target / TRACKER, final.name if iteration is None else str(iteration))
+        if replacing:  # the old folder moves aside only now, then goes
+            aside = root.with_name(f"{root.name}.old-{os.getpid()}")
+            os.replace(root, aside)
+            os.replace(target, root)
+            shutil.rmtree(aside)
+    _barrier()
+    return root / final.name
 
 
-def load_into(model: torch.nn.Module, root: str | os.PathLike) -> Path:
-    """Collective: load the checkpoint's weights into `model` at the model's own TP/EP."""
+def verify_files(folder: Path) -> None:
+    """Collective: the folder's files match its save's record (or say there is none)."""
+    if not integrity.verify(folder):
+        log(f"WARNING: {folder}: no {integrity.MANIFEST} (saved by an older version or "
+            "another tool): its files are not verified")
+
+
+def load_into(model: torch.nn.Module, root: str | os.PathLike, verify: bool = True) -> Path:
+    """Collective: load the checkpoint's weights into `model` at the model's own TP/EP (its
+    files checked against their recorded checksums first, unless `verify=False`)."""
     folder = resolve(root)
+    if verify:
+        verify_files(folder)
     template = model.sharded_state_dict()
-    state = dist_checkpointing.load(template, str(folder))
+    state = load_sharded(template, folder)
     # A training checkpoint also holds optimizer/scheduler/progress state: weights only here.
     model.load_state_dict({k: v for k, v in state.items() if k in template}, strict=True)
     return folder
+
+
+def _reason(error: BaseException) -> str:
+    """One line: a rank's own error inside torch's CheckpointException (whose text is a
+    traceback)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, failure = next(iter(error.failures.items()))
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {_first_line(inner)}"
+    return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return type(error).__name__ + (f": {text.splitlines()[0]}" if text else "")
+
+
+def load_sharded(template: dict, folder: Path) -> dict:
+    """dist_checkpointing.load, with a failure naming the folder (a shard cut short raises
+    errors that name no file)."""
+    try:
+        return dist_checkpointing.load(template, str(folder))
+    except (Exception, CheckpointException) as e:  # any reader error (the latter is a
+        # BaseException): say where
+        raise ConfigError(f"{folder}: cannot read the checkpoint ({_reason(e)}); "
+                          f"a shard may be truncated or corrupt (files: {_listing(folder)})"
+                          ) from e
 
 
 def carried(folder: str | os.PathLike) -> tuple[dict[str, str], dict[str, Path]]:

@@ -4,8 +4,11 @@
 
 Builds (unless --hf-dir is given) hidden 2560 x 32 layers x vocab 51200 (~2.8B parameters,
 ~5.6 GB), then times HF -> Megatron and Megatron -> HF, each in a fresh process, and reports
-seconds, MB/s and peak RSS (ru_maxrss of that process) relative to the checkpoint size.
-The round trip is also checked bit-exact. Prints one JSON object as its last line.
+seconds, MB/s and the true peak memory of that process and its helpers: the PSS of the whole
+process tree, sampled every 50 ms (shared pages counted once), relative to the checkpoint
+size. Also the cost of the checkpoint's checksums (integrity.py: SHA-256 of every file,
+recorded by the save, verified before a load). The round trip is checked bit-exact. Prints
+one JSON object as its last line.
 """
 
 import argparse
@@ -52,9 +55,29 @@ def dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def run_step(step: str, src: str, dst: str) -> dict:
-    """Run one conversion in a fresh process; return its time and peak RSS."""
-    code = ("import resource, sys, time, json\n"
+def tree_pss(root_pid: int) -> int:
+    """Proportional set size of a process and all its descendants now (bytes): shared pages
+    are split between the processes that map them, so the sum is the tree's true use."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_step(step: str, src: str, dst: str, interval: float = 0.05) -> dict:
+    """Run one conversion in a fresh process; return its time and the peak of its process
+    tree's PSS, sampled every `interval` seconds while it runs."""
+    code = ("import sys, time, json\n"
             "t = time.perf_counter()\n"
             f"from medmoe_mcore.conversion.language import {'import_hf' if step == 'import' else 'export_hf'} as f\n"
             "from medmoe_mcore.config import ParallelConfig\n"
@@ -63,14 +86,30 @@ def run_step(step: str, src: str, dst: str) -> dict:
             "t_import = time.perf_counter()\n"
             f"f({src!r}, {dst!r}, show_progress=False)\n"
             "print(json.dumps({'seconds': time.perf_counter() - t_import,\n"
-            "  'startup_seconds': t_import - t,\n"
-            "  'self_peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,\n"
-            "  'children_peak_rss_bytes': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))\n")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    # Conservative: checkpoint writer/reader helper processes counted as if concurrent.
-    r["peak_rss_bytes"] = r["self_peak_rss_bytes"] + r["children_peak_rss_bytes"]
+            "  'startup_seconds': t_import - t}))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_pss(proc.pid))
+        time.sleep(interval)
+    out, err = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(err[-3000:])
+    r = json.loads(out.strip().splitlines()[-1])
+    r["peak_pss_bytes"] = peak
     return r
+
+
+def checksum_seconds(folder: Path) -> dict:
+    """What integrity records cost: hashing every file of the checkpoint once (a save records,
+    a load verifies the same bytes), single process."""
+    from medmoe_mcore import integrity
+
+    t = time.perf_counter()
+    assert integrity.verify(folder)
+    seconds = time.perf_counter() - t
+    return {"verify_seconds": seconds, "verify_gb_per_s": dir_bytes(folder) / 1e9 / seconds}
 
 
 def main(argv=None):
@@ -94,10 +133,14 @@ def main(argv=None):
     for step, src, dst in (("import", hf, work / "mcore"), ("export", work / "mcore", work / "hf_out")):
         r = run_step(step, str(src), str(dst))
         r["mb_per_s"] = size / 1e6 / r["seconds"]
-        r["peak_rss_over_checkpoint"] = r["peak_rss_bytes"] / size
+        r["peak_pss_over_checkpoint"] = r["peak_pss_bytes"] / size
         result[step] = r
-        print(f"{step}: {r['seconds']:.1f}s, {r['mb_per_s']:.0f} MB/s, peak RSS "
-              f"{r['peak_rss_bytes'] / 2**30:.2f} GiB = {r['peak_rss_over_checkpoint']:.2f}x", flush=True)
+        print(f"{step}: {r['seconds']:.1f}s, {r['mb_per_s']:.0f} MB/s, peak PSS of the process "
+              f"tree {r['peak_pss_bytes'] / 2**30:.2f} GiB = {r['peak_pss_over_checkpoint']:.2f}x",
+              flush=True)
+        if step == "import":
+            result["checksums"] = checksum_seconds(work / "mcore" / "release")
+            print(f"checksums: {result['checksums']}", flush=True)
 
     import torch
 

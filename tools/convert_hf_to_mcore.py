@@ -32,11 +32,16 @@ def main(argv=None):
     p.add_argument("--params-dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast to this dtype (default: keep the HF tensors' dtype)")
     p.add_argument("--seed", type=int, default=1234, help="seed of a fresh projector")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --save folder that holds a checkpoint (a training run "
+                        "included) whole, once the new one is complete; without it such a "
+                        "folder is refused")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
     from medmoe_mcore.config import ConfigError, ParallelConfig
     from medmoe_mcore.runtime import parallel
+    from medmoe_mcore import checkpointing
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import import_hf
     from medmoe_mcore.conversion.assemble import assemble
@@ -45,21 +50,23 @@ def main(argv=None):
     report = []
     progress = not args.no_progress
     try:
+        checkpointing.check_can_release(args.save, args.overwrite)  # before any work
         parallel.initialize(ParallelConfig(), seed=args.seed)
         if is_multimodal(args.hf_dir):
             folder = import_multimodal(args.hf_dir, args.save, params_dtype=args.params_dtype,
                                        vision_hf_dir=args.vision_hf_dir, show_progress=progress,
-                                       report=report)
+                                       report=report, overwrite=args.overwrite)
         elif args.vision_hf_dir:
             folder = assemble(args.vision_hf_dir, args.hf_dir, args.save,
                               projector_path=args.projector, image_token_id=args.image_token_id,
                               vision_feature_layer=args.vision_feature_layer,
                               params_dtype=args.params_dtype,
                               lm_head_bias=not args.no_lm_head_bias, seed=args.seed,
-                              show_progress=progress, report=report)
+                              show_progress=progress, report=report,
+                              overwrite=args.overwrite)
         else:
             folder = import_hf(args.hf_dir, args.save, params_dtype=args.params_dtype,
-                               show_progress=progress)
+                               show_progress=progress, overwrite=args.overwrite)
     except (ConversionError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

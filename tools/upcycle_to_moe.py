@@ -28,12 +28,15 @@ def main(argv=None):
     p.add_argument("--router", help="router file (tools/train_router.py or "
                                     "tools/import_authors_router.py)")
     p.add_argument("--seed", type=int, default=1234, help="seed of a learned router's init")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --save folder that holds a checkpoint (whole, once the new "
+                        "one is complete)")
     add_config_arguments(p, MoEConfig, "Med-MoE layers")
     args = p.parse_args(argv)
     try:
         moe = moe_config(given(args, MoEConfig), router_file=args.router is not None)
         parallel.initialize(ParallelConfig(), seed=args.seed)
-        out = upcycle(args.load, args.save, moe, args.router)
+        out = upcycle(args.load, args.save, moe, args.router, overwrite=args.overwrite)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,8 +36,6 @@ def main(argv=None):
 
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-
     from medmoe_mcore import checkpointing
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.config import ParallelConfig
@@ -69,9 +67,7 @@ def main(argv=None):
         positions = torch.arange(args.seq_length, device=device).unsqueeze(0).expand_as(tokens)
         with torch.no_grad():
             logits = model(tokens, positions, None)[..., : cfg.language.vocab_size].float()
-            # trust_remote_code: MoE exports carry their own model code (auto_map).
-            hf = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=dtype,
-                                                      trust_remote_code=True).to(device).eval()
+            hf = _hf_reference(args.hf_dir, dtype).to(device).eval()
             ref = hf(input_ids=tokens).logits.float()
     diff = (logits - ref).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
@@ -88,6 +84,22 @@ def main(argv=None):
         print(json.dumps(result), flush=True)
     parallel.finish(tear_down=own_groups)
     return 0 if result["passed"] else 1
+
+
+def _hf_reference(hf_dir, dtype):
+    """The HF model of `hf_dir` with code from installed packages only: our exports' model
+    types (whose folders carry a copy of medmoe_mcore/hf for `trust_remote_code` users) load
+    with the installed medmoe_mcore classes; anything else with transformers' own. Code in the
+    folder is never run."""
+    from transformers import AutoModelForCausalLM
+
+    from medmoe_mcore import hf as hf_classes
+    from medmoe_mcore.conversion.common import raw_config
+
+    model_type = raw_config(hf_dir).get("model_type")
+    if model_type in hf_classes.CLASSES:
+        return hf_classes.model_class(model_type).from_pretrained(hf_dir, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, trust_remote_code=False)
 
 
 def _multimodal(args, cfg, device, dtype, gen):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from medmoe_mcore import checkpointing
 from medmoe_mcore.config import ModelConfig
 from medmoe_mcore.conventions import IMAGE_SENTINEL_ID
 from medmoe_mcore.conversion.common import (
@@ -48,9 +49,11 @@ def _projector_tensors(path) -> dict[str, torch.Tensor]:
 def assemble(vision_hf_dir, language_hf_dir, save_root, projector_path=None,
              image_token_id: int = IMAGE_SENTINEL_ID, vision_feature_layer: int = -2,
              params_dtype: str | None = None, lm_head_bias: bool = True, seed: int = 1234,
-             show_progress=True, report: list[str] | None = None) -> Path:
+             show_progress=True, report: list[str] | None = None,
+             overwrite: bool = False) -> Path:
     """Stage-1 starting point from public parts: CLIP + Phi-2/StableLM (+ projector file, else
     freshly initialised like Megatron: normal(0, 0.02) weights, zero biases)."""
+    checkpointing.check_can_release(save_root, overwrite)
     report = [] if report is None else report
     clip_src, lm_src = SafetensorsDir(vision_hf_dir), SafetensorsDir(language_hf_dir)
     text = read_hf_config(language_hf_dir)
@@ -95,6 +98,6 @@ def assemble(vision_hf_dir, language_hf_dir, save_root, projector_path=None,
     hf_cfg = {"text_config": text, "vision_config": clip_config(vision_hf_dir)}
     return save_multimodal(model, cfg, save_root, hf_cfg,
                  {k: clip_src.get(v) for k, v in aside_keys.items()},
-                 tokenizer_dir=language_hf_dir)
+                 tokenizer_dir=language_hf_dir, overwrite=overwrite)
 
 

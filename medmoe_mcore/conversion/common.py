@@ -36,7 +36,13 @@ def raw_config(hf_dir) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    return json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a JSON object")
+    return raw
 
 
 # Keys any transformers 4.x/5.x config may carry (PretrainedConfig's own and generation's).

@@ -33,8 +33,11 @@ from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, wr
 from medmoe_mcore.models.transformer_config import DTYPES
 
 
-def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=True) -> Path:
-    """HF Phi/StableLM folder -> Megatron dist checkpoint (loadable at any TP)."""
+def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=True,
+              overwrite: bool = False) -> Path:
+    """HF Phi/StableLM folder -> Megatron dist checkpoint (loadable at any TP); a `save_root`
+    holding a checkpoint is refused before any work unless `overwrite`."""
+    checkpointing.check_can_release(save_root, overwrite)
     hf_cfg = read_hf_config(hf_dir)
     lm = language_config_from_hf(hf_cfg)
     moe = moe_config_from_hf(hf_cfg)
@@ -51,7 +54,7 @@ def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=
         return checkpointing.save(
             model.sharded_state_dict(), save_root, cfg,
             extra_files={checkpointing.HF_CONFIG: json.dumps(hf_cfg, indent=2)},
-            extra_dirs={checkpointing.TOKENIZER: tok} if copied else None)
+            extra_dirs={checkpointing.TOKENIZER: tok} if copied else None, overwrite=overwrite)
 
 
 def expected_hf_keys(hf_cfg: dict) -> set[str]:

@@ -165,7 +165,8 @@ def split_clip(keys, root: str, v: VisionConfig, report: list[str]):
 _CLIP_EXTRA = re.compile(r"(text_model\.|visual_projection\.|text_projection\.|logit_scale)")
 
 
-def save_multimodal(model, cfg, save_root, hf_cfg, aside: dict, tokenizer_dir=None) -> Path:
+def save_multimodal(model, cfg, save_root, hf_cfg, aside: dict, tokenizer_dir=None,
+                    overwrite: bool = False) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         if aside:
@@ -179,12 +180,14 @@ def save_multimodal(model, cfg, save_root, hf_cfg, aside: dict, tokenizer_dir=No
         return checkpointing.save(
             model.sharded_state_dict(), save_root, cfg,
             extra_files={checkpointing.HF_CONFIG: json.dumps(hf_cfg, indent=2)},
-            extra_dirs=dirs or None)
+            extra_dirs=dirs or None, overwrite=overwrite)
 
 
 def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision_hf_dir=None,
-                      show_progress=True, report: list[str] | None = None) -> Path:
+                      show_progress=True, report: list[str] | None = None,
+                      overwrite: bool = False) -> Path:
     """HF LLaVA (or the authors' MoE-LLaVA) folder -> Megatron dist checkpoint."""
+    checkpointing.check_can_release(save_root, overwrite)
     report = [] if report is None else report
     cfg, layout, hf_cfg = read_multimodal_config(hf_dir, vision_hf_dir)
     src = SafetensorsDir(hf_dir)
@@ -197,7 +200,7 @@ def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision
           show_progress, f"{layout.name} -> Megatron")
     report.insert(0, f"layout {layout.name}: {len(keys)} tensors converted")
     return save_multimodal(model, cfg, save_root, hf_cfg, {k: src.get(v) for k, v in aside_keys.items()},
-                 tokenizer_dir=hf_dir)
+                 tokenizer_dir=hf_dir, overwrite=overwrite)
 
 
 def llava_config(cfg: ModelConfig, base: dict | None, drop_lm_head_bias: bool = False) -> dict:

@@ -14,11 +14,51 @@ from typing import Iterable
 import torch
 from safetensors.torch import save_file
 
+from medmoe_mcore.config import ConfigError
+
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+
+
+class CorruptFile(ConfigError):
+    """A safetensors file or index that cannot be what it claims (named, before any read)."""
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, data start) of one file, checked against the file's size: a
+    truncated or corrupt file is named here instead of failing later in a reshape."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptFile(f"{path}: truncated ({size} bytes, no safetensors header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CorruptFile(f"{path}: truncated or not safetensors (header of {header_len} "
+                              f"bytes claimed, file is {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptFile(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CorruptFile(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data = size - 8 - header_len
+    for key, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            known = info["dtype"] in _DTYPES
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFile(f"{path}: tensor {key!r}: corrupt header entry") from None
+        if not known:
+            raise CorruptFile(f"{path}: tensor {key!r}: unknown dtype {info['dtype']!r}")
+        if not 0 <= start <= end <= data:
+            raise CorruptFile(f"{path}: truncated: tensor {key!r} ends at byte {end} of the "
+                              f"data, which has {data}")
+    return header, 8 + header_len
 
 
 class SafetensorsDir:
@@ -31,8 +71,12 @@ class SafetensorsDir:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CorruptFile(f"{index}: unreadable index ({type(e).__name__}: {e})") \
+                    from None
         elif (self.folder / SINGLE).exists():
             files = [SINGLE]
         else:
@@ -41,15 +85,15 @@ class SafetensorsDir:
         self._maps: dict[str, mmap.mmap] = {}
         for name in files:
             path = self.folder / name
+            if not path.is_file():
+                raise CorruptFile(f"{index}: names {name}, which is missing")
+            header, base = _read_header(path)
             with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
                 self._maps[name] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            header.pop("__metadata__", None)
             for key, info in header.items():
                 if key in self._entries:
-                    raise ValueError(f"{path}: tensor {key!r} also in {self._entries[key][0]}")
-                self._entries[key] = (name, info, 8 + header_len)
+                    raise CorruptFile(f"{path}: tensor {key!r} also in {self._entries[key][0]}")
+                self._entries[key] = (name, info, base)
 
     def keys(self) -> list[str]:
         return sorted(self._entries)
@@ -128,7 +172,11 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
+        if self.target.exists():  # moved aside only once the new folder is complete
+            aside = self.target.with_name(f"{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, aside)
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(aside)
+        else:
+            os.replace(self.tmp, self.target)
         return False

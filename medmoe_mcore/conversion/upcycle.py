@@ -49,7 +49,9 @@ def upcycle_table(dense_keys, moe: MoEConfig, num_layers: int):
     return table
 
 
-def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None) -> Path:
+def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None,
+            overwrite: bool = False) -> Path:
+    checkpointing.check_can_release(save_root, overwrite)
     folder = checkpointing.resolve(dense_root)
     dense_cfg = checkpointing.read_config(folder, ParallelConfig())
     if dense_cfg.moe is not None:
@@ -84,4 +86,4 @@ def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None) -> Path:
                 params[key].copy_(getattr(router, key.rsplit(".", 1)[1]))
     files, dirs = checkpointing.carried(folder)
     return checkpointing.save(model.sharded_state_dict(), save_root, cfg, extra_files=files,
-                              extra_dirs=dirs)
+                              extra_dirs=dirs, overwrite=overwrite)

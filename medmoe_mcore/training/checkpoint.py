@@ -4,7 +4,15 @@ RNG, and the data loader's state per data-parallel rank). Saves are atomic
 (checkpointing.save); a changed world size reseeds the RNG, says so. The loader's state only
 fits the same data, data-parallel size, worker count and micro-batch size (energon restores
 nothing else): a resume that changes any of them is refused naming each, unless
-`--no-load-data-state` asks for a fresh data order."""
+`--no-load-data-state` asks for a fresh data order.
+
+Never silent (all decided before the model is built): `--load` at a folder that holds no
+checkpoint is an error naming what is there, except a missing or empty folder with
+`--pretrained-checkpoint` (a warning names it); a resumed schedule that differs from the
+flags is refused naming both unless Megatron's `--override-opt_param-scheduler` /
+`--use-checkpoint-opt_param-scheduler` says which wins; a `--save` that would replace another
+run's iteration or move the tracker back is refused; checkpoint files are verified against
+their recorded checksums (`--no-verify-checkpoint` skips it)."""
 
 from __future__ import annotations
 
@@ -34,20 +42,87 @@ class Progress:
     consumed_samples: int = 0
 
 
+@dataclass
+class Start:
+    folder: Path  # the checkpoint whose weights the run starts from
+    resuming: bool  # the run's own state (optimizer, iteration, ...) continues
+    note: str | None = None  # for the log
+
+
+def starting_point(train: TrainConfig) -> Start:
+    """Where the run starts; reads only the folders (no process groups needed)."""
+    if train.load is not None:
+        try:
+            folder = checkpointing.resolve(train.load, train.ckpt_step)
+        except checkpointing.NoCheckpoint as e:
+            if train.pretrained_checkpoint is None:
+                raise ConfigError(f"--load: {e}: nothing to resume, and no "
+                                  "--pretrained-checkpoint to start from") from None
+            return Start(_pretrained(train), False,
+                         f"WARNING: --load: {e}: nothing to resume; the run starts from "
+                         f"--pretrained-checkpoint {train.pretrained_checkpoint} at iteration 0")
+        except ConfigError as e:
+            raise ConfigError(f"--load: {e}") from None
+        if train.finetune:
+            return Start(folder, False, f"--finetune: the weights of {folder}; iteration 0, "
+                                        "new optimizer, schedule, RNG and data order")
+        return Start(folder, True)
+    return Start(_pretrained(train), False)
+
+
+def _pretrained(train: TrainConfig) -> Path:
+    try:
+        return checkpointing.resolve(train.pretrained_checkpoint)
+    except (FileNotFoundError, ConfigError) as e:
+        raise ConfigError(f"--pretrained-checkpoint: {e}") from None
+
+
+# the schedule keys a resume compares, with the flags that set them
+_SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr",
+                   "lr_warmup_steps": "--lr-warmup-fraction x --train-iters",
+                   "lr_decay_steps": "--train-iters", "lr_decay_style": "(cosine)"}
+
+
 class RunCheckpoint:
     """`--load` resumes when it holds a checkpoint of the run; otherwise the stage starts from
     `--pretrained-checkpoint`'s weights. Later saves carry the source's extra files along."""
 
     def __init__(self, cfg: ModelConfig, train: TrainConfig, data_layout: dict):
         self.cfg, self.train, self.data_layout = cfg, train, data_layout
-        self.resuming = bool(train.load) and checkpointing.is_checkpoint(train.load)
-        self.source = checkpointing.resolve(train.load if self.resuming
-                                            else train.pretrained_checkpoint)
+        start = starting_point(train)
+        if start.note:
+            log(start.note)
+        self.resuming, self.source = start.resuming, start.folder
+        if train.verify_checkpoint:  # before anything of it is read
+            checkpointing.verify_files(self.source)
         self.common = dist_checkpointing.load_common_state_dict(str(self.source)) \
             if self.resuming else {}
+        self.start_iteration = int(self.common.get("iteration", 0))
         self.loads_data_state = self.resuming and train.load_data_state
         if self.loads_data_state:
             self._check_data_layout()
+        if self.resuming:
+            self._check_schedule()
+        if train.save:
+            checkpointing.check_can_save(train.save, self.start_iteration + 1)
+
+    def _check_schedule(self) -> None:
+        """Megatron's scheduler silently keeps the checkpoint's schedule: refuse a difference
+        unless the run says which wins."""
+        t = self.train
+        if t.override_opt_param_scheduler or t.use_checkpoint_opt_param_scheduler:
+            log(f"schedule: {'the flags' if t.override_opt_param_scheduler else 'the checkpoint'}"
+                f" win ({'--override' if t.override_opt_param_scheduler else '--use-checkpoint'}"
+                "-opt_param-scheduler)")
+            return
+        saved, wanted = self.common.get("scheduler", {}), t.schedule()
+        changed = [f"{_SCHEDULE_FLAGS[k]} gives {k}={wanted[k]!r}, the checkpoint has "
+                   f"{saved.get(k)!r}" for k in wanted if saved.get(k) != wanted[k]]
+        if changed:
+            raise ConfigError(f"--load {self.source}: the schedule differs from the "
+                              f"checkpoint's: {'; '.join(changed)}. Pass "
+                              "--override-opt_param-scheduler (the flags win) or "
+                              "--use-checkpoint-opt_param-scheduler (the checkpoint wins)")
 
     def _check_data_layout(self) -> None:
         """Before any model is built: the saved loader state fits this run, or it is refused."""
@@ -64,37 +139,43 @@ class RunCheckpoint:
                               "pass --no-load-data-state to start the data order afresh")
 
     def load_starting_weights(self, model: torch.nn.Module) -> None:
-        """Before DDP wraps the model: the pretrained weights of a fresh stage."""
+        """Before DDP wraps the model: the starting weights of a fresh stage (verified
+        already)."""
         if not self.resuming:
-            checkpointing.load_into(model, self.train.pretrained_checkpoint)
-            log(f"initialised stage {self.train.stage} from {self.train.pretrained_checkpoint} "
-                "(weights)")
+            checkpointing.load_into(model, self.source, verify=False)
+            log(f"initialised stage {self.train.stage} from {self.source} (weights)")
 
     def restore(self, setup, data) -> Progress:
         """After the optimizer exists: the whole state of a resumed run (the data loader's
         too), else a fresh start."""
         if not self.resuming:
             return Progress()
-        folder = self.source
+        folder, t = self.source, self.train
         same_world = self.common.get("world_size") == dist.get_world_size()
+        with_rng = same_world and t.load_rng
         data_length = self.common.get("data_state_bytes") if self.loads_data_state else None
-        state = dist_checkpointing.load(_state(setup, Progress(), loading=True,
-                                               with_rng=same_world, data_length=data_length),
-                                        str(folder))
+        template = _state(setup, Progress(), loading=True, with_rng=with_rng,
+                          data_length=data_length, with_optimizer=t.load_optim)
+        state = checkpointing.load_sharded(template, folder)
         setup.model.load_state_dict(state["model"], strict=True)
-        setup.optimizer.load_state_dict(state["optimizer"])
+        if t.load_optim:
+            setup.optimizer.load_state_dict(state["optimizer"])
         setup.scheduler.load_state_dict(state["scheduler"])
         progress = Progress(state["iteration"], state["consumed_samples"])
-        if same_world:
+        if with_rng:
             set_rng_state(state["rng"])
         if data_length is not None:
             row = state["data_state"][0]
             size = int(row[:8].view(torch.int64))
             data.restore_bytes(row[8:8 + size].numpy().tobytes(), str(folder))
+        fresh = [what for what, new in (
+            ("optimizer state (--no-load-optim)", not t.load_optim),
+            ("RNG (other world size)" if not same_world else "RNG (--no-load-rng)",
+             not with_rng),
+            ("data order", data_length is None)) if new]
         log(f"resumed from {folder}: iteration {progress.iteration}, consumed samples "
             f"{progress.consumed_samples}"
-            f"{'' if same_world else ' (other world size: RNG reseeded)'}"
-            f"{'' if data_length is not None else ' (data order started afresh)'}")
+            f"{'; started afresh: ' + ', '.join(fresh) if fresh else ''}")
         return progress
 
     def save(self, setup, progress: Progress, data) -> Path:
@@ -110,14 +191,16 @@ class RunCheckpoint:
 
 
 def _state(setup, progress: Progress, loading: bool, with_rng: bool = True,
-           data_state: bytes | None = None, data_length: int | None = None) -> dict:
+           data_state: bytes | None = None, data_length: int | None = None,
+           with_optimizer: bool = True) -> dict:
     model_sd = setup.model.sharded_state_dict()
     state = {"model": model_sd,
-             "optimizer": setup.optimizer.sharded_state_dict(model_sd, is_loading=loading,
-                                                              metadata=_OPT_METADATA),
              "scheduler": setup.scheduler.state_dict(),
              "iteration": progress.iteration, "consumed_samples": progress.consumed_samples,
              "world_size": dist.get_world_size()}
+    if with_optimizer:
+        state["optimizer"] = setup.optimizer.sharded_state_dict(
+            model_sd, is_loading=loading, metadata=_OPT_METADATA)
     if with_rng:
         rank, world = dist.get_rank(), dist.get_world_size()
         state["rng"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)

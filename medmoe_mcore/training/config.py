@@ -55,7 +55,30 @@ class TrainConfig:
     seed: int = option(1234, "random seed (model init, data order, dropout)")
     save: Optional[str] = option(None, "checkpoint root to save into", pipeline=False)
     load: Optional[str] = option(None, "resume exactly from this run's checkpoint root (model, "
-                                 "optimizer, scheduler, RNG, data position)", pipeline=False)
+                                 "optimizer, scheduler, RNG, data position); a folder without "
+                                 "a checkpoint is an error, unless it is missing or empty and "
+                                 "--pretrained-checkpoint is given (then the run starts from "
+                                 "those weights, with a warning)", pipeline=False)
+    ckpt_step: Optional[int] = option(None, "with --load: the iteration to load instead of the "
+                                      "one latest_checkpointed_iteration.txt names (e.g. when "
+                                      "that file is lost)", pipeline=False)
+    finetune: bool = option(False, "with --load: its model weights only; iteration 0, new "
+                            "optimizer, schedule, RNG and data order", pipeline=False)
+    load_optim: bool = option(True, "resume the optimizer state; --no-load-optim starts Adam's "
+                              "moments afresh (the learning-rate schedule still continues)",
+                              pipeline=False)
+    load_rng: bool = option(True, "resume the random state; --no-load-rng reseeds from --seed",
+                            pipeline=False)
+    override_opt_param_scheduler: bool = option(
+        False, "on resume, the schedule flags (--lr, --min-lr, --lr-warmup-fraction, "
+        "--train-iters) win over the checkpoint's scheduler (by default a difference is "
+        "refused)", flag="--override-opt_param-scheduler", pipeline=False)
+    use_checkpoint_opt_param_scheduler: bool = option(
+        False, "on resume, the checkpoint's scheduler wins over the schedule flags",
+        flag="--use-checkpoint-opt_param-scheduler", pipeline=False)
+    verify_checkpoint: bool = option(True, "check each loaded checkpoint file against the "
+                                     "size and SHA-256 its save recorded "
+                                     "(--no-verify-checkpoint skips it)")
     pretrained_checkpoint: Optional[str] = option(None, "start the stage from these weights "
                                                   "(the previous stage's checkpoint)",
                                                   pipeline=False)
@@ -63,6 +86,10 @@ class TrainConfig:
     exit_interval: Optional[int] = option(None, "stop (after saving) at this iteration",
                                           pipeline=False)
     log_interval: int = option(10, "iterations per log line and TensorBoard point")
+    check_for_nan_in_loss_and_grad: bool = option(
+        True, "stop after --max-nan-iterations consecutive iterations whose loss or gradients "
+        "are not finite (each is skipped: no update)")
+    max_nan_iterations: int = option(3, "consecutive non-finite iterations that stop the run")
     tensorboard_dir: Optional[str] = option(None, "TensorBoard logs (one subfolder per stage)")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over data-parallel "
                                              "ranks (Megatron's distributed optimizer)")
@@ -73,6 +100,7 @@ class TrainConfig:
         None, "activation recomputation to save memory")
 
     def validate(self, dp: int) -> "TrainConfig":
+        """Every flag value, before anything is read or built; each error names the flag."""
         if self.stage not in STAGES:
             raise ConfigError(f"--stage {self.stage}: must be one of {STAGES}")
         missing = [flag for flag, value in (("--data-path", self.data_path),
@@ -82,23 +110,60 @@ class TrainConfig:
             missing.append("--load or --pretrained-checkpoint")
         if missing:
             raise ConfigError(f"--stage {self.stage} needs {', '.join(missing)}")
+        for flag, paths in (("--data-path", self.data_path),
+                            ("--valid-data-path", self.valid_data_path)):
+            if paths is not None and not any(str(p).strip() for p in paths):
+                raise ConfigError(f"{flag}: empty")
+        checks = [
+            ("--lr", self.lr, self.lr >= 0, "must be 0 or more"),
+            ("--min-lr", self.min_lr, self.lr < 0 or 0 <= self.min_lr <= self.lr,
+             f"must be between 0 and --lr {self.lr}"),
+            ("--lr-warmup-fraction", self.lr_warmup_fraction,
+             0 <= self.lr_warmup_fraction <= 1, "must be in [0, 1]"),
+            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
+            ("--clip-grad", self.clip_grad, self.clip_grad >= 0, "must be 0 or more"),
+            ("--num-workers", self.num_workers, self.num_workers >= 0, "must be 0 or more"),
+            ("--ckpt-step", self.ckpt_step, self.ckpt_step is None or self.ckpt_step >= 0,
+             "must be 0 or more"),
+        ] + [(flag, value, value is None or value >= 1, "must be a positive integer")
+             for flag, value in (("--train-iters", self.train_iters),
+                                 ("--micro-batch-size", self.micro_batch_size),
+                                 ("--global-batch-size", self.global_batch_size),
+                                 ("--seq-length", self.seq_length),
+                                 ("--save-interval", self.save_interval),
+                                 ("--exit-interval", self.exit_interval),
+                                 ("--log-interval", self.log_interval),
+                                 ("--eval-interval", self.eval_interval),
+                                 ("--eval-iters", self.eval_iters),
+                                 ("--max-nan-iterations", self.max_nan_iterations))]
+        bad = [f"{flag} {value}: {why}" for flag, value, ok, why in checks if not ok]
+        if bad:
+            raise ConfigError("; ".join(bad))
         if self.valid_data_path is None:
             asked = [f for f, v in (("--eval-interval", self.eval_interval),
                                     ("--eval-iters", self.eval_iters)) if v is not None]
             if asked:
                 raise ConfigError(f"{', '.join(asked)} without --valid-data-path: there is no "
                                   "validation data to evaluate")
-        for flag, value in (("--eval-interval", self.eval_interval),
-                            ("--eval-iters", self.eval_iters)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} {value}: must be a positive integer")
-        if self.num_workers < 0:
-            raise ConfigError(f"--num-workers {self.num_workers}: must be 0 or more")
+        without_load = [flag for flag, given in (("--ckpt-step", self.ckpt_step is not None),
+                                                 ("--finetune", self.finetune)) if given]
+        if without_load and self.load is None:
+            raise ConfigError(f"{', '.join(without_load)} without --load")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("--override-opt_param-scheduler and "
+                              "--use-checkpoint-opt_param-scheduler: choose one")
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                               f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
                               f"{dp}")
         return self
+
+    def schedule(self) -> dict:
+        """The learning-rate schedule these flags ask for, in the keys of Megatron's
+        OptimizerParamScheduler (whose state every checkpoint holds)."""
+        return dict(max_lr=self.lr, min_lr=self.min_lr,
+                    lr_warmup_steps=int(self.lr_warmup_fraction * self.train_iters),
+                    lr_decay_steps=self.train_iters, lr_decay_style="cosine")
 
     @property
     def validation(self) -> Optional[tuple[int, int]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,16 @@ def prepare_demo(pipe: PipelineConfig, seed: int) -> tuple[dict, Tokenizer, Path
         checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), init, cfg,
                            extra_dirs={checkpointing.TOKENIZER: work / "tokenizer"})
     return shards, tok, init
+
+
+def replace_previous(folder: Path) -> None:
+    """The demo owns its work folder: a previous demo run's output about to be written again is
+    removed first, and the log says so (a save never replaces another run's work silently)."""
+    folder = Path(folder)
+    if dist.get_rank() == 0 and folder.exists():
+        log(f"demo pipeline: replacing the previous demo run's {folder}")
+        shutil.rmtree(folder)
+    dist.barrier()
 
 
 def stage_train_config(train: TrainConfig, stage: int, pipe: PipelineConfig, shards: dict,

@@ -50,9 +50,11 @@ def wrap(model: torch.nn.Module, trainable: list[str], cfg: ModelConfig,
         clip_grad=train.clip_grad, bf16=cfg.params_dtype == "bfloat16",
         params_dtype=model.config.params_dtype,
         use_distributed_optimizer=train.use_distributed_optimizer), [ddp])
+    # A resumed schedule that differs from these flags was refused before the model was
+    # built (training/checkpoint.py) unless one of Megatron's two flags says which wins.
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
-        lr_warmup_steps=int(train.lr_warmup_fraction * train.train_iters),
-        lr_decay_steps=train.train_iters, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
-        wd_incr_steps=train.train_iters, wd_incr_style="constant")
+        optimizer, init_lr=0.0, **train.schedule(), start_wd=0.0, end_wd=0.0,
+        wd_incr_steps=train.train_iters, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=train.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=train.override_opt_param_scheduler)
     return TrainingSetup(model, ddp, optimizer, scheduler, trainable)

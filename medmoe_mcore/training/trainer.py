@@ -29,6 +29,18 @@ from medmoe_mcore.training.config import TrainConfig
 from medmoe_mcore.training.metrics import TrainingMetrics
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on without losing or corrupting work (said with the iteration)."""
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Collective: every rank's tensors are all finite."""
+    ok = torch.tensor([all(bool(torch.isfinite(t).all()) for t in tensors)],
+                      dtype=torch.int32, device=parallel.device())
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 class StepResult(NamedTuple):
     loss: float  # mean over the global batch (all data-parallel ranks)
     grad_norm: float  # NaN when the step was skipped
@@ -90,6 +102,15 @@ class Trainer:
         return self.progress.iteration
 
     def save(self):
+        """A checkpoint of now, unless a parameter is not finite: such a state is never
+        written (nor marked latest); the run stops instead."""
+        if not _all_finite([p.detach() for p in self.model.parameters()]):
+            bad = [n for n, p in self.model.named_parameters()
+                   if not torch.isfinite(p.detach()).all()]
+            raise TrainingStopped(
+                f"iteration {self.iteration}: not saving: parameters hold non-finite values "
+                f"({', '.join(bad[:3]) or 'on another rank'}); the last checkpoint stays "
+                "the latest")
         return self.checkpoint.save(self.setup, self.progress, self.data)
 
     def _forward_step(self, data_iterator, model):
@@ -161,7 +182,10 @@ class Trainer:
         s.optimizer.zero_grad()
         loss = self._mean_over_dp(self._losses(micro, forward_only=False))
         grad_norm, skipped = float("nan"), True
-        if math.isfinite(loss):
+        # Megatron's fp32 optimizer would apply non-finite gradients (its clipping compares
+        # NaN): no update unless the loss and every rank's reduced gradients are finite
+        buffers = [b.grad_data for b in (*s.ddp.buffers, *s.ddp.expert_parallel_buffers)]
+        if math.isfinite(loss) and _all_finite(buffers):
             ok, norm, _ = s.optimizer.step()
             skipped = not ok
             grad_norm = norm if norm is not None else float("nan")
@@ -189,7 +213,7 @@ class Trainer:
 
     def run(self) -> list[float]:
         t = self.train
-        saved = False
+        saved, non_finite = False, []
         self.metrics.start_window()
         while self.progress.iteration < t.train_iters:
             result = self.step()
@@ -200,6 +224,13 @@ class Trainer:
                 self.metrics.expert_load(it, self.expert_load.reduce(),
                                          self.expert_load.layer_numbers)
                 self.expert_load.counts.zero_()
+            non_finite = non_finite + [it] if result.skipped else []  # skipped: not finite
+            if t.check_for_nan_in_loss_and_grad and len(non_finite) >= t.max_nan_iterations:
+                raise TrainingStopped(
+                    f"iterations {non_finite[0]}-{it}: {len(non_finite)} consecutive iterations "
+                    f"with a non-finite loss or gradient norm (--max-nan-iterations "
+                    f"{t.max_nan_iterations}); each was skipped (no update). Lower --lr, check "
+                    "the data, or resume from the last checkpoint")
             if self.valid and (it % self.train.validation[0] == 0 or it == t.train_iters):
                 start = time.time()
                 self.metrics.validation(it, self.evaluate(), time.time() - start)
@@ -211,8 +242,8 @@ class Trainer:
                     self.save()
                 log(f"exiting at iteration {it} (--exit-interval)")
                 break
-        else:
-            if t.save and not saved:
+        else:  # (a resumed run that had nothing left to do saves nothing)
+            if t.save and not saved and self.iteration > self.checkpoint.start_iteration:
                 self.save()
         self._report_data()
         self.data.close()

@@ -47,6 +47,9 @@ def test_moe_export_loads_with_remote_code_and_matches(moe_checkpoints, variant,
     config = json.loads((hf / "config.json").read_text())
     assert set(AUTHORS_MOE_KEYS) <= set(config["moe"]) and "auto_map" in config
     assert (hf / "modeling_medmoe.py").exists() and (hf / "configuration_medmoe.py").exists()
+    # verify_conversion runs no code from the folder it checks (the installed classes)
+    with open(hf / "modeling_medmoe.py", "a") as f:
+        f.write("\nraise RuntimeError('code from the checked folder ran')\n")
     proc = _ok(run_tool("tools/verify_conversion.py", "--hf-dir", str(hf), "--load", str(ckpt),
                         "--tensor-model-parallel-size", str(tp),
                         "--expert-model-parallel-size", str(ep), nproc=tp * ep, timeout=600))
