@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from medmoe_mcore.models.specs.layers import ExpertRowParallelLinear
 from medmoe_mcore.models.specs.norm import LayerNorm
+from medmoe_mcore.models.specs.sdpa import SDPAttention
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,9 @@ class Backend:
     expert_row_linear: type
 
 
-LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, DotProductAttention,
+# core attention: torch's SDPA kernels (same results as Megatron's unfused DotProductAttention,
+# tests/unit/test_sdpa.py), without its [b, heads, s, s] score tensor
+LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, SDPAttention,
                 ColumnParallelLinear, ExpertRowParallelLinear)
 
 
