@@ -212,6 +212,19 @@ class Trainer:
                 f"{dict(skipped)})")
 
     def run(self) -> list[float]:
+        """The stage's iterations; the loaders and the logs are closed however it ends (a
+        stopped run keeps its TensorBoard points)."""
+        try:
+            self._iterate()
+            self._report_data()
+        finally:
+            self.data.close()
+            if self.valid is not None:
+                self.valid.close()
+            self.metrics.close()
+        return self.losses
+
+    def _iterate(self) -> None:
         t = self.train
         saved, non_finite = False, []
         self.metrics.start_window()
@@ -245,9 +258,3 @@ class Trainer:
         else:  # (a resumed run that had nothing left to do saves nothing)
             if t.save and not saved and self.iteration > self.checkpoint.start_iteration:
                 self.save()
-        self._report_data()
-        self.data.close()
-        if self.valid is not None:
-            self.valid.close()
-        self.metrics.close()
-        return self.losses

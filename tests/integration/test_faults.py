@@ -4,6 +4,7 @@ and non-finite losses. Each refusal names the flag or file and comes before any 
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import run_tool
 from tests.demo_setup import make_workspace
@@ -69,9 +70,11 @@ def test_non_finite_training_stops_and_is_never_saved(tmp_path, workspace):
     stage2 = ("--stage", "2", "--data-path", workspace["shards"]["stage2"],
               "--pretrained-checkpoint", tmp_path / "nan", "--train-iters", "6",
               "--save", tmp_path / "out", "--save-interval", "5")
-    r = _run(*stage2)
+    r = _run(*stage2, "--tensorboard-dir", tmp_path / "tb")
     assert r.returncode == 3 and "iterations 1-3: 3 consecutive iterations with a non-finite" \
         in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    events = EventAccumulator(str(tmp_path / "tb" / "stage2")).Reload()  # kept when stopped
+    assert [e.step for e in events.Scalars("lm-loss")] == [1, 2, 3]
     r = _run(*stage2, "--no-check-for-nan-in-loss-and-grad")
     assert r.returncode == 3 and "iteration 5: not saving: parameters hold non-finite" in \
         r.stderr, r.stderr[-2000:]
