@@ -13,8 +13,10 @@ are refused when the layer is built or called, never computed differently.
 
 from __future__ import annotations
 
-import torch
+from contextlib import nullcontext
+
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -53,23 +55,12 @@ class SDPAttention(DotProductAttention):
                                  f"{k.shape[2]} keys (only self-attention or one query)")
             causal = True
         dropout = self.attention_dropout.p if self.training else 0.0
-        if dropout and not self.config.sequence_parallel:
-            with _rng_fork():
-                out = _sdpa(q, k, v, mask, dropout, causal, self.scale, self.groups)
-        else:
-            out = _sdpa(q, k, v, mask, dropout, causal, self.scale, self.groups)
+        # dropout draws from Megatron's RNG tracker, as DotProductAttention's does
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() \
+            if dropout and not self.config.sequence_parallel else nullcontext()
+        with rng:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                 is_causal=causal, scale=self.scale,
+                                                 enable_gqa=self.groups > 1)
         # [b, heads, s, d] -> [s, b, heads * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
-
-
-def _sdpa(q, k, v, mask, dropout, causal, scale, groups):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                          is_causal=causal, scale=scale,
-                                          enable_gqa=groups > 1)
-
-
-def _rng_fork():
-    from megatron.core import tensor_parallel
-
-    return tensor_parallel.get_cuda_rng_tracker().fork()
-
