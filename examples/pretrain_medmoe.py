@@ -116,7 +116,8 @@ def pipeline(args) -> dict:
         log(f"router: {router_path} (given with --router, not trained)")
     else:
         router_path = os.path.join(pipe.work_dir, "router.safetensors")
-        accuracy = demo.train_demo_router(ck / "stage2", shards["router"], router_path, tok)
+        accuracy = demo.train_demo_router(ck / "stage2", shards["router"], router_path, tok,
+                                            moe.num_experts)
 
     log("\n=== upcycling ===")
     demo.replace_previous(ck / "stage3_init")

@@ -7,7 +7,8 @@ with the one recipe of medmoe_mcore/router/training.py (the demo pipeline uses i
 Records carry `modality` plus the question as LLaVA `conversations` (first human turn):
 JSON lines or a JSON list (images from --image-folder when the model has a vision tower), or
 prepare_data shards (images inside). The prompt is the conversation template up to
-`ASSISTANT:` (no answer). Prints per-class and overall accuracy and the silhouette score of the
+`ASSISTANT:` (no answer). `--num-experts E` trains a router for E experts whatever the number
+of modalities (sub-domains or groups of modalities, recorded in the file). Prints per-class and overall accuracy and the silhouette score of the
 router outputs on a held-out split; writes the router file (modality names sorted: index =
 expert).
 """
@@ -49,6 +50,9 @@ def main(argv=None):
     p.add_argument("--image-folder", help="images of --records (multimodal checkpoints)")
     p.add_argument("--out", required=True, help="router file to write (safetensors)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's)")
+    p.add_argument("--num-experts", type=int, help="experts of the router (default: one per "
+                   "modality; more splits each modality into sub-domains by k-means on its "
+                   "features, fewer groups the closest modalities: router/domains.py)")
     args = p.parse_args(argv)
 
     from medmoe_mcore import checkpointing
@@ -75,18 +79,21 @@ def main(argv=None):
         .to(parallel.device())  # a few Megatron parameters are made on the CPU
     checkpointing.load_into(model, folder)
     try:
-        router, report = train_router(model, samples, names, recipe)
+        router, report = train_router(model, samples, names, recipe, args.num_experts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, acc in report["per_class"].items():
         print(f"  {name:>16}: held-out accuracy {acc:.3f}")
     print(f"router held-out accuracy {report['accuracy']:.3f} (chance "
-          f"{1 / len(report['modalities']):.3f}), silhouette {report['silhouette']:.3f}, train "
+          f"{1 / len(report['experts']):.3f}; modality accuracy "
+          f"{report['modality_accuracy']:.3f}), silhouette {report['silhouette']:.3f}, train "
           f"{report['train']} / held-out {report['held_out']}")
     router_file.save(router, args.out)
-    print(f"router file: {args.out} (experts = {report['modalities']})")
-    print(json.dumps({k: report[k] for k in ("accuracy", "silhouette", "modalities")}))
+    print(f"router file: {args.out} (experts = {report['experts']}; modality -> experts "
+          f"{report['domains']})")
+    print(json.dumps({k: report[k] for k in ("accuracy", "modality_accuracy", "silhouette",
+                                             "modalities", "experts", "domains")}))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Modality router files: safetensors with `weight` [E, hidden], `bias` [E] (float32) and the
-metadata key `modalities`, a JSON list of names where index i is expert i."""
+metadata key `modalities`, a JSON list of names where index i is expert i; and, for a router
+whose experts are not one per modality (router/domains.py), `domains`: a JSON object,
+modality -> the experts its samples were trained to reach."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class RouterWeights:
     weight: torch.Tensor
     bias: torch.Tensor
     modalities: list
+    domains: dict | None = None  # None: expert i is modality `modalities[i]`
 
     @property
     def num_experts(self) -> int:
@@ -52,6 +55,17 @@ def check(router: RouterWeights, source: str, hidden_size: int | None = None,
             or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"{source}: modalities {names!r} must be {w.shape[0]} distinct "
                           "non-empty names, one per expert")
+    domains = router.domains
+    if domains is not None:
+        ok = isinstance(domains, dict) and all(
+            isinstance(m, str) and m and isinstance(e, list) and e
+            and all(isinstance(i, int) and 0 <= i < w.shape[0] for i in e)
+            for m, e in domains.items())
+        covered = {i for e in domains.values() for i in e} if ok else set()
+        if not ok or covered != set(range(w.shape[0])):
+            raise ConfigError(f"{source}: domains {domains!r} must map modality names to "
+                              f"lists of expert indices in [0, {w.shape[0]}) covering every "
+                              "expert")
     return router
 
 
@@ -60,9 +74,11 @@ def save(router: RouterWeights, path: str | os.PathLike) -> Path:
     check(router, str(path))
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    metadata = {"modalities": json.dumps(list(router.modalities))}
+    if router.domains is not None:
+        metadata["domains"] = json.dumps(router.domains)
     save_file({"weight": router.weight.float().contiguous(),
-               "bias": router.bias.float().contiguous()}, str(tmp),
-              metadata={"modalities": json.dumps(list(router.modalities))})
+               "bias": router.bias.float().contiguous()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 
@@ -81,8 +97,12 @@ def load(path: str | os.PathLike, hidden_size: int | None = None,
         meta = f.metadata() or {}
         if "modalities" not in meta:
             raise ConfigError(f"{path}: no 'modalities' metadata (the expert order)")
-        router = RouterWeights(f.get_tensor("weight").float(), f.get_tensor("bias").float(),
-                               json.loads(meta["modalities"]))
+        try:
+            router = RouterWeights(f.get_tensor("weight").float(), f.get_tensor("bias").float(),
+                                   json.loads(meta["modalities"]),
+                                   json.loads(meta["domains"]) if "domains" in meta else None)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: router metadata is not JSON: {e}") from None
     return check(router, str(path), hidden_size, num_experts)
 
 

@@ -12,11 +12,15 @@ demo pipeline.
    that stays near chance, so one recipe that converges on both is kept.)
 
 Modality names are sorted, so the expert order is the same on every run (the authors built it
-from a Python set) and travels with the weights in the router file.
+from a Python set) and travels with the weights in the router file. With a number of experts
+other than the number of modalities, the classes are the experts' domains (router/domains.py:
+sub-domains of a modality by k-means on the training split's features, or groups of
+modalities), and the file records which experts each modality reaches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
@@ -25,6 +29,7 @@ import torch
 from medmoe_mcore.data.encoding import encode_prompt
 from medmoe_mcore.data.images import load_image, preprocess
 from medmoe_mcore.data.records import SkipRecord
+from medmoe_mcore.router import domains as expert_domains
 from medmoe_mcore.router.file import RouterWeights
 
 
@@ -108,21 +113,34 @@ def router_samples(records, tok, cfg) -> tuple[list, list[str], Counter]:
     return samples, names, skipped
 
 
-def train_router(model, samples, names: list[str],
-                 recipe: RouterRecipe = RouterRecipe()) -> tuple[RouterWeights, dict]:
-    """The recipe above; returns the router and its held-out report (accuracy, per class,
-    silhouette, split sizes)."""
+def train_router(model, samples, names: list[str], recipe: RouterRecipe = RouterRecipe(),
+                 num_experts: int | None = None) -> tuple[RouterWeights, dict]:
+    """The recipe above for `num_experts` experts (default: one per modality); returns the
+    router and its held-out report (accuracy over experts and over modalities, per class,
+    silhouette, split sizes, the experts' domains)."""
     modalities = sorted(set(names))
     if len(modalities) < 2:
         raise ValueError(f"router training needs at least 2 modalities, found {modalities}")
-    labels = torch.tensor([modalities.index(n) for n in names])
     features = pooled_features(model, samples)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(recipe.seed))
-    n_test = max(len(modalities), int(len(labels) * recipe.held_out_fraction))
+    order = torch.randperm(len(names), generator=torch.Generator().manual_seed(recipe.seed))
+    n_test = max(len(modalities), int(len(names) * recipe.held_out_fraction))
     test, train = order[:n_test], order[n_test:]
-    router = fit_router(features[train], labels[train], modalities, recipe)
+    missing = sorted(set(names) - {names[i] for i in train})
+    if missing:
+        raise ValueError(f"modalities {missing} have no sample left for training after the "
+                         f"held-out split: label more samples of them")
+    domains = expert_domains.plan(features[train], [names[i] for i in train],
+                                  num_experts or len(modalities), recipe.seed)
+    labels = domains.labels(features, names)
+    router = fit_router(features[train], labels[train], domains.experts, recipe)
+    if domains.experts != modalities:
+        router = dataclasses.replace(router, domains=domains.by_modality)
     report = evaluate(router, features[test], labels[test])
-    report.update(train=len(train), held_out=len(test), modalities=modalities)
+    predicted = (features[test] @ router.weight.T + router.bias).argmax(-1).tolist()
+    report["modality_accuracy"] = sum(
+        p in domains.by_modality[names[i]] for p, i in zip(predicted, test.tolist())) / len(test)
+    report.update(train=len(train), held_out=len(test), modalities=modalities,
+                  experts=domains.experts, domains=domains.by_modality)
     return router, report
 
 

@@ -138,7 +138,7 @@ def summarise(losses: dict, accuracy: Optional[float], pipe: PipelineConfig, rou
         log(f"{stage}: loss {first:.4f} -> {last:.4f} "
             f"({'falls' if last < first else 'DOES NOT FALL'})")
     if accuracy is not None:
-        log(f"router held-out accuracy: {accuracy:.3f} (chance {1 / 4:.3f})")
+        log(f"router held-out accuracy: {accuracy:.3f}")
     if held_out is not None:
         pct = {k: "-" if v is None else f"{v:.1f}" for k, v in held_out.items()}
         log(f"stage 3 on the held-out split: closed accuracy {pct['closed_accuracy']} "
@@ -156,9 +156,9 @@ def summarise(losses: dict, accuracy: Optional[float], pipe: PipelineConfig, rou
     return result
 
 
-def train_demo_router(stage2, router_shards, out, tok) -> float:
-    """The router recipe on the stage-2 model at TP=1 (every rank computes the same; rank 0
-    writes the file). Returns the held-out accuracy."""
+def train_demo_router(stage2, router_shards, out, tok, num_experts: int) -> float:
+    """The router recipe for `num_experts` experts on the stage-2 model at TP=1 (every rank
+    computes the same; rank 0 writes the file). Returns the held-out accuracy."""
     recipe = RouterRecipe()
     cfg = checkpointing.read_config(stage2, ParallelConfig())
     model = build_model(cfg).to(device())  # a few Megatron parameters are made on the CPU
@@ -166,11 +166,12 @@ def train_demo_router(stage2, router_shards, out, tok) -> float:
     samples, names, skipped = router_samples(read_shards(shard_paths(router_shards)), tok, cfg)
     if skipped:
         log(f"router records skipped: {dict(skipped)}")
-    router, report = train_router(model, samples, names, recipe)
+    router, report = train_router(model, samples, names, recipe, num_experts)
     if dist.get_rank() == 0:
         router_file.save(router, out)
     dist.barrier()
-    log(f"router: {len(report['modalities'])} modalities {report['modalities']}; held-out "
+    log(f"router: {len(report['modalities'])} modalities {report['modalities']} -> experts "
+        f"{report['experts']}; held-out modality accuracy {report['modality_accuracy']:.3f}, "
         f"accuracy {report['accuracy']:.3f} per class "
         f"{json.dumps({k: round(v, 3) for k, v in report['per_class'].items()})}")
     return report["accuracy"]

@@ -88,6 +88,12 @@ class Trainer:
         self.expert_load = ExpertActivation(model, ["-"]) \
             if cfg.moe is not None and train.tensorboard_dir else None
         self.losses: list[float] = []
+        # what a study of the run reads after it (tools/scaling_study.py): each step's
+        # (seconds, tokens of all data-parallel ranks), (iteration, validation loss) pairs,
+        # routed tokens [layer, expert] over the whole run
+        self.steps: list[tuple[float, int]] = []
+        self.validation_losses: list[tuple[int, float]] = []
+        self.expert_tokens: torch.Tensor | None = None
 
     def _dp_layout(self) -> tuple:
         return (parallel_state.get_data_parallel_rank(), self.dp, self.train.num_workers,
@@ -229,13 +235,18 @@ class Trainer:
         saved, non_finite = False, []
         self.metrics.start_window()
         while self.progress.iteration < t.train_iters:
+            start = time.perf_counter()
             result = self.step()
+            self.steps.append((time.perf_counter() - start, result.tokens * self.dp))
             self.losses.append(result.loss)
             it = self.progress.iteration
             if self.metrics.record(it, self.progress.consumed_samples, result) and \
                     self.expert_load is not None:
-                self.metrics.expert_load(it, self.expert_load.reduce(),
-                                         self.expert_load.layer_numbers)
+                counts = self.expert_load.reduce()
+                self.metrics.expert_load(it, counts, self.expert_load.layer_numbers)
+                per_expert = counts[:, :, 1:].sum(dim=(1, 2))  # [layer, expert], no padding
+                self.expert_tokens = per_expert if self.expert_tokens is None \
+                    else self.expert_tokens + per_expert
                 self.expert_load.counts.zero_()
             non_finite = non_finite + [it] if result.skipped else []  # skipped: not finite
             if t.check_for_nan_in_loss_and_grad and len(non_finite) >= t.max_nan_iterations:
@@ -246,7 +257,9 @@ class Trainer:
                     "the data, or resume from the last checkpoint")
             if self.valid and (it % self.train.validation[0] == 0 or it == t.train_iters):
                 start = time.time()
-                self.metrics.validation(it, self.evaluate(), time.time() - start)
+                loss = self.evaluate()
+                self.validation_losses.append((it, loss))
+                self.metrics.validation(it, loss, time.time() - start)
             saved = bool(t.save and t.save_interval and it % t.save_interval == 0)
             if saved:
                 self.save()

@@ -153,3 +153,47 @@ def test_stage3_updates_experts_only(tmp_path, single_rank):
         assert any(kind in n for n in changed), kind
     for kind in ("self_attention", "layernorm", "embedding", "output_layer"):
         assert not any(kind in n for n in changed), kind
+
+
+@pytest.mark.parametrize("flavor", ["tiny", "tiny_stablelm"])
+def test_lean_experts_equal_megatrons_sequential_mlp(single_rank, flavor):
+    """The experts' compute with the routing weight after fc2 (moe/experts.py) gives
+    Megatron's SequentialMLP output and every gradient within 1e-6 (float32), including
+    experts that receive no token."""
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.spec_utils import build_module, ModuleSpec
+
+    from medmoe_mcore.models.moe.experts import LeanSequentialMLP
+    from medmoe_mcore.models.specs.backends import LOCAL
+    from medmoe_mcore.models.transformer_config import language_transformer_config
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    cfg = ModelConfig(language=language_flavor(flavor), moe=MoEConfig(num_experts=4)).validate()
+    config = language_transformer_config(cfg)
+    sub = MLPSubmodules(linear_fc1=LOCAL.expert_column_linear,
+                        linear_fc2=LOCAL.expert_row_linear)
+    ours, theirs = (build_module(ModuleSpec(module=cls, submodules=sub), 4, config,
+                                 pg_collection=get_default_pg_collection())
+                    for cls in (LeanSequentialMLP, SequentialMLP))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+            a.normal_(0, 0.05)
+            b.copy_(a)
+    counts = torch.tensor([5, 0, 7, 3])
+    x = torch.randn(int(counts.sum()), cfg.language.hidden_size)
+    probs = torch.rand(len(x))
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out, bias = module(xi, counts, probs)
+        assert bias is None
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out, xi.grad, [p.grad for p in module.parameters()]))
+    (o1, g1, p1), (o2, g2, p2) = results
+    # relative to each tensor's largest entry: float32 rounding of the reordered products
+    diffs = [((a - b).abs().max() / b.abs().max()).item()
+             for a, b in zip([o1, g1, *p1], [o2, g2, *p2])]
+    assert max(diffs) < 1e-6, diffs
+    assert o1.abs().max() > 0.1  # a scale at which 1e-6 means something

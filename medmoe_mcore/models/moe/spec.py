@@ -2,14 +2,14 @@
 
     O = sum_{i in top-k} G_i * E_i(x) + E_meta(x)
 
-Experts are Megatron's SequentialMLP (biases allowed; the bias is scaled with G like the rest
-of the expert output); the meta expert sits in the shared-expert slot.
+Experts are Megatron's SequentialMLP parameters (biases allowed; the bias is scaled with G like
+the rest of the expert output), computed by the backend's experts module (moe/experts.py for
+local linears); the meta expert sits in the shared-expert slot.
 """
 
 from __future__ import annotations
 
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -27,7 +27,7 @@ def moe_mlp_spec(moe: MoEConfig, backend: Backend) -> ModuleSpec:
     return ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=SequentialMLP, submodules=expert),
+            experts=ModuleSpec(module=backend.experts, submodules=expert),
             shared_experts=ModuleSpec(module=MetaExpertMLP, submodules=meta)
             if moe.meta_expert else None,
             router=router_spec(moe),

@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+from medmoe_mcore.models.moe.experts import LeanSequentialMLP
 
 from medmoe_mcore.models.specs.layers import ExpertRowParallelLinear
 from medmoe_mcore.models.specs.norm import LayerNorm
@@ -24,12 +27,14 @@ class Backend:
     core_attention: type
     expert_column_linear: type
     expert_row_linear: type
+    experts: type
 
 
+# experts: the routed experts' compute, the routing weight applied after fc2 (moe/experts.py)
 # core attention: torch's SDPA kernels (same results as Megatron's unfused DotProductAttention,
 # tests/unit/test_sdpa.py), without its [b, heads, s, s] score tensor
 LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, SDPAttention,
-                ColumnParallelLinear, ExpertRowParallelLinear)
+                ColumnParallelLinear, ExpertRowParallelLinear, LeanSequentialMLP)
 
 
 def transformer_engine_backend() -> Backend | None:
@@ -45,7 +50,8 @@ def transformer_engine_backend() -> Backend | None:
     except ImportError:
         return None
     return Backend("te", TENorm, TEColumnParallelLinear, TERowParallelLinear,
-                   TEDotProductAttention, TEColumnParallelLinear, TERowParallelLinear)
+                   TEDotProductAttention, TEColumnParallelLinear, TERowParallelLinear,
+                   SequentialMLP)
 
 
 def default_backend() -> Backend:
