@@ -37,6 +37,8 @@ MAX_SAMPLES_PER_SEQUENCE = 100
 # A worker whose first this-many records were all skipped stops the run (energon would go on
 # skipping forever): the records cannot fit, e.g. --seq-length below the image tokens.
 GIVE_UP_AFTER_SKIPPING = 100
+# --balanced-modality-batches: micro-batches whose samples are regrouped by modality together
+BALANCE_WINDOW = 8
 
 
 def _on_error(error: Exception, sample, sources=None) -> None:
@@ -69,8 +71,10 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
     decoder = None  # raw bytes: images are decoded by data/images.py (DICOM included)
 
     def __init__(self, tokenizer, template: str, seq_length: int, cfg: ModelConfig,
-                 train: bool = True):
+                 train: bool = True, balance_micro_batch: int = 0):
         super().__init__()
+        # > 0: micro-batches of this size composed from the modality mix (select_samples_to_pack)
+        self.balance_micro_batch = balance_micro_batch
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         v = cfg.vision
         if tok.vocab_size > cfg.language.vocab_size:
@@ -84,6 +88,7 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
         self.skipped = Counter()  # in this worker process
         self.encoded = 0
 
+    @stateless  # deterministic (no random augmentation): energon may re-encode to restore
     def encode_sample(self, sample: dict) -> dict:
         record = sample["record"]
         patches = self.vision.num_patches if self.vision is not None else 1
@@ -104,9 +109,23 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
                                self.vision, train=self.train)
         sources = sample.get("__sources__") or ()
         return dict(**basic_sample_keys(sample), ids=ids, labels=labels, image=image,
-                    dataset=str(sources[0].dataset_path) if sources else "")
+                    dataset=str(sources[0].dataset_path) if sources else "",
+                    modality=str(record.get("modality") or ""))
+
+    def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
+        """Energon's packing stage used as a sampler: a window of BALANCE_WINDOW micro-batches'
+        samples (in the epoch's shuffled order) regrouped into micro-batches that each carry
+        the window's modality mix. Energon saves the window with the loader state, so a resume
+        is exact."""
+        return balanced_micro_batches(samples, self.balance_micro_batch)
+
+    @stateless
+    def pack_selected_samples(self, samples: list[dict]) -> dict:
+        return dict(**basic_sample_keys(samples[0]), members=samples)
 
     def batch(self, samples: list[dict]) -> dict:
+        if "members" in samples[0]:  # one balanced micro-batch
+            samples = [m for pack in samples for m in pack["members"]]
         length = max(len(s["ids"]) for s in samples)
         ids = torch.full((len(samples), length), self.tok.pad_id, dtype=torch.long)
         labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -118,10 +137,26 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
                 "images": torch.stack(images) if images else None,
                 "lengths": [len(s["ids"]) for s in samples],
                 "datasets": [s["dataset"] for s in samples],
+                "modalities": [s["modality"] for s in samples],
                 "skipped": (_worker_id(), dict(self.skipped))}
 
     def encode_batch(self, batch: dict) -> dict:
         return batch
+
+
+def balanced_micro_batches(samples: list[dict], size: int) -> list[list[dict]]:
+    """Micro-batches of `size` in which every modality is spread evenly: the j-th of a
+    modality's n samples is placed at (j + 1/2) / n of the window (stratified order; ties in
+    the order the modalities first appear), then the window is cut. No sample is dropped."""
+    first_seen: dict = {}
+    by_modality: dict = {}
+    for sample in samples:
+        first_seen.setdefault(sample["modality"], len(first_seen))
+        by_modality.setdefault(sample["modality"], []).append(sample)
+    keyed = [((j + 0.5) / len(group), first_seen[m], sample)
+             for m, group in by_modality.items() for j, sample in enumerate(group)]
+    ordered = [sample for _, _, sample in sorted(keyed, key=lambda k: k[:2])]
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
 def _shut_down(loader) -> None:
@@ -174,7 +209,11 @@ class TrainingBatches(_Batches):
     def __init__(self, blend: DataBlend, encoder: MedMoETaskEncoder, micro_batch_size: int,
                  dp_rank: int, dp_size: int, num_workers: int, seed: int):
         super().__init__(blend, encoder, dp_rank, dp_size, num_workers, seed)
-        dataset = get_train_dataset(blend.source, batch_size=micro_batch_size,
+        batching = dict(batch_size=micro_batch_size)
+        if encoder.balance_micro_batch:  # one pack of energon's = one balanced micro-batch
+            batching = dict(batch_size=1,
+                            packing_buffer_size=micro_batch_size * BALANCE_WINDOW)
+        dataset = get_train_dataset(blend.source, **batching,
                                     shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
                                     max_samples_per_sequence=MAX_SAMPLES_PER_SEQUENCE,
                                     task_encoder=encoder, worker_config=self.worker_config,

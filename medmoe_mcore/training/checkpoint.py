@@ -83,6 +83,9 @@ _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr",
                    "lr_decay_steps": "--train-iters", "lr_decay_style": "(cosine)"}
 
 
+# data-layout keys added after checkpoints were first saved, with the behaviour of those saves
+DATA_LAYOUT_BEFORE_KEYS = {"balanced_modality_batches": False}
+
 class RunCheckpoint:
     """`--load` resumes when it holds a checkpoint of the run; otherwise the stage starts from
     `--pretrained-checkpoint`'s weights. Later saves carry the source's extra files along."""
@@ -131,6 +134,8 @@ class RunCheckpoint:
             raise ConfigError(f"--load {self.source}: the checkpoint has no data-loader state "
                               "(saved before the energon loader); --no-load-data-state starts "
                               "the data order afresh")
+        # a key newer than the checkpoint: it was saved with that key's old behaviour
+        saved = {**DATA_LAYOUT_BEFORE_KEYS, **saved}
         changed = [f"{key}: saved {saved.get(key)!r}, now {value!r}"
                    for key, value in self.data_layout.items() if saved.get(key) != value]
         if changed:

@@ -33,6 +33,11 @@ class TrainConfig:
                                    "it; --no-load-data-state starts the data order afresh "
                                    "(the only way to resume at another data-parallel size, "
                                    "worker count or micro-batch size)")
+    balanced_modality_batches: bool = option(
+        False, "compose each rank's micro-batches from the modality mix of 8 micro-batches' "
+        "worth of samples (the epoch's order otherwise kept; resumes exactly): with a fixed "
+        "modality router the expert load follows the batch's modalities, so expert-parallel "
+        "ranks stay balanced without an auxiliary loss")
     eval_interval: Optional[int] = option(None, "iterations between validations (default "
                                           "1000, and at the end; needs --valid-data-path)")
     eval_iters: Optional[int] = option(None, "global batches per validation (default 100), "

@@ -58,12 +58,14 @@ class Trainer:
         cfg.validate()
         # the data is resolved and every dataset checked before the model is built
         blend = data_blend(train.data_path)
-        encoder = MedMoETaskEncoder(train.tokenizer, train.template_or_default,
-                                    train.seq_length, cfg)
+        encoder = MedMoETaskEncoder(
+            train.tokenizer, train.template_or_default, train.seq_length, cfg,
+            balance_micro_batch=train.micro_batch_size if train.balanced_modality_batches else 0)
         self.blend = blend
         self.data = training_batches(blend, encoder, train.micro_batch_size, *self._dp_layout())
         log(f"data: {blend.summary()}; {train.template_or_default} template, "
-            f"{train.num_workers} loader workers per rank")
+            f"{train.num_workers} loader workers per rank"
+            f"{'; modality-balanced micro-batches' if train.balanced_modality_batches else ''}")
         self.valid = None
         if train.validation:
             valid = data_blend(train.valid_data_path, "--valid-data-path")
@@ -77,7 +79,8 @@ class Trainer:
                 train.micro_batch_size, *self._dp_layout())
         self.checkpoint = RunCheckpoint(cfg, train, dict(
             datasets=blend.identity(), data_parallel_size=self.dp,
-            num_workers=train.num_workers, micro_batch_size=train.micro_batch_size))
+            num_workers=train.num_workers, micro_batch_size=train.micro_batch_size,
+            balanced_modality_batches=train.balanced_modality_batches))
         model, trainable = training_setup.stage_model(cfg, train)
         self.checkpoint.load_starting_weights(model)
         self.setup = training_setup.wrap(model, trainable, cfg, train)

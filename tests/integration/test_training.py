@@ -188,3 +188,22 @@ def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
                  "--train-iters", "2", nproc=2)
     assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "shard-000000.tar: truncated" in r.stderr and "initialised" not in r.stdout
+
+
+@pytest.mark.slow
+def test_balanced_modality_batches_resume_bitwise(tmp_path, workspace):
+    """Stage 3 at EP=2 with modality-balanced micro-batches: interrupted and resumed equals
+    uninterrupted bitwise; resuming without the flag is refused, naming it."""
+    start = _upcycled(tmp_path, workspace)
+    stage3 = ("--stage", "3", "--data-path", workspace["shards"]["stage3"],
+              "--pretrained-checkpoint", start, "--train-iters", "6", "--num-workers", "2",
+              "--expert-model-parallel-size", "2", "--balanced-modality-batches")
+    full, log = _train(*stage3, "--save", tmp_path / "a")
+    assert "modality-balanced micro-batches" in log
+    first, _ = _train(*stage3, "--save", tmp_path / "b", "--exit-interval", "3")
+    rest, _ = _train(*stage3, "--save", tmp_path / "b", "--load", tmp_path / "b")
+    assert first == full[:3] and rest == full[3:]
+    r = run_tool("examples/pretrain_medmoe.py", *COMMON, *map(str, stage3[:-1]), "--save",
+                 str(tmp_path / "b"), "--load", str(tmp_path / "b"), "--train-iters", "8",
+                 "--override-opt_param-scheduler", nproc=2, timeout=600)
+    assert r.returncode != 0 and "balanced_modality_batches: saved True, now False" in r.stderr

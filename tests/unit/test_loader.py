@@ -121,3 +121,42 @@ splits:
         batches.next()
     drawn = batches.read_per_dataset()
     assert sum(drawn) == 100 and min(drawn) > 0, drawn
+
+
+def test_balanced_micro_batches_spread_each_modality_and_drop_nothing():
+    from medmoe_mcore.data.loader import balanced_micro_batches
+
+    window = [{"modality": m, "i": i} for i, m in enumerate("AAAAAAAABBBBCCCC")]
+    groups = balanced_micro_batches(window, 4)
+    assert [sorted(s["modality"] for s in g) for g in groups] == [["A", "A", "B", "C"]] * 4
+    assert sorted(s["i"] for g in groups for s in g) == list(range(16))
+    assert balanced_micro_batches(window, 4) == groups  # no randomness
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_balanced_batches_mix_modalities_and_restore_exactly(shards, workers):
+    folders, encoder = shards
+    balanced = MedMoETaskEncoder(encoder.tok, "phi", 128, encoder_cfg(encoder),
+                                 balance_micro_batch=4)
+
+    def batches(enc):
+        return training_batches(data_blend(str(folders["stage3"])), enc, 4, 0, 1, workers,
+                                seed=1234)
+
+    first = batches(balanced)
+    head = [first.next() for _ in range(5)]
+    state = first.state_bytes()
+    rest = [first.next() for _ in range(6)]
+    again = batches(balanced)
+    again.restore_bytes(state, "test")
+    for a, b in zip(rest, [again.next() for _ in range(6)]):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["images"],
+                                                                            b["images"])
+        assert a["modalities"] == b["modalities"]
+    plain = batches(encoder)
+    mixed = [len(set(b["modalities"])) for b in head + rest]
+    unmixed = [len(set(plain.next()["modalities"])) for _ in range(len(mixed))]
+    assert all(len(b["modalities"]) == 4 for b in head + rest)
+    assert sum(mixed) > sum(unmixed), (mixed, unmixed)
+    for loader in (first, again, plain):
+        loader.close()
