@@ -8,7 +8,7 @@ Both steps are real training steps of our stack: the stage's trainable set (stag
 language model; stage 3: experts + meta expert, the rest frozen), Megatron DDP (gradient
 all-reduce, experts over the expert-data-parallel group), Megatron's Adam. FLOPs are what the
 step really executes (torch's FlopCounterMode over forward and backward: a frozen weight
-costs no weight gradient), summed over ranks. The modality router has random weights (tokens
+costs no weight gradient; the attention core added in closed form), summed over ranks. The modality router has random weights (tokens
 spread over experts); prints one JSON line per step kind and one with the ratios.
 """
 
@@ -82,9 +82,19 @@ def run(name, cfg, stage, args):
         s.optimizer.step()
 
     step()  # warm-up
+    # torch's counter has no formula for CPU SDPA: the attention core (QK^T and AV, 4 s^2 h
+    # per sample forward, twice that backward when its input needs a gradient) is added
+    needs_grad = []
+    hooks = [layer.self_attention.register_forward_pre_hook(
+        lambda m, a, k: needs_grad.append((a[0] if a else k["hidden_states"]).requires_grad),
+        with_kwargs=True) for layer in model.decoder.layers]
     with FlopCounterMode(display=False) as counter:
         step()
-    flops = torch.tensor(float(counter.get_total_flops()))
+    for h in hooks:
+        h.remove()
+    core = 4 * b * seq * seq * cfg.language.hidden_size
+    flops = torch.tensor(float(counter.get_total_flops() + sum(
+        core * (3 if grad else 1) for grad in needs_grad)))
     dist.all_reduce(flops)
     seconds = defaultdict(float)
     timed_parts(model, seconds)

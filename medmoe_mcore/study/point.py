@@ -86,7 +86,8 @@ def train(point: Point, cfg, train_config: TrainConfig) -> dict:
     measured = trainer.steps[min(2, len(trainer.steps) - 1):]  # the first steps warm up
     seconds = statistics.median(s for s, _ in measured)
     tokens = statistics.median(t for _, t in measured)
-    load = trainer.expert_tokens
+    windows = trainer.expert_windows
+    load = torch.stack(windows).sum(0) if windows else None
     return {
         "losses": trainer.losses,
         "validation": trainer.validation_losses,
@@ -96,23 +97,33 @@ def train(point: Point, cfg, train_config: TrainConfig) -> dict:
         "peak_memory_kind": "cuda max allocated" if torch.cuda.is_available() else
                             "process peak RSS",
         "expert_tokens": load.tolist() if load is not None else None,
-        "expert_balance": balance(load, point.ep) if load is not None else None,
+        "expert_balance": balance(load, point.ep, windows) if load is not None else None,
         "counted_parameters": counted,
     }
 
 
-def balance(expert_tokens: torch.Tensor, ep: int) -> dict:
-    """max/mean tokens per expert and per EP rank (experts are laid out in contiguous blocks
-    of E/EP per rank), worst MoE layer and mean over layers."""
-    per_expert = expert_tokens.double()
-    per_rank = per_expert.reshape(per_expert.shape[0], ep, -1).sum(-1)
+def _per_rank(tokens: torch.Tensor, ep: int) -> torch.Tensor:
+    """[layer, EP rank]: experts are laid out in contiguous blocks of E/EP per rank."""
+    return tokens.double().reshape(tokens.shape[0], ep, -1).sum(-1)
 
-    def ratio(x):
-        r = x.max(-1).values / x.mean(-1).clamp(min=1e-9)
+
+def _ratio(x: torch.Tensor) -> torch.Tensor:
+    return x.max(-1).values / x.mean(-1).clamp(min=1e-9)
+
+
+def balance(expert_tokens: torch.Tensor, ep: int, windows=()) -> dict:
+    """max/mean tokens per expert and per EP rank over the run (worst MoE layer, mean over
+    layers); with the log windows (one per step at --log-interval 1), the same per EP rank in
+    each window, averaged: what a step waits for."""
+    def summary(r):
         return {"worst_layer": round(r.max().item(), 3), "mean": round(r.mean().item(), 3)}
 
-    return {"per_expert_max_over_mean": ratio(per_expert),
-            "per_ep_rank_max_over_mean": ratio(per_rank)}
+    out = {"per_expert_max_over_mean": summary(_ratio(expert_tokens.double())),
+           "per_ep_rank_max_over_mean": summary(_ratio(_per_rank(expert_tokens, ep)))}
+    if len(windows):
+        steps = torch.stack([_ratio(_per_rank(w, ep)).mean() for w in windows])
+        out["per_window_ep_rank_max_over_mean"] = round(steps.mean().item(), 3)
+    return out
 
 
 def score(study: StudyConfig, point: Point, tok) -> dict | None:

@@ -114,9 +114,10 @@ def plot(results: list[dict], path) -> None:
     curves = axes.flat[5]
     for r in results:
         curves.plot(range(1, len(r["losses"]) + 1), r["losses"], lw=0.8, label=r["point"])
-    curves.set_title("training loss", fontsize=10)
+    curves.set_title("training loss, one line per point", fontsize=10)
     curves.set_xlabel("iteration")
-    curves.legend(fontsize=6)
+    if len(results) <= 8:  # beyond that a legend hides the curves; the CSV names them
+        curves.legend(fontsize=6)
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("Med-MoE scaling study")
     fig.tight_layout()

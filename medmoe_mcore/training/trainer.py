@@ -93,10 +93,10 @@ class Trainer:
         self.losses: list[float] = []
         # what a study of the run reads after it (tools/scaling_study.py): each step's
         # (seconds, tokens of all data-parallel ranks), (iteration, validation loss) pairs,
-        # routed tokens [layer, expert] over the whole run
+        # routed tokens [layer, expert] of each log window (every rank's, padding left out)
         self.steps: list[tuple[float, int]] = []
         self.validation_losses: list[tuple[int, float]] = []
-        self.expert_tokens: torch.Tensor | None = None
+        self.expert_windows: list[torch.Tensor] = []
 
     def _dp_layout(self) -> tuple:
         return (parallel_state.get_data_parallel_rank(), self.dp, self.train.num_workers,
@@ -247,9 +247,7 @@ class Trainer:
                     self.expert_load is not None:
                 counts = self.expert_load.reduce()
                 self.metrics.expert_load(it, counts, self.expert_load.layer_numbers)
-                per_expert = counts[:, :, 1:].sum(dim=(1, 2))  # [layer, expert], no padding
-                self.expert_tokens = per_expert if self.expert_tokens is None \
-                    else self.expert_tokens + per_expert
+                self.expert_windows.append(counts[:, :, 1:].sum(dim=(1, 2)))
                 self.expert_load.counts.zero_()
             non_finite = non_finite + [it] if result.skipped else []  # skipped: not finite
             if t.check_for_nan_in_loss_and_grad and len(non_finite) >= t.max_nan_iterations:
