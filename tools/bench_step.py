@@ -54,6 +54,7 @@ def run(name, cfg, stage, args):
     from megatron.core.distributed import finalize_model_grads
     from torch.utils.flop_counter import FlopCounterMode
 
+    from medmoe_mcore.models.moe.router import ModalityRouter
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training import setup as training_setup
     from medmoe_mcore.training.config import TrainConfig
@@ -65,21 +66,21 @@ def run(name, cfg, stage, args):
         with torch.no_grad():
             gen = torch.Generator().manual_seed(0)
             for m in model.modules():
-                if hasattr(m, "weight") and type(m).__name__ == "ModalityRouter":
+                if isinstance(m, ModalityRouter):
                     m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
-    s = training_setup.wrap(model, trainable, cfg, train)
+    setup = training_setup.wrap(model, trainable, cfg, train)
     gen = torch.Generator().manual_seed(dist.get_rank())
     b, seq = args.micro_batch_size, args.seq_length
     tokens = torch.randint(0, cfg.language.vocab_size, (b, seq), generator=gen)
     positions = torch.arange(seq).unsqueeze(0).expand(b, -1)
 
     def step():
-        s.ddp.zero_grad_buffer()
-        s.optimizer.zero_grad()
-        loss = s.ddp(tokens, positions, None, labels=tokens).float().mean()
+        setup.ddp.zero_grad_buffer()
+        setup.optimizer.zero_grad()
+        loss = setup.ddp(tokens, positions, None, labels=tokens).float().mean()
         loss.backward()
-        finalize_model_grads([s.ddp])
-        s.optimizer.step()
+        finalize_model_grads([setup.ddp])
+        setup.optimizer.step()
 
     step()  # warm-up
     # torch's counter has no formula for CPU SDPA: the attention core (QK^T and AV, 4 s^2 h
@@ -111,7 +112,6 @@ def run(name, cfg, stage, args):
               sum(p.numel() for p in model.parameters() if p.requires_grad),
               "forward_ms_this_rank": breakdown}
     parallel.log(json.dumps(result))
-    del s, model
     return result
 
 

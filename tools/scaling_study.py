@@ -74,6 +74,10 @@ def configs(args):
                           "from is needed (or --demo-dir)")
     if train.train_iters is None:
         raise ConfigError("--train-iters: the stage-3 iterations of each point are needed")
+    if "modality" in study.moe_router_type and study.router_data_path is None:
+        raise ConfigError("--router-data-path: the modality router of each expert count is "
+                          "trained on labelled shards (or pass --demo-dir, or sweep only "
+                          "--moe-router-type learned)")
     if train.valid_data_path and train.eval_interval is None:
         train.eval_interval = train.train_iters  # validate once, at the end
     if train.valid_data_path and train.eval_iters is None:

@@ -58,9 +58,8 @@ def main(argv=None):
     from medmoe_mcore import checkpointing
     from medmoe_mcore.config import ParallelConfig
     from medmoe_mcore.data.tokenizer import Tokenizer
-    from medmoe_mcore.models.medmoe import build_model
     from medmoe_mcore.router import file as router_file
-    from medmoe_mcore.router.training import RouterRecipe, router_samples, train_router
+    from medmoe_mcore.router.training import RouterRecipe, train_from_checkpoint
     from medmoe_mcore.runtime import parallel
 
     folder = checkpointing.resolve(args.load)
@@ -69,20 +68,15 @@ def main(argv=None):
         print(f"error: no tokenizer: {tok_dir} does not exist (pass --tokenizer)",
               file=sys.stderr)
         return 2
-    cfg = checkpointing.read_config(folder, ParallelConfig())
-    recipe = RouterRecipe()
-    parallel.initialize(cfg.parallel, seed=recipe.seed)
-    samples, names, skipped = router_samples(_records(args), Tokenizer(tok_dir), cfg)
-    if skipped:
-        print(f"skipped records: {dict(skipped)}")
-    model = build_model(cfg, perform_initialization=False, parallel_output=False) \
-        .to(parallel.device())  # a few Megatron parameters are made on the CPU
-    checkpointing.load_into(model, folder)
+    parallel.initialize(ParallelConfig(), seed=RouterRecipe().seed)
     try:
-        router, report = train_router(model, samples, names, recipe, args.num_experts)
+        router, report, skipped = train_from_checkpoint(folder, _records(args), Tokenizer(tok_dir),
+                                                        args.num_experts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if skipped:
+        print(f"skipped records: {dict(skipped)}")
     for name, acc in report["per_class"].items():
         print(f"  {name:>16}: held-out accuracy {acc:.3f}")
     print(f"router held-out accuracy {report['accuracy']:.3f} (chance "

@@ -26,11 +26,14 @@ from dataclasses import dataclass
 
 import torch
 
+from medmoe_mcore import checkpointing
+from medmoe_mcore.config import ParallelConfig
 from medmoe_mcore.data.encoding import encode_prompt
 from medmoe_mcore.data.images import load_image, preprocess
 from medmoe_mcore.data.records import SkipRecord
 from medmoe_mcore.router import domains as expert_domains
 from medmoe_mcore.router.file import RouterWeights
+from medmoe_mcore.runtime.parallel import device
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,22 @@ def train_router(model, samples, names: list[str], recipe: RouterRecipe = Router
     report.update(train=len(train), held_out=len(test), modalities=modalities,
                   experts=domains.experts, domains=domains.by_modality)
     return router, report
+
+
+def train_from_checkpoint(folder, records, tok, num_experts: int | None = None,
+                          recipe: RouterRecipe = RouterRecipe()) -> tuple[RouterWeights, dict,
+                                                                          Counter]:
+    """The recipe on a dense checkpoint's model (built at the process groups' layout, TP = 1)
+    and (record, image bytes or None) pairs: (router, report, records skipped by reason).
+    Every rank computes the same; the caller writes the file."""
+    from medmoe_mcore.models.medmoe import build_model  # models import nothing of router/
+
+    cfg = checkpointing.read_config(folder, ParallelConfig())
+    samples, names, skipped = router_samples(records, tok, cfg)
+    model = build_model(cfg, perform_initialization=False, parallel_output=False).to(device())
+    checkpointing.load_into(model, folder)
+    router, report = train_router(model, samples, names, recipe, num_experts)
+    return router, report, skipped
 
 
 def fit_router(features: torch.Tensor, labels: torch.Tensor, modalities: list[str],

@@ -18,14 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from medmoe_mcore import checkpointing
 from medmoe_mcore.config import ParallelConfig
 from medmoe_mcore.conversion.upcycle import upcycle
 from medmoe_mcore.data.records import read_shards, shard_paths
-from medmoe_mcore.models.medmoe import build_model
 from medmoe_mcore.router import file as router_file
-from medmoe_mcore.router.training import RouterRecipe, router_samples, train_router
-from medmoe_mcore.runtime.parallel import device, is_rank0, log
+from medmoe_mcore.router.training import train_from_checkpoint
+from medmoe_mcore.runtime.parallel import is_rank0, log
 from medmoe_mcore.study import parameters
 from medmoe_mcore.study.grid import Point, StudyConfig, point_dir
 from medmoe_mcore.training.config import TrainConfig
@@ -45,17 +43,9 @@ def prepare(study: StudyConfig, point: Point, stage2, tok) -> tuple[Path, dict]:
         shutil.rmtree(folder / "stage3")
     dist.barrier()
     router_path, report = None, {}
-    if point.router_type == "modality":
-        if study.router_data_path is None:
-            raise ValueError("a modality-router point needs --router-data-path (labelled "
-                             "shards)")
-        cfg = checkpointing.read_config(stage2, ParallelConfig())
-        model = build_model(cfg).to(device())
-        checkpointing.load_into(model, stage2)
-        samples, names, _ = router_samples(
-            read_shards(shard_paths(study.router_data_path)), tok, cfg)
-        router, report = train_router(model, samples, names, RouterRecipe(), point.num_experts)
-        del model
+    if point.router_type == "modality":  # --router-data-path was checked by the entry point
+        router, report, _ = train_from_checkpoint(
+            stage2, read_shards(shard_paths(study.router_data_path)), tok, point.num_experts)
         router_path = folder / "router.safetensors"
         if is_rank0():
             folder.mkdir(parents=True, exist_ok=True)

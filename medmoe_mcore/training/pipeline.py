@@ -26,10 +26,10 @@ from medmoe_mcore.eval.scoring import evaluate_predictions, table
 from medmoe_mcore.flavors import LANGUAGE_FLAVORS, medmoe_language, vision_flavor
 from medmoe_mcore.inference.config import GenerationConfig
 from medmoe_mcore.inference.engine import load_for_inference
-from medmoe_mcore.models.medmoe import MedMoEModel, build_model
+from medmoe_mcore.models.medmoe import MedMoEModel
 from medmoe_mcore.router import file as router_file
-from medmoe_mcore.router.training import RouterRecipe, router_samples, train_router
-from medmoe_mcore.runtime.parallel import device, log
+from medmoe_mcore.router.training import train_from_checkpoint
+from medmoe_mcore.runtime.parallel import log
 from medmoe_mcore.training.config import TrainConfig
 
 DEMO_TRAIN_ITERS = 200  # per stage
@@ -159,14 +159,10 @@ def summarise(losses: dict, accuracy: Optional[float], pipe: PipelineConfig, rou
 def train_demo_router(stage2, router_shards, out, tok, num_experts: int) -> float:
     """The router recipe for `num_experts` experts on the stage-2 model at TP=1 (every rank
     computes the same; rank 0 writes the file). Returns the held-out accuracy."""
-    recipe = RouterRecipe()
-    cfg = checkpointing.read_config(stage2, ParallelConfig())
-    model = build_model(cfg).to(device())  # a few Megatron parameters are made on the CPU
-    checkpointing.load_into(model, stage2)
-    samples, names, skipped = router_samples(read_shards(shard_paths(router_shards)), tok, cfg)
+    router, report, skipped = train_from_checkpoint(
+        stage2, read_shards(shard_paths(router_shards)), tok, num_experts)
     if skipped:
         log(f"router records skipped: {dict(skipped)}")
-    router, report = train_router(model, samples, names, recipe, num_experts)
     if dist.get_rank() == 0:
         router_file.save(router, out)
     dist.barrier()

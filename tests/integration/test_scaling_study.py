@@ -36,3 +36,19 @@ def test_scaling_study_2x2_on_the_demo(tmp_path, main_job):
     again = run_tool(*args, "--print-commands")
     commands = [line for line in again.stdout.splitlines() if line.startswith("torchrun")]
     assert len(commands) == 1 and commands[0].endswith("--point E4-top2-modality-meta-ep2")
+
+
+def test_scaling_study_refuses_before_any_compute(tmp_path, main_job):
+    work = str(main_job["work_dir"])
+    r = run_tool("tools/scaling_study.py", "--demo-dir", work, "--study-dir", str(tmp_path))
+    assert r.returncode == 2 and "--train-iters: the stage-3 iterations" in r.stderr
+    r = run_tool("tools/scaling_study.py", "--pretrained-checkpoint",
+                 str(main_job["work_dir"] / "checkpoints" / "stage2"), "--data-path",
+                 str(main_job["work_dir"] / "data" / "shards" / "stage3"), "--train-iters", "2",
+                 "--lr", "1e-3", "--study-dir", str(tmp_path))
+    assert r.returncode == 2 and "--router-data-path: the modality router" in r.stderr
+    r = run_tool("tools/scaling_study.py", "--demo-dir", work, "--study-dir", str(tmp_path),
+                 "--train-iters", "2", "--lr", "1e-3", "--num-experts", "3",
+                 "--moe-router-topk", "4")
+    assert r.returncode == 2 and "the sweep has no valid point" in r.stderr
+    assert not any(tmp_path.iterdir())
