@@ -139,6 +139,9 @@ def main(argv=None) -> int:
             if args.nproc_per_node % world:
                 raise ConfigError(f"--expert-model-parallel-size {world} does not divide "
                                   f"--nproc-per-node {args.nproc_per_node}")
+    except checkpointing.NoCheckpoint as e:  # the stage-2 start (or --demo-dir's)
+        print(f"error: --pretrained-checkpoint: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
