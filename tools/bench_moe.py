@@ -11,7 +11,7 @@ expert; Megatron-Core MoELayer with the alltoall dispatcher, our lean experts) a
 
 Two routing regimes: balanced (random router) and modality-skewed (a batch of one modality:
 nearly every token picks the same top-k). Prints a JSON line per expert count and regime; the
-same tokens for every expert count.
+same tokens for every expert count; the dense FFNs are timed again before each expert count.
 
     python tools/bench_moe.py --hidden 1024 --ffn 4096 --tokens 4096 --num-experts 2,4,16,64
 """
@@ -75,8 +75,8 @@ def main(argv=None):
         x = x0.reshape(T, H).clone().requires_grad_()
         sum(ffn(x, *w) for w in dense).sum().backward()
 
-    dense_s = timed(run_dense, args.repeats)
     for E in [int(e) for e in args.num_experts.split(",")]:
+        dense_s = timed(run_dense, args.repeats)  # beside each E: the box drifts over a run
         lm = LanguageConfig(**PHI_BLOCK, vocab_size=128, hidden_size=H, num_layers=1,
                             num_attention_heads=8, num_query_groups=8, ffn_hidden_size=Fh,
                             max_position_embeddings=T, rotary_percent=0.5)
