@@ -85,8 +85,9 @@ def configs(args):
     return study, train, ParallelConfig(**given(args, ParallelConfig))
 
 
-def point_command(args, name: str) -> list[str]:
-    argv = [a for a in sys.argv[1:] if a not in ("--print-commands",)]
+def point_command(args, argv: list[str], name: str) -> list[str]:
+    """This run's own flags (as typed) plus --point NAME, under torchrun."""
+    argv = [a for a in argv if a != "--print-commands"]
     return ["torchrun", "--standalone", "--nproc_per_node", str(args.nproc_per_node),
             os.path.abspath(__file__), *argv, "--point", name]
 
@@ -128,6 +129,7 @@ def main(argv=None) -> int:
     from medmoe_mcore.study.grid import points
     from medmoe_mcore.study.point import is_done
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     try:
         study, train, base = configs(args)
@@ -166,12 +168,12 @@ def main(argv=None) -> int:
     print(f"{len(grid)} points, {len(grid) - len(todo)} done, {len(todo)} to run")
     if args.print_commands:
         for p in todo:
-            print(shlex.join(point_command(args, p.name)))
+            print(shlex.join(point_command(args, argv, p.name)))
         return 0
     if not args.report_only:
         for i, p in enumerate(todo, 1):
             print(f"[{i}/{len(todo)}] {p.name}", flush=True)
-            cmd = point_command(args, p.name)
+            cmd = point_command(args, argv, p.name)
             cmd[0:1] = [sys.executable, "-m", "torch.distributed.run"]
             if subprocess.run(cmd).returncode != 0:
                 print(f"error: point {p.name} failed (its log is above); finished points are "

@@ -77,6 +77,11 @@ def _records(m: MedicalImage, image: str, rid: str, rng: np.random.Generator) ->
     }
 
 
+def shard_folders(cache_dir) -> dict[str, Path]:
+    """{stage: shard folder} of a demo data folder (what `build` writes)."""
+    return {s: Path(cache_dir) / "shards" / s for s in STAGES}
+
+
 def build(cache_dir, samples_per_image: int = 40, image_size: int = 96, seed: int = 0,
           show_progress: bool = True, held_out: int = 4) -> dict[str, Path]:
     """Generate (once) and return {stage: shard folder} (the `test` split's JSON is
@@ -85,7 +90,7 @@ def build(cache_dir, samples_per_image: int = 40, image_size: int = 96, seed: in
     marker = cache / "done.json"
     stamp = {"version": VERSION, "samples_per_image": samples_per_image,
              "image_size": image_size, "seed": seed, "held_out": held_out}
-    folders = {s: cache / "shards" / s for s in STAGES}
+    folders = shard_folders(cache)
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return folders
     if not 0 < held_out < samples_per_image:

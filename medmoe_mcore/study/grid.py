@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Optional
 
 from medmoe_mcore.config import ConfigError, LanguageConfig, MoEConfig, ParallelConfig, option
+from medmoe_mcore.data import demo
+
+# sweep axes whose values are words: the words each accepts
+SWEEP_CHOICES = {"moe_router_type": ("modality", "learned"), "moe_meta_expert": ("on", "off")}
 
 
 @dataclass
@@ -63,9 +67,7 @@ class Point:
 def points(study: StudyConfig, language: LanguageConfig) -> tuple[list[Point], list[str]]:
     """(valid points, one line per left-out combination saying why): a top-k above the expert
     count or an EP size that does not divide it is left out, not failed."""
-    for name in ("moe_router_type", "moe_meta_expert"):
-        allowed = {"moe_router_type": ("modality", "learned"),
-                   "moe_meta_expert": ("on", "off")}[name]
+    for name, allowed in SWEEP_CHOICES.items():
         bad = [v for v in getattr(study, name) if v not in allowed]
         if bad:
             raise ConfigError(f"--{name.replace('_', '-')} {' '.join(bad)}: each value must be "
@@ -76,8 +78,9 @@ def points(study: StudyConfig, language: LanguageConfig) -> tuple[list[Point], l
             study.moe_meta_expert, study.expert_model_parallel_size):
         point = Point(e, k, router, meta == "on", ep)
         try:
-            point.moe().validate(language)
-            point.parallel(ParallelConfig()).validate_experts(language, point.moe())
+            moe = point.moe()
+            moe.validate(language)
+            point.parallel(ParallelConfig()).validate_experts(language, moe)
         except ConfigError as err:
             left_out.append(f"{point.name}: {err}")
             continue
@@ -94,9 +97,10 @@ def point_dir(study: StudyConfig, point: Point) -> Path:
 def demo_inputs(demo_dir: str) -> dict:
     """The main job's folder as the study's inputs (TrainConfig and StudyConfig fields)."""
     work = Path(demo_dir)
+    shards = demo.shard_folders(work / "data")
     return {"pretrained_checkpoint": str(work / "checkpoints" / "stage2"),
-            "data_path": [str(work / "data" / "shards" / "stage3")],
-            "valid_data_path": [str(work / "data" / "shards" / "test")],
-            "router_data_path": str(work / "data" / "shards" / "router"),
+            "data_path": [str(shards["stage3"])],
+            "valid_data_path": [str(shards["test"])],
+            "router_data_path": str(shards["router"]),
             "test_data": str(work / "data" / "test.json"),
             "image_folder": str(work / "data" / "images")}
