@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parser() -> argparse.ArgumentParser:
-    from medmoe_mcore.config import MoEConfig, ParallelConfig
+    from medmoe_mcore.config import LoRAConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.training.arguments import add_config_arguments
     from medmoe_mcore.training.config import TrainConfig
     from medmoe_mcore.training.pipeline import PipelineConfig
@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     add_config_arguments(p, ParallelConfig, "parallelism")
     add_config_arguments(p, MoEConfig, "Med-MoE layers (the pipeline's upcycling; with --stage "
                                        "3 they must agree with the checkpoint)")
+    add_config_arguments(p, LoRAConfig, "LoRA (Med-LoRAMoE): adapters train, base weights "
+                                        "frozen; stages 2-3 (the pipeline: stage 3)")
     add_config_arguments(p, PipelineConfig, "demo pipeline")
     return p
 
@@ -54,7 +56,9 @@ def configs(args):
 def stage_run(args) -> list:
     """One stage: checks the flags against the checkpoint, then trains."""
     from medmoe_mcore import checkpointing
-    from medmoe_mcore.training.arguments import reconcile_with_checkpoint, refuse
+    from medmoe_mcore.config import LoRAConfig
+    from medmoe_mcore.training.arguments import (given, reconcile_lora,
+                                                 reconcile_with_checkpoint, refuse)
     from medmoe_mcore.training.checkpoint import starting_point
     from medmoe_mcore.training.pipeline import PipelineConfig, stage_config
 
@@ -62,9 +66,11 @@ def stage_run(args) -> list:
            "demo-pipeline flags; a --stage run does not use them")
     train, par, moe_given, _ = configs(args)
     train.validate(dp=1)  # names what is missing, before anything is read
-    source = starting_point(train).folder  # or an error naming what --load holds
+    start = starting_point(train)  # or an error naming what --load holds
+    source = start.folder
     cfg = stage_config(source, par, train)
     notes = reconcile_with_checkpoint(cfg, source, moe_given, getattr(args, "flavor", None))
+    notes += reconcile_lora(cfg, source, given(args, LoRAConfig), start.resuming, train.seed)
     if train.tokenizer is None:
         train.tokenizer = str(source / checkpointing.TOKENIZER)
     return train_stage(cfg, train, notes)
@@ -88,13 +94,16 @@ def pipeline(args) -> dict:
     from medmoe_mcore.runtime.parallel import log
     from medmoe_mcore.training import pipeline as demo
     from medmoe_mcore.flavors import language_flavor
-    from medmoe_mcore.training.arguments import moe_config
+    from medmoe_mcore.config import LoRAConfig
+    from medmoe_mcore.training.arguments import given, lora_config, moe_config, reconcile_lora
 
     refuse_stage_flags(args)
     begin = time.time()
     train, par, moe_given, pipe = configs(args)
     moe = moe_config(moe_given, router_file=True)
     moe.validate(language_flavor(pipe.flavor))  # before hours of stages 1-2
+    lora_given = given(args, LoRAConfig)
+    lora_config(lora_given, moe, train.seed)  # the same: refused now, not after stage 2
     parallel.initialize(ParallelConfig(), seed=train.seed)
     shards, tok, init = demo.prepare_demo(pipe, train.seed)
     ck = init.parent
@@ -128,7 +137,9 @@ def pipeline(args) -> dict:
     log("\n=== stage 3 ===")
     stage_train = demo.stage_train_config(train, 3, pipe, shards, ck / "stage3_init")
     demo.replace_previous(stage_train.save)
-    run = train_stage(demo.stage_config(ck / "stage3_init", par, stage_train), stage_train)
+    cfg = demo.stage_config(ck / "stage3_init", par, stage_train)
+    notes = reconcile_lora(cfg, ck / "stage3_init", lora_given, False, train.seed)
+    run = train_stage(cfg, stage_train, notes)
     losses["stage3"] = (run[0], run[-1])
     log(f"stage 3: loss {run[0]:.4f} -> {run[-1]:.4f}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -233,16 +234,24 @@ def verify_files(folder: Path) -> None:
             "another tool): its files are not verified")
 
 
-def load_into(model: torch.nn.Module, root: str | os.PathLike, verify: bool = True) -> Path:
+def load_into(model: torch.nn.Module, root: str | os.PathLike, verify: bool = True,
+              fresh: Callable[[str], bool] | None = None) -> Path:
     """Collective: load the checkpoint's weights into `model` at the model's own TP/EP (its
-    files checked against their recorded checksums first, unless `verify=False`)."""
+    files checked against their recorded checksums first, unless `verify=False`). `fresh`
+    names the model's keys the checkpoint does not hold (new LoRA adapters): they keep their
+    initial values; every other key must be there."""
     folder = resolve(root)
     if verify:
         verify_files(folder)
-    template = model.sharded_state_dict()
+    template = {k: v for k, v in model.sharded_state_dict().items()
+                if fresh is None or not fresh(k)}
     state = load_sharded(template, folder)
     # A training checkpoint also holds optimizer/scheduler/progress state: weights only here.
-    model.load_state_dict({k: v for k, v in state.items() if k in template}, strict=True)
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in state.items() if k in template}, strict=fresh is None)
+    wrong = [k for k in missing if not fresh(k)] + list(unexpected)
+    if wrong:
+        raise ConfigError(f"{folder}: the model's keys do not match the checkpoint's: {wrong}")
     return folder
 
 

@@ -265,6 +265,62 @@ class MoEConfig:
                      f"{self.num_experts}")
 
 
+# LoRA's targets: Megatron-Bridge's names for the attention and dense FFN linears, and the
+# Med-MoE layer's routed experts and meta expert (each expert its own adapters).
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2", "experts",
+                "meta_expert")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters beside the language model's linears (the paper's Med-LoRAMoE, Tables 7-8):
+    y = W x + (alpha / rank) B A dropout(x), base weights frozen. Defaults are LLaVA's (and
+    MoE-LLaVA's) LoRA recipe: alpha = 2 x rank, dropout 0.05, every linear of the LLM."""
+
+    rank: Optional[int] = option(None, "LoRA rank r; with it the run trains LoRA adapters "
+                                 "(base weights frozen) instead of the full stage set",
+                                 flag="--lora-rank")
+    alpha: Optional[float] = option(None, "LoRA scale numerator: the update is alpha / r x B A "
+                                    "(default 2 x rank, LLaVA's r=128 / alpha=256)",
+                                    flag="--lora-alpha")
+    dropout: float = option(0.05, "dropout on the adapters' input (LLaVA's 0.05)",
+                            flag="--lora-dropout")
+    # None: every target the model has (experts and meta expert only in MoE layers).
+    target_modules: Optional[list[str]] = option(
+        None, f"linears that get adapters, any of {', '.join(LORA_TARGETS)} (linear_fc1/2: "
+        "the FFNs of dense layers, gate+up / down for StableLM; default: all the model has)",
+        flag="--lora-target-modules")
+    init_seed: int = 0  # A's draw (set from --seed when a run adds the adapters)
+
+    def __post_init__(self):
+        if self.alpha is None and isinstance(self.rank, int):
+            self.alpha = 2.0 * self.rank
+
+    def resolve_targets(self, moe: Optional["MoEConfig"]) -> "LoRAConfig":
+        """Default targets: those the model has."""
+        if self.target_modules is None:
+            has = {"experts": moe is not None, "meta_expert": moe is not None and moe.meta_expert}
+            self.target_modules = [t for t in LORA_TARGETS if has.get(t, True)]
+        return self
+
+    def validate(self, moe: Optional["MoEConfig"]) -> None:
+        p = "lora"
+        _require(isinstance(self.rank, int) and self.rank >= 1,
+                 f"{p}.rank={self.rank!r}: must be a positive integer (--lora-rank)")
+        _require(self.alpha > 0, f"{p}.alpha={self.alpha}: must be > 0 (--lora-alpha)")
+        _require(0.0 <= self.dropout < 1.0,
+                 f"{p}.dropout={self.dropout}: must be in [0, 1) (--lora-dropout)")
+        targets = self.target_modules or []
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        _require(targets and not unknown and len(set(targets)) == len(targets),
+                 f"{p}.target_modules={targets!r}: one or more distinct names of "
+                 f"{list(LORA_TARGETS)} (--lora-target-modules)")
+        absent = [t for t in targets if (t in ("experts", "meta_expert") and moe is None)
+                  or (t == "meta_expert" and moe is not None and not moe.meta_expert)]
+        _require(not absent, f"{p}.target_modules: the model has no {', '.join(absent)} "
+                 f"({'dense model' if moe is None else 'moe.meta_expert=False'})")
+
+
 @dataclass
 class ParallelConfig:
     """Process layout of a run (never saved with checkpoints: any layout loads any checkpoint)."""
@@ -332,6 +388,7 @@ class ModelConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     moe: Optional[MoEConfig] = None
     vision: Optional[VisionConfig] = None
+    lora: Optional[LoRAConfig] = None
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Activation recompute (a run-time choice, not saved with checkpoints): None or "full".
     recompute_granularity: Optional[Literal["full", "selective"]] = None
@@ -343,6 +400,8 @@ class ModelConfig:
             self.moe.validate(self.language)
         if self.vision is not None:
             self.vision.validate(self.language)
+        if self.lora is not None:
+            self.lora.validate(self.moe)
         self.parallel.validate_vision(self.vision)
         self.parallel.validate_experts(self.language, self.moe)
         _require(self.recompute_granularity in (None, "full", "selective"),
@@ -359,21 +418,24 @@ class ModelConfig:
             data["moe"] = dataclasses.asdict(self.moe)
         if self.vision is not None:
             data["vision"] = dataclasses.asdict(self.vision)
+        if self.lora is not None:
+            data["lora"] = dataclasses.asdict(self.lora)
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, parallel: Optional[ParallelConfig] = None) -> "ModelConfig":
         data = json.loads(text)
         for name, kind in (("language", LanguageConfig), ("moe", MoEConfig),
-                           ("vision", VisionConfig)):
+                           ("vision", VisionConfig), ("lora", LoRAConfig)):
             known = {f.name for f in dataclasses.fields(kind)}
             unknown = sorted(set(data.get(name) or {}) - known)
             _require(not unknown, f"{name} config has unknown field(s) {unknown}")
-        moe, vision = data.get("moe"), data.get("vision")
+        moe, vision, lora = data.get("moe"), data.get("vision"), data.get("lora")
         if vision is not None:  # JSON lists back to the dataclass' tuples
             vision = {k: tuple(v) if isinstance(v, list) else v for k, v in vision.items()}
         return cls(language=LanguageConfig(**data["language"]),
                    parallel=parallel or ParallelConfig(),
                    moe=MoEConfig(**moe) if moe is not None else None,
                    vision=VisionConfig(**vision) if vision is not None else None,
+                   lora=LoRAConfig(**lora) if lora is not None else None,
                    params_dtype=data.get("params_dtype", "float32"))

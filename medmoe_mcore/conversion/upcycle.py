@@ -56,6 +56,9 @@ def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None,
     dense_cfg = checkpointing.read_config(folder, ParallelConfig())
     if dense_cfg.moe is not None:
         raise ConfigError(f"{folder} is already an MoE checkpoint")
+    if dense_cfg.lora is not None:
+        raise ConfigError(f"{folder} holds LoRA adapters: merge them into the weights first "
+                          "(tools/merge_lora.py), then upcycle the merged checkpoint")
     lm = dense_cfg.language
     router = None
     if moe.router_type == "modality":

@@ -16,8 +16,8 @@ A starts as Kaiming-uniform (PEFT's default) drawn whole from a seeded generator
 every TP layout holds the same adapter; B starts at zero, so the adapted model equals the base
 model until B is trained.
 
-Status (issue 16, first piece): the adapter and its merge, tested at TP = 1. Not yet wired into
-specs, freezing, checkpoints, flags or export; see the session notes.
+The adapter lives inside its base layer (lora/linears.py), so checkpoints and conversions
+see `<layer>.lora.a` / `<layer>.lora.b` beside `<layer>.weight`.
 """
 
 from __future__ import annotations
@@ -56,19 +56,29 @@ class LoRAAdapter(torch.nn.Module):
         self.sequence_parallel = bool(base.sequence_parallel) and not self.local
         self.scale = alpha / rank
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
-        gen = torch.Generator().manual_seed(seed)
-        a = torch.empty(rank, base.input_size)
-        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-        b = torch.zeros(base.output_size, rank)
-        if self.kind == "column":
-            b = _shard(b, 0, tp_rank, tp)
-        else:
-            a = _shard(a, 1, tp_rank, tp)
-        device, dtype = base.weight.device, torch.float32
-        self.a = torch.nn.Parameter(a.to(device, dtype))
-        self.b = torch.nn.Parameter(b.to(device, dtype))
+        self.tp_rank, self.tp_size = tp_rank, tp
+        # the base layer's dtype: bf16 runs keep fp32 main copies in Megatron's optimizer
+        device, dtype = base.weight.device, base.weight.dtype
+        a_cols = base.input_size // (tp if self.kind == "row" else 1)
+        b_rows = base.output_size // (tp if self.kind == "column" else 1)
+        self.a = torch.nn.Parameter(torch.empty(rank, a_cols, device=device, dtype=dtype))
+        self.b = torch.nn.Parameter(torch.zeros(b_rows, rank, device=device, dtype=dtype))
         if self.kind == "row" and self.sequence_parallel:
             self.b.sequence_parallel = True
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        """A: Kaiming-uniform drawn whole from `seed` and sliced like the base layer (the same
+        adapter at every TP size); B: zero."""
+        gen = torch.Generator().manual_seed(seed)
+        a = torch.empty(self.a.shape[0], self.a.shape[1] * (self.tp_size if self.kind == "row"
+                                                            else 1))
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        if self.kind == "row":
+            a = _shard(a, 1, self.tp_rank, self.tp_size)
+        with torch.no_grad():
+            self.a.copy_(a)
+            self.b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's addition to the base layer's output, for the base layer's input x."""

@@ -7,6 +7,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from medmoe_mcore.config import ModelConfig
+from medmoe_mcore.lora.linears import initialize_adapters
 from medmoe_mcore.models.transformer_config import language_transformer_config
 from medmoe_mcore.models.moe.expert_params import tag_expert_parameters
 from medmoe_mcore.models.specs.backends import Backend, default_backend
@@ -30,7 +31,7 @@ class LanguageModel(GPTModel):
         super().__init__(
             config=config,
             transformer_layer_spec=language_block_spec(lm, backend or default_backend(),
-                                                       cfg.moe),
+                                                       cfg.moe, cfg.lora),
             vocab_size=lm.padded_vocab_size,
             max_sequence_length=lm.max_position_embeddings,
             parallel_output=parallel_output,
@@ -45,6 +46,8 @@ class LanguageModel(GPTModel):
         if lm.output_layer_bias:
             _add_column_parallel_bias(self.output_layer, config)
         tag_expert_parameters(self)
+        if cfg.lora is not None and perform_initialization:
+            initialize_adapters(self, cfg.lora.init_seed)
 
     def compute_language_model_loss(self, labels, logits):
         return super().compute_language_model_loss(labels, self.mask_padded_vocab(logits))

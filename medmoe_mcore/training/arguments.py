@@ -11,7 +11,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig
+from medmoe_mcore.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
 from medmoe_mcore.flavors import LANGUAGE_FLAVORS
 
 
@@ -125,3 +125,40 @@ def reconcile_with_checkpoint(cfg: ModelConfig, source, moe_given: dict,
         raise ConfigError(f"flags contradict the checkpoint {source}:\n  " +
                           "\n  ".join(problems))
     return applied
+
+
+def lora_config(chosen: dict, moe: MoEConfig | None, seed: int) -> LoRAConfig | None:
+    """The LoRA a run's typed `--lora-*` flags ask for (None without any), checked."""
+    if not chosen:
+        return None
+    if chosen.get("rank") is None:
+        raise ConfigError(f"{', '.join(flag_of(LoRAConfig, n) for n in chosen)} without "
+                          "--lora-rank")
+    lora = LoRAConfig(**chosen, init_seed=seed).resolve_targets(moe)
+    lora.validate(moe)
+    return lora
+
+
+def reconcile_lora(cfg: ModelConfig, source, chosen: dict, resuming: bool,
+                   seed: int) -> list[str]:
+    """LoRA flags against the checkpoint a stage starts from: a checkpoint without adapters
+    gets fresh ones when the run starts from its weights (never when it resumes); one with
+    adapters keeps them, and a flag that differs from them is refused. Returns log lines."""
+    if cfg.lora is None:
+        if not chosen:
+            return []
+        if resuming:
+            raise ConfigError(f"{', '.join(flag_of(LoRAConfig, n) for n in chosen)}: the "
+                              f"checkpoint {source} was trained without LoRA; a resumed run "
+                              "cannot add adapters (start a new run from its weights with "
+                              "--pretrained-checkpoint)")
+        cfg.lora = lora_config(chosen, cfg.moe, seed)
+        lora = cfg.lora
+        return [f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on "
+                f"{', '.join(lora.target_modules)}; fresh adapters, base weights frozen"]
+    differ = [f"{flag_of(LoRAConfig, n)} {v}: the checkpoint has lora.{n}="
+              f"{getattr(cfg.lora, n)!r}" for n, v in chosen.items()
+              if v != getattr(cfg.lora, n)]
+    if differ:
+        raise ConfigError(f"flags contradict the checkpoint {source}:\n  " + "\n  ".join(differ))
+    return [f"LoRA: the checkpoint's adapters (rank {cfg.lora.rank}) continue training"]

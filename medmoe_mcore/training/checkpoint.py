@@ -147,8 +147,13 @@ class RunCheckpoint:
         """Before DDP wraps the model: the starting weights of a fresh stage (verified
         already)."""
         if not self.resuming:
-            checkpointing.load_into(model, self.source, verify=False)
-            log(f"initialised stage {self.train.stage} from {self.source} (weights)")
+            adapters_added = self.cfg.lora is not None and \
+                checkpointing.read_config(self.source).lora is None
+            checkpointing.load_into(model, self.source, verify=False,
+                                    fresh=(lambda key: ".lora." in key) if adapters_added
+                                    else None)
+            log(f"initialised stage {self.train.stage} from {self.source} (weights"
+                f"{'; LoRA adapters fresh' if adapters_added else ''})")
 
     def restore(self, setup, data) -> Progress:
         """After the optimizer exists: the whole state of a resumed run (the data loader's

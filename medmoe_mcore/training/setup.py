@@ -32,7 +32,8 @@ def stage_model(cfg: ModelConfig, train: TrainConfig) -> tuple[torch.nn.Module, 
     """The model on this rank's device with the stage's trainable set (names returned)."""
     model = build_model(cfg).to(parallel.device())
     trainable = apply_stage(model, train.stage, train.train_projector,
-                            cfg.moe is not None and cfg.moe.router_type == "learned")
+                            cfg.moe is not None and cfg.moe.router_type == "learned",
+                            lora=cfg.lora is not None)
     return model, trainable
 
 

@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 
+def _local_linear(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An expert linear without communication, its LoRA adapter's addition included."""
+    output = F.linear(x, linear.weight, linear.bias)
+    adapter = getattr(linear, "lora", None)
+    return output if adapter is None else output + adapter(x).to(output.dtype)
+
+
 class LeanSequentialMLP(SequentialMLP):
     """SequentialMLP's experts, computed as `G * (W2 act(W1 x + b1) + b2)` per expert."""
 
@@ -48,8 +55,7 @@ class LeanSequentialMLP(SequentialMLP):
         for expert, tokens, probs in zip(self.local_experts,
                                          torch.split(permuted_local_hidden_states, counts),
                                          torch.split(permuted_probs, counts)):
-            fc1, fc2 = expert.linear_fc1, expert.linear_fc2
-            hidden = self._activation(F.linear(tokens, fc1.weight, fc1.bias))
-            output = F.linear(hidden, fc2.weight, fc2.bias)
+            hidden = self._activation(_local_linear(expert.linear_fc1, tokens))
+            output = _local_linear(expert.linear_fc2, hidden)
             outputs.append((output * probs.unsqueeze(-1)).to(output.dtype))
         return torch.cat(outputs, dim=0), None

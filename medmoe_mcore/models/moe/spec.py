@@ -13,17 +13,23 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from medmoe_mcore.config import MoEConfig
+from medmoe_mcore.config import LoRAConfig, MoEConfig
+from medmoe_mcore.lora.linears import slot
 from medmoe_mcore.models.moe.meta_expert import MetaExpertMLP
 from medmoe_mcore.models.moe.router import router_spec
 from medmoe_mcore.models.specs.backends import Backend
 
 
-def moe_mlp_spec(moe: MoEConfig, backend: Backend) -> ModuleSpec:
-    """Experts use the backend's expert linears; the meta expert its plain ones."""
-    expert = MLPSubmodules(linear_fc1=backend.expert_column_linear,
-                           linear_fc2=backend.expert_row_linear)
-    meta = MLPSubmodules(linear_fc1=backend.column_linear, linear_fc2=backend.row_linear)
+def moe_mlp_spec(moe: MoEConfig, backend: Backend, lora: LoRAConfig | None = None,
+                 gated: bool = False) -> ModuleSpec:
+    """Experts use the backend's expert linears; the meta expert its plain ones; with `lora`,
+    each expert (and the meta expert) its own adapters when targeted."""
+    expert = MLPSubmodules(
+        linear_fc1=slot(backend.expert_column_linear, lora, "experts", "column", gated),
+        linear_fc2=slot(backend.expert_row_linear, lora, "experts", "expert_row"))
+    meta = MLPSubmodules(
+        linear_fc1=slot(backend.column_linear, lora, "meta_expert", "column", gated),
+        linear_fc2=slot(backend.row_linear, lora, "meta_expert", "row"))
     return ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(
