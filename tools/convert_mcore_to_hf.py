@@ -9,7 +9,8 @@ tokenizer, chat template and image processor (`--format medmoe`, the default):
 
 or, dense only, plain `LlavaForConditionalGeneration` (`--format llava`; Phi-2's LM-head bias
 needs the explicit `--drop-lm-head-bias`). A language-model checkpoint becomes what
-`AutoModelForCausalLM.from_pretrained` loads.
+`AutoModelForCausalLM.from_pretrained` loads. A LoRA checkpoint (medmoe) exports merged
+(`--lora-merge`) or as the base release + a PEFT adapter folder (`--peft-adapter-dir DIR`).
 """
 
 import argparse
@@ -30,6 +31,13 @@ def main(argv=None):
                    help="llava: drop Phi-2's LM-head bias, which LLaVA's classes lack")
     p.add_argument("--tokenizer", help="medmoe: HF tokenizer folder (default: the "
                                        "checkpoint's tokenizer/)")
+    p.add_argument("--lora-merge", action="store_true",
+                   help="medmoe, LoRA checkpoints: merge the adapters into the weights "
+                        "(W + alpha/r B A) and export the merged model")
+    p.add_argument("--peft-adapter-dir",
+                   help="medmoe, LoRA checkpoints: export the base model to --hf-dir and the "
+                        "adapters here as a PEFT folder (peft.PeftModel.from_pretrained(base, "
+                        "DIR))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --hf-dir")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
     p.add_argument("--no-progress", action="store_true")
@@ -50,14 +58,21 @@ def main(argv=None):
         given = {"--format llava": args.format == "llava",
                  "--accept-authors-divergence": args.accept_authors_divergence,
                  "--drop-lm-head-bias": args.drop_lm_head_bias,
-                 "--tokenizer": args.tokenizer is not None}
+                 "--tokenizer": args.tokenizer is not None,
+                 "--lora-merge": args.lora_merge,
+                 "--peft-adapter-dir": args.peft_adapter_dir is not None}
         unused = set(given) if not multimodal else \
-            {"--accept-authors-divergence", "--tokenizer"} if args.format == "llava" else \
-            {"--drop-lm-head-bias"}
+            {"--accept-authors-divergence", "--tokenizer", "--lora-merge",
+             "--peft-adapter-dir"} if args.format == "llava" else {"--drop-lm-head-bias"}
         refused = [flag for flag in given if given[flag] and flag in unused]
         if refused:  # a flag this export cannot honour is refused, never ignored
             kind = f"--format {args.format}" if multimodal else "language-model"
             raise ConfigError(f"{', '.join(refused)}: not used by a {kind} export")
+        if checkpointing.read_config(args.load).lora is not None and \
+                (not multimodal or args.format == "llava"):
+            raise ConfigError(f"{args.load} holds LoRA adapters: export it with --format "
+                              "medmoe (--lora-merge or --peft-adapter-dir), or merge it first "
+                              "(tools/merge_lora.py)")
         parallel.initialize(ParallelConfig())
         if not multimodal:
             out, what = export_hf(args.load, args.hf_dir, **common), "language model"
@@ -68,7 +83,8 @@ def main(argv=None):
         else:
             out = export_release(args.load, args.hf_dir,
                                  accept_divergence=args.accept_authors_divergence,
-                                 tokenizer_dir=args.tokenizer, **common)
+                                 tokenizer_dir=args.tokenizer, lora_merge=args.lora_merge,
+                                 peft_adapter_dir=args.peft_adapter_dir, **common)
             what = "Med-MoE release (authors' layout, trust_remote_code)"
     except (ConversionError, ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

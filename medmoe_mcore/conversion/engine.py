@@ -52,9 +52,10 @@ def _side(mapping: Mapping, to_megatron: bool) -> tuple[tuple[str, ...], tuple[s
     return (mapping.hf, (mapping.megatron,)) if to_megatron else ((mapping.megatron,), mapping.hf)
 
 
-def plan(table: Sequence[Mapping], source_keys: Iterable[str], expected_keys: Iterable[str],
-         to_megatron: bool) -> list[_Group]:
-    """Match keys to table entries and check coverage; raise ConversionError listing problems."""
+def plan(table: Sequence[Mapping], source_keys: Iterable[str],
+         expected_keys: Iterable[str] | None, to_megatron: bool) -> list[_Group]:
+    """Match keys to table entries and check coverage; raise ConversionError listing problems.
+    `expected_keys=None`: every source key must match, the targets are what they give."""
     compiled = [(m, slot, _regex(p)) for m in table for slot, p in enumerate(_side(m, to_megatron)[0])]
     found: dict[tuple, dict[int, str]] = {}
     unmatched, doubly = [], []
@@ -83,7 +84,7 @@ def plan(table: Sequence[Mapping], source_keys: Iterable[str], expected_keys: It
                              tuple(_fill(p, captures) for p in targets_p)))
 
     produced = [t for g in groups for t in g.targets]
-    expected = set(expected_keys)
+    expected = set(produced if expected_keys is None else expected_keys)
     dup = sorted(t for t, n in Counter(produced).items() if n > 1)
     not_provided = sorted(expected - set(produced))
     unexpected = sorted(set(produced) - expected)

@@ -26,7 +26,9 @@ from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
 from medmoe_mcore.conventions import EOS, IMAGE_TOKEN, SYSTEM_PROMPT
 from medmoe_mcore.conversion.common import conversion_model, weights
 from medmoe_mcore.conversion.hf_config import hf_config_from_language
-from medmoe_mcore.conversion.llava import kept_aside, write_weights
+from medmoe_mcore.conversion.llava import kept_aside, multimodal_table, write_weights
+from medmoe_mcore.conversion.lora_export import write_peft_adapter
+from medmoe_mcore.lora.merge import merged_model
 from medmoe_mcore.conversion.safetensors_io import AtomicDir
 from medmoe_mcore.conversion.tables.vision import (
     LAYOUTS,
@@ -157,15 +159,36 @@ def _readme(divergences: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_lora_choice(cfg: ModelConfig, folder: Path, lora_merge: bool,
+                       peft_adapter_dir) -> None:
+    """A LoRA checkpoint exports merged or as base + PEFT adapter, as asked; the LoRA flags
+    on a checkpoint without adapters are refused."""
+    given = [f for f, v in (("--lora-merge", lora_merge),
+                            ("--peft-adapter-dir", peft_adapter_dir is not None)) if v]
+    if cfg.lora is None and given:
+        raise ConfigError(f"{', '.join(given)}: {folder} has no LoRA adapters")
+    if cfg.lora is not None and len(given) != 1:
+        raise ConfigError(f"{folder} holds LoRA adapters (rank {cfg.lora.rank}): choose "
+                          "--lora-merge (one release with the adapters merged) or "
+                          "--peft-adapter-dir DIR (the base release + a PEFT adapter)")
+
+
 def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence: bool = False,
                    tokenizer_dir=None, show_progress: bool = True,
-                   max_shard_bytes: int = 2 << 30) -> Path:
-    """Megatron multimodal checkpoint (dense or Med-MoE) -> release folder (authors' layout)."""
+                   max_shard_bytes: int = 2 << 30, lora_merge: bool = False,
+                   peft_adapter_dir=None) -> Path:
+    """Megatron multimodal checkpoint (dense or Med-MoE) -> release folder (authors' layout).
+    A LoRA checkpoint: merged (`lora_merge`), or the base model + a PEFT adapter folder."""
     folder = checkpointing.resolve(load_root)
     cfg = checkpointing.read_config(folder, ParallelConfig())
     if cfg.vision is None:
         raise ConfigError(f"{folder}: a text-only checkpoint (export it with "
                           "conversion.language.export_hf)")
+    _check_lora_choice(cfg, folder, lora_merge, peft_adapter_dir)
+    if peft_adapter_dir is not None and Path(hf_dir).resolve() in \
+            (Path(peft_adapter_dir).resolve(), *Path(peft_adapter_dir).resolve().parents):
+        raise ConfigError(f"--peft-adapter-dir {peft_adapter_dir}: must lie outside --hf-dir "
+                          f"{hf_dir} (each folder is written whole)")
     divergences = authors_divergences(cfg)
     if divergences and not accept_divergence:
         raise ConfigError("the authors' MoE-LLaVA code would compute this model differently: "
@@ -176,11 +199,20 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
     base_cfg = json.loads(base.read_text()) if base.exists() else None
     model = conversion_model(cfg)
     checkpointing.load_into(model, folder)
+    if lora_merge:
+        model = merged_model(model, cfg)[0]
+    state = weights(model)
+    adapters = {k: state.pop(k) for k in [k for k in state if ".lora." in k]}
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else folder / checkpointing.TOKENIZER
     hf_cfg = release_config(cfg, base_cfg, cfg.vision.image_token_id)
+    expected = _expected_keys(hf_cfg)
+    if adapters:
+        with AtomicDir(peft_adapter_dir, overwrite=overwrite) as adapter_out:
+            write_peft_adapter(adapter_out, adapters, cfg,
+                               multimodal_table(cfg, LAYOUTS["authors"]), expected)
     with AtomicDir(hf_dir, overwrite=overwrite) as out:
         hf_cfg.update(write_processor(out, cfg, tokenizer_dir))
-        write_weights(out, weights(model), cfg, LAYOUTS["authors"], _expected_keys(hf_cfg),
+        write_weights(out, state, cfg, LAYOUTS["authors"], expected,
                       aside, "Megatron -> release", show_progress, max_shard_bytes)
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         for path in hf_classes.REMOTE_CODE_FILES:

@@ -26,7 +26,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                  set_tensor_model_parallel_attributes)
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     gather_from_sequence_parallel_region,
                                                     reduce_from_tensor_model_parallel_region,
@@ -63,6 +64,10 @@ class LoRAAdapter(torch.nn.Module):
         b_rows = base.output_size // (tp if self.kind == "column" else 1)
         self.a = torch.nn.Parameter(torch.empty(rank, a_cols, device=device, dtype=dtype))
         self.b = torch.nn.Parameter(torch.zeros(b_rows, rank, device=device, dtype=dtype))
+        # the split factor carries the base weight's TP tags (grad norm, gathers); the
+        # replicated one carries none, like a bias of a row-parallel layer
+        split, axis = (self.b, 0) if self.kind == "column" else (self.a, 1)
+        set_tensor_model_parallel_attributes(split, True, axis, 1)
         if self.kind == "row" and self.sequence_parallel:
             self.b.sequence_parallel = True
         self.reset(seed)

@@ -43,5 +43,6 @@ def full_grads(model, gated: bool) -> dict:
             grads[global_name(name, ep_rank, num_local)] = param.main_grad.clone()
             continue
         grads[name] = full_tensor(param, param.main_grad, tp_group,
-                                  gated and name.endswith("linear_fc1.weight"))
+                                  gated and name.endswith(("linear_fc1.weight",
+                                                           "linear_fc1.lora.b")))
     return grads

@@ -18,7 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gather import full_grads  # noqa: E402
 
-# name: (flavor, MoEConfig fields)
+# name: (flavor, MoEConfig fields[, LoRAConfig fields: adapters only train, as in stage 3])
 VARIANTS = {
     "phi_e4_top2_token": ("tiny", dict(num_experts=4, router_topk=2)),
     "stablelm_e4_top1_sample": ("tiny_stablelm", dict(num_experts=4, router_topk=1,
@@ -30,20 +30,28 @@ VARIANTS = {
                                            token_dispatcher="allgather", renormalize=True)),
     "phi_e4_learned_top2": ("tiny", dict(num_experts=4, router_topk=2, router_type="learned",
                                          renormalize=True, aux_loss_coeff=0.01)),
+    "phi_e4_top2_lora": ("tiny", dict(num_experts=4, router_topk=2),
+                         dict(rank=4, alpha=12.0, dropout=0.0)),
+    "stablelm_e2_top1_lora": ("tiny_stablelm", dict(num_experts=2, router_topk=1),
+                              dict(rank=4, dropout=0.0)),
 }
 GLOBAL_BATCH, SEQ = 4, 16
 
 
 def build(cfg, init: bool):
     from medmoe_mcore.models.language import LanguageModel
+    from medmoe_mcore.training.freezing import apply_stage
 
     model = LanguageModel(cfg)
-    if init:  # non-trivial routing and biases (Megatron initialises biases and router to 0)
+    if init:  # non-trivial routing and biases (Megatron initialises biases and router to 0;
+        # LoRA's B to 0)
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 scale = 2.0 if "router" in name else 0.02
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
+    if cfg.lora is not None:
+        apply_stage(model, 3, lora=True)
     return model
 
 
@@ -83,7 +91,7 @@ def main():
 
     from medmoe_mcore import checkpointing
     from medmoe_mcore.runtime import parallel
-    from medmoe_mcore.config import ModelConfig, MoEConfig, ParallelConfig
+    from medmoe_mcore.config import LoRAConfig, ModelConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.flavors import language_flavor
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1,
@@ -91,10 +99,12 @@ def main():
     parallel.initialize(par, seed=3)
     results = {}
     for name in args.variants.split(","):
-        flavor, fields = VARIANTS[name]
+        flavor, fields, *lora = VARIANTS[name]
         if args.init:
-            cfg = ModelConfig(language=language_flavor(flavor), parallel=par,
-                              moe=MoEConfig(**fields)).validate()
+            moe = MoEConfig(**fields)
+            cfg = ModelConfig(language=language_flavor(flavor), parallel=par, moe=moe,
+                              lora=LoRAConfig(**lora[0]).resolve_targets(moe) if lora
+                              else None).validate()
             model = build(cfg, init=True)
             checkpointing.save(model.sharded_state_dict(), os.path.join(args.init, name), cfg)
         else:

@@ -46,3 +46,196 @@ def test_adapter_starts_as_the_base_and_merges_exactly(single_rank, cls):
 def test_adapter_refuses_what_it_cannot_wrap(single_rank):
     with pytest.raises(TypeError, match="needs a Megatron Column/RowParallelLinear, got Linear"):
         LoRAAdapter(torch.nn.Linear(4, 4), rank=2, alpha=4)
+
+
+# --- the adapters in the Med-MoE model (issue 16) ---------------------------------------------
+
+def _medmoe_cfg(tmp_path, flavor="tiny", lora=None):
+    """A tiny Med-MoE config (top-2 + meta expert) with the tokenizer of a small HF BPE."""
+    from medmoe_mcore.config import LoRAConfig, MoEConfig
+    from medmoe_mcore.data.tokenizer import train_bpe
+    from medmoe_mcore.flavors import medmoe_language, vision_flavor
+
+    tok_dir = tmp_path / "tok"
+    tok = train_bpe(["a chest x-ray", "an axial slice"] * 20, tok_dir, vocab_size=300)
+    moe = MoEConfig(router_topk=2)
+    return ModelConfig(language=medmoe_language(flavor), moe=moe,
+                       vision=vision_flavor(flavor, tok.image_token_id),
+                       lora=None if lora is None else LoRAConfig(**lora).resolve_targets(moe)
+                       ).validate(), tok_dir
+
+
+def _batch(cfg, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    v = cfg.vision
+    images = torch.randn(1, 3, v.image_size, v.image_size, generator=gen)
+    ids = torch.tensor([[5, v.image_token_id, 9, 13, 7]])
+    return ids, images
+
+
+def test_zero_b_leaves_the_model_exactly_the_base(tmp_path, single_rank):
+    import dataclasses
+
+    from medmoe_mcore.models.medmoe import MedMoEModel
+
+    cfg, _ = _medmoe_cfg(tmp_path, lora=dict(rank=4))  # default dropout 0.05: B = 0 anyway
+    base = MedMoEModel(dataclasses.replace(cfg, lora=None))
+    adapted = MedMoEModel(cfg)
+    missing, unexpected = adapted.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(".lora." in k for k in missing)
+    ids, images = _batch(cfg)
+    for mode in ("train", "eval"):
+        getattr(base, mode)(), getattr(adapted, mode)()
+        torch.manual_seed(0)
+        expected = base(ids, images)
+        torch.manual_seed(0)
+        assert torch.equal(adapted(ids, images), expected), mode
+
+
+def test_lora_trainable_sets():
+    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.training.freezing import trainable_patterns
+
+    names = ["projector.encoder.linear_fc1.weight", "vision.decoder.layers.0.mlp.fc1.weight",
+             "language_model.decoder.layers.0.mlp.router.weight",
+             "language_model.decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.lora.b",
+             "language_model.decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight",
+             "language_model.decoder.layers.1.self_attention.linear_qkv.lora.a",
+             "language_model.embedding.word_embeddings.weight"]
+
+    def trained(stage, **kw):
+        import re
+        train, never = trainable_patterns(stage, lora=True, **kw)
+        return [n for n in names if any(re.search(p, n) for p in train)
+                and not any(re.search(p, n) for p in never)]
+
+    adapters = [n for n in names if ".lora." in n]
+    assert trained(3) == [names[0], *adapters]  # paper: LoRA + projector; router, CLIP frozen
+    assert trained(3, train_projector=False) == adapters
+    assert trained(2) == [names[0], *adapters]
+    with pytest.raises(ConfigError, match="stage 1 trains the projector only"):
+        trainable_patterns(1, lora=True)
+
+
+def test_lora_config_is_checked_and_travels_with_the_model():
+    import dataclasses
+
+    from medmoe_mcore.config import ConfigError, LoRAConfig, MoEConfig
+    from medmoe_mcore.training.arguments import lora_config, reconcile_lora
+
+    moe = MoEConfig()
+    lora = LoRAConfig(rank=128).resolve_targets(moe)
+    assert lora.alpha == 256 and "meta_expert" in lora.target_modules  # LLaVA's recipe
+    assert LoRAConfig(rank=8).resolve_targets(None).target_modules == \
+        ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    for bad, match in ((dict(rank=0), "rank=0"), (dict(rank=4, dropout=1.0), "dropout=1.0"),
+                       (dict(rank=4, target_modules=["q_proj"]), "target_modules")):
+        with pytest.raises(ConfigError, match=match):
+            LoRAConfig(**bad).resolve_targets(moe).validate(moe)
+    with pytest.raises(ConfigError, match="has no experts"):
+        LoRAConfig(rank=4, target_modules=["experts"]).validate(None)
+    with pytest.raises(ConfigError, match="--lora-alpha without --lora-rank"):
+        lora_config({"alpha": 4.0}, moe, seed=1)
+    cfg = ModelConfig(language=language_flavor("tiny"), moe=moe, lora=lora).validate()
+    assert ModelConfig.from_json(cfg.to_json()).lora == lora
+    plain = dataclasses.replace(cfg, lora=None)
+    with pytest.raises(ConfigError, match="trained without LoRA; a resumed run cannot add"):
+        reconcile_lora(plain, "ckpt", {"rank": 4}, resuming=True, seed=1)
+    assert reconcile_lora(plain, "ckpt", {"rank": 4}, resuming=False, seed=7)
+    assert plain.lora.rank == 4 and plain.lora.init_seed == 7
+    with pytest.raises(ConfigError, match="--lora-rank 8: the checkpoint has lora.rank=128"):
+        reconcile_lora(cfg, "ckpt", {"rank": 8}, resuming=True, seed=1)
+
+
+def test_base_weights_do_not_move_and_adapters_do(tmp_path, single_rank):
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from medmoe_mcore.models.medmoe import MedMoEModel
+    from medmoe_mcore.training.config import TrainConfig
+    from medmoe_mcore.training.freezing import apply_stage
+    from medmoe_mcore.training.setup import wrap
+
+    cfg, _ = _medmoe_cfg(tmp_path, lora=dict(rank=4))
+    model = MedMoEModel(cfg)
+    trainable = apply_stage(model, 3, lora=True)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "_extra_state" not in k}
+    setup = wrap(model, trainable, cfg, TrainConfig(stage=3, lr=1e-2, train_iters=4,
+                                                    lr_warmup_fraction=0.0))
+    ids, images = _batch(cfg)
+    for _ in range(2):
+        setup.ddp.zero_grad_buffer()
+        setup.optimizer.zero_grad()
+        loss, mask = setup.ddp(ids, images, ids.clamp(min=0))
+        (loss * mask).sum().backward()
+        finalize_model_grads([setup.ddp])
+        assert setup.optimizer.step()[0]
+    after = model.state_dict()
+    moved = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert moved and all(".lora." in k or k.startswith("projector.") for k in moved)
+    assert any(k.endswith(".lora.b") for k in moved) and any(k.endswith(".lora.a") for k in moved)
+
+
+def _trained_lora_checkpoint(tmp_path, flavor):
+    """A LoRA Med-MoE checkpoint whose adapters look trained (random A and B)."""
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.models.medmoe import MedMoEModel
+
+    cfg, tok_dir = _medmoe_cfg(tmp_path, flavor, lora=dict(rank=4, alpha=6.0, dropout=0.0))
+    torch.manual_seed(0)
+    model = MedMoEModel(cfg, parallel_output=False)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in name or "bias" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    checkpointing.save(model.sharded_state_dict(), tmp_path / "lora", cfg,
+                       extra_dirs={checkpointing.TOKENIZER: tok_dir})
+    return model.eval(), cfg
+
+
+@pytest.mark.parametrize("flavor", ["tiny", "tiny_stablelm"])
+def test_merge_and_peft_export_give_the_megatron_logits(tmp_path, single_rank, flavor):
+    """Merged checkpoint and merged release vs the adapted model: 1e-5 / 1e-4; the PEFT
+    adapter on the base release, loaded by peft, vs the adapted model: 1e-4 (fused q/k/v with
+    query groups and gate/up split by the release's own table)."""
+    from peft import PeftModel
+
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.conversion.release import export_release
+    from medmoe_mcore.hf import model_class
+    from medmoe_mcore.lora.merge import merge_checkpoint
+    from medmoe_mcore.models.medmoe import MedMoEModel
+
+    model, cfg = _trained_lora_checkpoint(tmp_path, flavor)
+    ids, images = _batch(cfg)
+    with torch.no_grad():
+        ours = model(ids, images)[0, :, :cfg.language.vocab_size]
+    merge_checkpoint(tmp_path / "lora", tmp_path / "merged")
+    merged_cfg = checkpointing.read_config(tmp_path / "merged")
+    assert merged_cfg.lora is None
+    merged = MedMoEModel(merged_cfg, parallel_output=False).eval()
+    checkpointing.load_into(merged, tmp_path / "merged")
+    with torch.no_grad():
+        assert (merged(ids, images)[0, :, :cfg.language.vocab_size] - ours).abs().max() < 1e-5
+
+    with pytest.raises(ConfigError, match="choose --lora-merge .* or --peft-adapter-dir"):
+        export_release(tmp_path / "lora", tmp_path / "nothing", show_progress=False)
+    export_release(tmp_path / "lora", tmp_path / "base", show_progress=False,
+                   peft_adapter_dir=tmp_path / "adapter")
+    export_release(tmp_path / "lora", tmp_path / "merged_release", show_progress=False,
+                   lora_merge=True)
+    hf_type = "moe_llava_phi" if flavor == "tiny" else "moe_llava_stablelm"
+    cls = model_class(hf_type)
+    base = cls.from_pretrained(tmp_path / "base").eval()
+    hf_ids = torch.tensor([[5, *[base.config.image_token_index] * cfg.vision.num_patches,
+                            9, 13, 7]])
+    with torch.no_grad():
+        plain = base(input_ids=hf_ids, pixel_values=images).logits[0]
+        assert (plain - ours).abs().max() > 1e-3  # the adapters matter: the check can fail
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        adapted = peft_model(input_ids=hf_ids, pixel_values=images).logits[0]
+        assert (adapted - ours).abs().max() < 1e-4
+        merged_hf = cls.from_pretrained(tmp_path / "merged_release").eval()
+        assert (merged_hf(input_ids=hf_ids, pixel_values=images).logits[0] - ours
+                ).abs().max() < 1e-4
