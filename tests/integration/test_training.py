@@ -207,3 +207,34 @@ def test_balanced_modality_batches_resume_bitwise(tmp_path, workspace):
                  str(tmp_path / "b"), "--load", str(tmp_path / "b"), "--train-iters", "8",
                  "--override-opt_param-scheduler", nproc=2, timeout=600)
     assert r.returncode != 0 and "balanced_modality_batches: saved True, now False" in r.stderr
+
+
+def test_lora_stage3_adapters_reshard_and_resume(tmp_path, workspace):
+    """Stage 3 with --lora-rank from a checkpoint without adapters (fresh ones), saved at
+    TP1/EP1 and continued at TP2+SP/EP2: the next loss equals the TP1/EP1 run's, the base
+    weights are those of the start."""
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.models.medmoe import MedMoEModel
+
+    start = _upcycled(tmp_path, workspace)
+    stage3 = ("--stage", "3", "--data-path", workspace["shards"]["stage3"],
+              "--pretrained-checkpoint", start, "--lora-rank", "4", "--lora-dropout", "0")
+    ref, log = _train(*stage3, "--train-iters", "3", "--save", tmp_path / "c",
+                      "--save-interval", "2", nproc=1)
+    assert "LoRA: rank 4, alpha 8, dropout 0 on linear_qkv" in log and "adapters fresh" in log
+    up, log = _train(*stage3, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                     "--expert-model-parallel-size", "2", "--train-iters", "3",
+                     "--load", tmp_path / "c" / "iter_0000002")
+    assert "the checkpoint's adapters (rank 4) continue" in log
+    assert abs(up[0] - ref[2]) < 1e-5, (up, ref)
+    trained, initial = (MedMoEModel(checkpointing.read_config(p, ParallelConfig()))
+                        for p in (tmp_path / "c", start))
+    checkpointing.load_into(trained, tmp_path / "c")
+    checkpointing.load_into(initial, start)
+    a, b = trained.state_dict(), initial.state_dict()
+    changed = [k for k in b if not k.endswith("_extra_state") and not torch.equal(a[k], b[k])]
+    assert changed and all(k.startswith("projector.") for k in changed)  # paper's stage 3
+    r = run_tool("examples/pretrain_medmoe.py", *COMMON, *map(str, stage3), "--train-iters",
+                 "3", "--lora-rank", "8", "--load", tmp_path / "c")
+    assert r.returncode == 2 and "--lora-rank 8: the checkpoint has lora.rank=4" in r.stderr
