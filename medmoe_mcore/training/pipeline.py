@@ -147,9 +147,11 @@ def summarise(losses: dict, accuracy: Optional[float], pipe: PipelineConfig, rou
             f"expert activation: {Path(pipe.work_dir) / 'eval' / 'expert_activation.png'}")
     checkpoints = Path(pipe.work_dir) / "checkpoints"
     log(f"checkpoints: {checkpoints}/stage1, stage2, stage3_init, stage3; router: {router_path}")
+    lora = checkpointing.read_config(checkpoints / "stage3").lora is not None
     log(f"ask it: python tools/generate.py --load {checkpoints / 'stage3'} --image IMAGE "
         f"--question TEXT; release it: python tools/convert_mcore_to_hf.py --load "
-        f"{checkpoints / 'stage3'} --hf-dir RELEASE_DIR")
+        f"{checkpoints / 'stage3'} --hf-dir RELEASE_DIR"
+        + (" --lora-merge (or --peft-adapter-dir ADAPTER_DIR)" if lora else ""))
     log(f"total time: {seconds:.0f} s")
     result = {**losses, "router_accuracy": accuracy, "held_out": held_out}
     log(json.dumps(result))
