@@ -38,7 +38,6 @@ def _peak_bytes() -> int:
 def measure(args, rank: int | None) -> dict:
     """One variant (LoRA rank or None for full fine-tuning) in this process."""
     import torch
-    from megatron.core.distributed import finalize_model_grads
 
     from medmoe_mcore.config import LanguageConfig, LoRAConfig, ModelConfig, MoEConfig, \
         ParallelConfig
@@ -71,12 +70,7 @@ def measure(args, rank: int | None) -> dict:
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        setup.ddp.zero_grad_buffer()
-        setup.optimizer.zero_grad()
-        loss = setup.ddp(tokens, positions, None, labels=tokens).float().mean()
-        loss.backward()
-        finalize_model_grads([setup.ddp])
-        setup.optimizer.step()
+        loss = training_setup.token_step(setup, tokens, positions)
         times.append(time.perf_counter() - start)
     # torch's Adam inside Megatron's optimizers (dense and expert ones, chained); with bf16
     # its parameters are the fp32 main copies, with float32 the model's own

@@ -51,7 +51,6 @@ def timed_parts(model, seconds: dict) -> None:
 def run(name, cfg, stage, args):
     import torch
     import torch.distributed as dist
-    from megatron.core.distributed import finalize_model_grads
     from torch.utils.flop_counter import FlopCounterMode
 
     from medmoe_mcore.models.moe.router import ModalityRouter
@@ -75,12 +74,7 @@ def run(name, cfg, stage, args):
     positions = torch.arange(seq).unsqueeze(0).expand(b, -1)
 
     def step():
-        setup.ddp.zero_grad_buffer()
-        setup.optimizer.zero_grad()
-        loss = setup.ddp(tokens, positions, None, labels=tokens).float().mean()
-        loss.backward()
-        finalize_model_grads([setup.ddp])
-        setup.optimizer.step()
+        training_setup.token_step(setup, tokens, positions)
 
     step()  # warm-up
     # torch's counter has no formula for CPU SDPA: the attention core (QK^T and AV, 4 s^2 h

@@ -59,3 +59,15 @@ def wrap(model: torch.nn.Module, trainable: list[str], cfg: ModelConfig,
         use_checkpoint_opt_param_scheduler=train.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=train.override_opt_param_scheduler)
     return TrainingSetup(model, ddp, optimizer, scheduler, trainable)
+
+
+def token_step(setup: TrainingSetup, tokens: torch.Tensor, positions: torch.Tensor):
+    """One optimizer step of a language model on token ids as their own labels (the
+    benchmarks' step: no data loader, no schedule); returns the mean loss."""
+    setup.ddp.zero_grad_buffer()
+    setup.optimizer.zero_grad()
+    loss = setup.ddp(tokens, positions, None, labels=tokens).float().mean()
+    loss.backward()
+    finalize_model_grads([setup.ddp])
+    setup.optimizer.step()
+    return loss.detach()
