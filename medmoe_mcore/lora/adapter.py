@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                   set_tensor_model_parallel_attributes)
+from megatron.core.tensor_parallel.random import (get_cuda_rng_tracker,
+                                                  get_expert_parallel_rng_tracker_name)
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     gather_from_sequence_parallel_region,
                                                     reduce_from_tensor_model_parallel_region,
@@ -85,9 +87,24 @@ class LoRAAdapter(torch.nn.Module):
             self.a.copy_(a)
             self.b.zero_()
 
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout with Megatron's RNG conventions: an input that is the same on every TP
+        rank (column layer without SP) draws the same mask there from the default generator;
+        a TP-split input (row layer, or SP) draws from the model-parallel tracker, an expert's
+        from the expert tracker, so that the default generator advances alike on every TP rank
+        whatever tokens each rank's experts received."""
+        if not self.training or isinstance(self.dropout, torch.nn.Identity):
+            return x
+        if self.kind == "column" and not self.sequence_parallel and not self.local:
+            return self.dropout(x)
+        tracker = get_cuda_rng_tracker()
+        with tracker.fork(get_expert_parallel_rng_tracker_name()) if self.local else \
+                tracker.fork():  # the model-parallel state
+            return self.dropout(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The adapter's addition to the base layer's output, for the base layer's input x."""
-        x = self.dropout(x).to(self.a.dtype)
+        x = self._dropout(x).to(self.a.dtype)
         if self.local:
             return F.linear(F.linear(x, self.a), self.b) * self.scale
         if self.kind == "column":

@@ -239,3 +239,22 @@ def test_merge_and_peft_export_give_the_megatron_logits(tmp_path, single_rank, f
         merged_hf = cls.from_pretrained(tmp_path / "merged_release").eval()
         assert (merged_hf(input_ids=hf_ids, pixel_values=images).logits[0] - ours
                 ).abs().max() < 1e-4
+
+
+def test_adapter_dropout_follows_megatrons_rng_conventions(single_rank):
+    """A replicated input (column layer, no SP) draws its mask from the default generator, the
+    same on every TP rank; a TP-split input (row layer) from the model-parallel tracker, so the
+    default generator is left as it was."""
+    from medmoe_mcore.models.transformer_config import language_transformer_config
+
+    config = language_transformer_config(ModelConfig(language=language_flavor("tiny")).validate())
+    x = torch.randn(5, 2, 64)
+    for cls, moves_default in ((ColumnParallelLinear, True), (RowParallelLinear, False)):
+        adapter = LoRAAdapter(_linear(cls, config, 64, 64), rank=4, alpha=8, dropout=0.5)
+        before = torch.get_rng_state()
+        adapter(x)
+        assert (not torch.equal(before, torch.get_rng_state())) is moves_default, cls.__name__
+        adapter.eval()
+        before = torch.get_rng_state()
+        adapter(x)
+        assert torch.equal(before, torch.get_rng_state())  # no dropout at evaluation
