@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from medmoe_mcore.conventions import IGNORE_INDEX, IMAGE_SENTINEL_ID
-from medmoe_mcore.lora.config import LORA_TARGETS, LoRAConfig  # noqa: F401 (part of the tree)
+from medmoe_mcore.lora.config import LoRAConfig
 from medmoe_mcore.options import (ConfigError, _require,  # noqa: F401 (ConfigError: re-exported)
                                   _require_positive_ints, option)
 
