@@ -147,10 +147,16 @@ def _expected_keys(hf_cfg: dict) -> set[str]:
     return set(model.state_dict())
 
 
-def _readme(divergences: list[str]) -> str:
+def _readme(divergences: list[str], adapter_dir=None) -> str:
     lines = ["# Med-MoE (medmoe-mcore export)", "",
              "Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` "
              "and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.", ""]
+    if adapter_dir is not None:
+        lines += ["## The base model of a LoRA training", "",
+                  "These weights are the model the LoRA adapters were trained on (its "
+                  "projector as trained); the trained model is this folder plus the PEFT "
+                  f"adapter written to `{adapter_dir}`: "
+                  "`peft.PeftModel.from_pretrained(model, adapter_dir)`.", ""]
     if divergences:
         lines += ["## The authors' MoE-LLaVA code will compute this model differently", "",
                   "Exported on request although their code differs in:", "",
@@ -217,5 +223,5 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         for path in hf_classes.REMOTE_CODE_FILES:
             shutil.copy(path, out / path.name)
-        (out / "README.md").write_text(_readme(divergences))
+        (out / "README.md").write_text(_readme(divergences, peft_adapter_dir))
     return Path(hf_dir)

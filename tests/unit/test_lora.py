@@ -223,6 +223,7 @@ def test_merge_and_peft_export_give_the_megatron_logits(tmp_path, single_rank, f
         export_release(tmp_path / "lora", tmp_path / "nothing", show_progress=False)
     export_release(tmp_path / "lora", tmp_path / "base", show_progress=False,
                    peft_adapter_dir=tmp_path / "adapter")
+    assert "base model of a LoRA training" in (tmp_path / "base" / "README.md").read_text()
     export_release(tmp_path / "lora", tmp_path / "merged_release", show_progress=False,
                    lora_merge=True)
     hf_type = "moe_llava_phi" if flavor == "tiny" else "moe_llava_stablelm"
