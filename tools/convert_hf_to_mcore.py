@@ -6,6 +6,8 @@
     python tools/convert_hf_to_mcore.py --hf-dir LLAVA --save CKPT
     # stage 1's start from public parts: CLIP + language model, projector fresh (or --projector)
     python tools/convert_hf_to_mcore.py --hf-dir PHI2 --vision-hf-dir CLIP --save CKPT
+    # a release folder + the PEFT adapter exported beside it: a LoRA checkpoint
+    python tools/convert_hf_to_mcore.py --hf-dir RELEASE --peft-adapter-dir ADAPTER --save CKPT
 """
 
 import argparse
@@ -31,6 +33,10 @@ def main(argv=None):
                         "needed for an HF LLaVA export)")
     p.add_argument("--params-dtype", choices=["float32", "bfloat16", "float16"],
                    help="cast to this dtype (default: keep the HF tensors' dtype)")
+    p.add_argument("--peft-adapter-dir",
+                   help="multimodal --hf-dir: a PEFT LoRA adapter folder on top of it "
+                        "(tools/convert_mcore_to_hf.py --peft-adapter-dir): the checkpoint "
+                        "gets the adapters")
     p.add_argument("--seed", type=int, default=1234, help="seed of a fresh projector")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a --save folder that holds a checkpoint (a training run "
@@ -51,11 +57,16 @@ def main(argv=None):
     progress = not args.no_progress
     try:
         checkpointing.check_can_release(args.save, args.overwrite)  # before any work
+        multimodal = is_multimodal(args.hf_dir)
+        if args.peft_adapter_dir and not multimodal:
+            raise ConfigError("--peft-adapter-dir: needs a multimodal --hf-dir (a release "
+                              "folder)")
         parallel.initialize(ParallelConfig(), seed=args.seed)
-        if is_multimodal(args.hf_dir):
+        if multimodal:
             folder = import_multimodal(args.hf_dir, args.save, params_dtype=args.params_dtype,
                                        vision_hf_dir=args.vision_hf_dir, show_progress=progress,
-                                       report=report, overwrite=args.overwrite)
+                                       report=report, overwrite=args.overwrite,
+                                       peft_adapter_dir=args.peft_adapter_dir)
         elif args.vision_hf_dir:
             folder = assemble(args.vision_hf_dir, args.hf_dir, args.save,
                               projector_path=args.projector, image_token_id=args.image_token_id,

@@ -42,6 +42,7 @@ from medmoe_mcore.conversion.hf_config import (
     moe_config_from_hf,
 )
 from medmoe_mcore.conversion.mappings import Scoped
+from medmoe_mcore.conversion.peft_adapter import lora_table, read_peft_adapter, targets_of
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
 from medmoe_mcore.conversion.tables.language import FAMILIES
 from medmoe_mcore.conversion.tables.vision import (
@@ -185,8 +186,9 @@ def save_multimodal(model, cfg, save_root, hf_cfg, aside: dict, tokenizer_dir=No
 
 def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision_hf_dir=None,
                       show_progress=True, report: list[str] | None = None,
-                      overwrite: bool = False) -> Path:
-    """HF LLaVA (or the authors' MoE-LLaVA) folder -> Megatron dist checkpoint."""
+                      overwrite: bool = False, peft_adapter_dir=None) -> Path:
+    """HF LLaVA (or the authors' MoE-LLaVA) folder -> Megatron dist checkpoint; with a PEFT
+    adapter folder (ours, conversion/peft_adapter.py) a LoRA checkpoint."""
     checkpointing.check_can_release(save_root, overwrite)
     report = [] if report is None else report
     cfg, layout, hf_cfg = read_multimodal_config(hf_dir, vision_hf_dir)
@@ -194,10 +196,23 @@ def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision
     cfg.params_dtype = params_dtype or storage_dtype(src)
     cfg.validate()
     keys, aside_keys, _ = split_clip(src.keys(), layout.vision, cfg.vision, report)
+    table, get = multimodal_table(cfg, layout), src.get
+    if peft_adapter_dir is not None:
+        lora, adapters = read_peft_adapter(peft_adapter_dir)
+        lora_groups = plan(lora_table(table), adapters, None, to_megatron=True)
+        lora.target_modules = targets_of(t for g in lora_groups for t in g.targets)
+        cfg.lora = lora
+        cfg.validate()
+        dtype = DTYPES[cfg.params_dtype]
+        table, keys = (*table, *lora_table(table)), [*keys, *adapters]
+        get = lambda key: adapters[key].to(dtype) if key in adapters else src.get(key)  # noqa: E731
+        report.append(f"LoRA adapter {peft_adapter_dir}: rank {lora.rank}, alpha "
+                      f"{lora.alpha:g} on {', '.join(lora.target_modules)} "
+                      f"({len(adapters)} tensors)")
     model = conversion_model(cfg)
-    groups = plan(multimodal_table(cfg, layout), keys, weights(model).keys(), to_megatron=True)
-    fill(model, groups, src.get, DTYPES[params_dtype] if params_dtype else None,
-          show_progress, f"{layout.name} -> Megatron")
+    groups = plan(table, keys, weights(model).keys(), to_megatron=True)
+    fill(model, groups, get, DTYPES[params_dtype] if params_dtype else None,
+         show_progress, f"{layout.name} -> Megatron")
     report.insert(0, f"layout {layout.name}: {len(keys)} tensors converted")
     return save_multimodal(model, cfg, save_root, hf_cfg, {k: src.get(v) for k, v in aside_keys.items()},
                  tokenizer_dir=hf_dir, overwrite=overwrite)

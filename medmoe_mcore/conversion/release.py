@@ -27,7 +27,7 @@ from medmoe_mcore.conventions import EOS, IMAGE_TOKEN, SYSTEM_PROMPT
 from medmoe_mcore.conversion.common import conversion_model, weights
 from medmoe_mcore.conversion.hf_config import hf_config_from_language
 from medmoe_mcore.conversion.llava import kept_aside, multimodal_table, write_weights
-from medmoe_mcore.conversion.lora_export import write_peft_adapter
+from medmoe_mcore.conversion.peft_adapter import write_peft_adapter
 from medmoe_mcore.lora.merge import merged_model
 from medmoe_mcore.conversion.safetensors_io import AtomicDir
 from medmoe_mcore.conversion.tables.vision import (

@@ -259,3 +259,50 @@ def test_adapter_dropout_follows_megatrons_rng_conventions(single_rank):
         before = torch.get_rng_state()
         adapter(x)
         assert torch.equal(before, torch.get_rng_state())  # no dropout at evaluation
+
+
+def test_peft_adapter_imports_back_bit_exact_and_refuses_what_megatron_cannot_hold(
+        tmp_path, single_rank):
+    """LoRA checkpoint -> release + PEFT adapter -> LoRA checkpoint -> the same files again;
+    q/k/v adapters with different A (trained apart) and rsLoRA are refused naming the fix."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from medmoe_mcore import checkpointing
+    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.conversion.engine import ConversionError
+    from medmoe_mcore.conversion.llava import import_multimodal
+    from medmoe_mcore.conversion.release import export_release
+
+    _, cfg = _trained_lora_checkpoint(tmp_path, "tiny_stablelm")
+    export_release(tmp_path / "lora", tmp_path / "rel", show_progress=False,
+                   peft_adapter_dir=tmp_path / "ad")
+    import_multimodal(tmp_path / "rel", tmp_path / "back", show_progress=False,
+                      peft_adapter_dir=tmp_path / "ad")
+    back = checkpointing.read_config(tmp_path / "back")
+    assert (back.lora.rank, back.lora.alpha, back.lora.dropout, back.lora.target_modules) == \
+        (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    export_release(tmp_path / "back", tmp_path / "rel2", show_progress=False,
+                   peft_adapter_dir=tmp_path / "ad2")
+    for folder, name in (("ad", "adapter_model.safetensors"), ("rel", "model.safetensors")):
+        a, b = (load_file(tmp_path / f / name) for f in (folder, folder + "2"))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), folder
+    assert (tmp_path / "ad" / "adapter_config.json").read_text() == \
+        (tmp_path / "ad2" / "adapter_config.json").read_text()
+
+    apart = tmp_path / "apart"
+    shutil.copytree(tmp_path / "ad", apart)
+    tensors = load_file(apart / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, apart / "adapter_model.safetensors")
+    with pytest.raises(ConversionError, match="k_proj.*different lora_A.*merge_and_unload"):
+        import_multimodal(tmp_path / "rel", tmp_path / "no", show_progress=False,
+                          peft_adapter_dir=apart)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    (apart / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    with pytest.raises(ConfigError, match="use_rslora=True: not a Megatron adapter"):
+        import_multimodal(tmp_path / "rel", tmp_path / "no", show_progress=False,
+                          peft_adapter_dir=apart)
