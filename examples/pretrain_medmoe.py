@@ -10,6 +10,10 @@
         --lr 2e-5 --min-lr 0 --lr-warmup-fraction 0.03 --train-iters 1400 --seq-length 2048 \\
         --save CKPT_STAGE2 --save-interval 200 --bf16 --tensorboard-dir TB
 
+    # stage 3 on LoRA adapters (the paper's Med-LoRAMoE; base weights frozen)
+    torchrun --nproc_per_node 8 examples/pretrain_medmoe.py --stage 3 --lora-rank 128 \\
+        --pretrained-checkpoint CKPT_STAGE3_INIT --data-path SHARDS --lr 2e-4 ...
+
 `--load DIR` resumes exactly when DIR holds a checkpoint of this run (model, optimizer,
 scheduler, RNG, data position); `--pretrained-checkpoint` starts a stage from weights only.
 A stage run takes the model's shape and MoE layout from its checkpoint: a model-shape or MoE
