@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 from medmoe_mcore.config import ConfigError, option
 from medmoe_mcore.data.encoding import TEMPLATES
+from medmoe_mcore.runtime.parallel import use_cuda
 
 STAGES = (1, 2, 3)
 
@@ -157,6 +158,10 @@ class TrainConfig:
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError("--override-opt_param-scheduler and "
                               "--use-checkpoint-opt_param-scheduler: choose one")
+        if self.bf16 and not use_cuda():
+            raise ConfigError("--bf16: Megatron's mixed-precision optimizer needs CUDA tensors "
+                              "and this run is on CPU (no GPU, or MEDMOE_DEVICE=cpu); train in "
+                              "float32 here, or on a GPU")
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                               f"--micro-batch-size {self.micro_batch_size} x data-parallel size "

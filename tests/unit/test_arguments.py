@@ -102,3 +102,16 @@ def test_flags_a_run_cannot_honour_are_refused(tmp_path, capsys):
     assert "--eval-iters 0: must be a positive integer" in capsys.readouterr().err
     assert example.main(["--valid-data-path", "v"]) == 2  # the pipeline brings its own
     assert "--valid-data-path: a single stage's inputs" in capsys.readouterr().err
+    assert example.main([*common, "--lora-alpha", "8"]) == 2  # LoRA: the rank makes it
+    assert "--lora-alpha without --lora-rank" in capsys.readouterr().err
+
+
+def test_bf16_on_cpu_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """Megatron's mixed-precision optimizer takes CUDA tensors only: on CPU the flag is
+    refused naming it, not met by a traceback after the model is built."""
+    monkeypatch.setenv("MEDMOE_DEVICE", "cpu")
+    ckpt = _checkpoint(tmp_path / "s2", None)
+    assert _example().main(["--stage", "2", "--pretrained-checkpoint", str(ckpt),
+                            "--data-path", "d", "--train-iters", "4", "--lr", "1e-3",
+                            "--bf16"]) == 2
+    assert "--bf16: Megatron's mixed-precision optimizer needs CUDA" in capsys.readouterr().err
