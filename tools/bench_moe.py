@@ -9,9 +9,15 @@ expert; Megatron-Core MoELayer with the alltoall dispatcher, our lean experts) a
   megatron:  the same MoELayer with Megatron's own SequentialMLP experts (scale on the
              [T, FFN] activation).
 
+Both MoE layers run as they train: inside Megatron's DistributedDataParallel (one rank),
+weight gradients into its float32 buffer; the dense FFNs are plain autograd (after the warm-up
+their gradients accumulate into kept tensors, the cheapest dense case).
+
 Two routing regimes: balanced (random router) and modality-skewed (a batch of one modality:
 nearly every token picks the same top-k). Prints a JSON line per expert count and regime; the
-same tokens for every expert count; the dense FFNs are timed again before each expert count.
+same tokens for every expert count. Each layer is timed in pairs with the dense FFNs (dense, then
+the layer, --repeats times after a warm-up): the box drifts by 10 % and more within minutes, so
+a ratio is the median of the pairs' ratios, and the times printed are the medians.
 
     python tools/bench_moe.py --hidden 1024 --ffn 4096 --tokens 4096 --num-experts 2,4,16,64
 """
@@ -22,14 +28,18 @@ import statistics
 import time
 
 
-def timed(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def clock(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def timed_against(fn, baseline, repeats):
+    """(median time of fn, median time of baseline, median of their paired ratios)."""
+    fn(), baseline()  # warm-up
+    pairs = [(clock(baseline), clock(fn)) for _ in range(repeats)]
+    return (statistics.median(t for _, t in pairs), statistics.median(b for b, _ in pairs),
+            statistics.median(t / b for b, t in pairs))
 
 
 def main(argv=None):
@@ -39,13 +49,14 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--num-experts", default="4", help="comma-separated expert counts")
     p.add_argument("--moe-router-topk", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
 
     import dataclasses
 
     import torch
     import torch.nn.functional as F
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.spec_utils import build_module
 
@@ -76,7 +87,6 @@ def main(argv=None):
         sum(ffn(x, *w) for w in dense).sum().backward()
 
     for E in [int(e) for e in args.num_experts.split(",")]:
-        dense_s = timed(run_dense, args.repeats)  # beside each E: the box drifts over a run
         lm = LanguageConfig(**PHI_BLOCK, vocab_size=128, hidden_size=H, num_layers=1,
                             num_attention_heads=8, num_query_groups=8, ffn_hidden_size=Fh,
                             max_position_embeddings=T, rotary_percent=0.5)
@@ -86,6 +96,8 @@ def main(argv=None):
                   for name, backend in (("medmoe", LOCAL), ("megatron", dataclasses.replace(
                       LOCAL, experts=SequentialMLP)))}
         layers["megatron"].load_state_dict(layers["medmoe"].state_dict())
+        trained = {name: DistributedDataParallel(config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True), layer) for name, layer in layers.items()}
         ref_experts = [ffn_params() for _ in range(E)]
         ref_meta = ffn_params()
         router = layers["medmoe"].router
@@ -125,21 +137,26 @@ def main(argv=None):
             with torch.no_grad():
                 _, routing_map = router(x0)
             load = routing_map.sum(0).tolist()
-            medmoe_s = timed(lambda: run_layer(layers["medmoe"]), args.repeats)
-            megatron_s = timed(lambda: run_layer(layers["megatron"]), args.repeats)
+            timings = {"medmoe": timed_against(lambda: run_layer(trained["medmoe"]), run_dense,
+                                               args.repeats),
+                       "megatron": timed_against(lambda: run_layer(trained["megatron"]),
+                                                 run_dense, args.repeats)}
             dispatch_gib = T * E * max(load) * 4 / 2 ** 30
-            ref_s = timed(run_reference, args.repeats) if dispatch_gib <= 1 else None
+            if dispatch_gib <= 1:
+                timings["reference"] = timed_against(run_reference, run_dense, args.repeats)
+            ref = timings.get("reference")
             print(json.dumps({
                 "regime": regime, "tokens": T, "hidden": H, "ffn": Fh, "experts": E, "topk": k,
                 "tokens_per_expert_max_mean": [max(load), round(sum(load) / E, 1)],
                 "threads": torch.get_num_threads(),
-                "medmoe_s": round(medmoe_s, 4), "megatron_sequential_mlp_s": round(megatron_s, 4),
-                "dense_k_plus_1_ffn_s": round(dense_s, 4),
-                "deepspeed_style_s": None if ref_s is None else round(ref_s, 4),
-                "medmoe_vs_dense": round(medmoe_s / dense_s, 3),
-                "megatron_vs_dense": round(megatron_s / dense_s, 3),
-                "reference_vs_dense": None if ref_s is None else round(ref_s / dense_s, 3),
-                "reference_skipped": None if ref_s is not None else
+                "medmoe_s": round(timings["medmoe"][0], 4),
+                "megatron_sequential_mlp_s": round(timings["megatron"][0], 4),
+                "dense_k_plus_1_ffn_s": round(timings["medmoe"][1], 4),
+                "deepspeed_style_s": None if ref is None else round(ref[0], 4),
+                "medmoe_vs_dense": round(timings["medmoe"][2], 3),
+                "megatron_vs_dense": round(timings["megatron"][2], 3),
+                "reference_vs_dense": None if ref is None else round(ref[2], 3),
+                "reference_skipped": None if ref is not None else
                 f"dispatch tensor {dispatch_gib:.1f} GiB"}), flush=True)
 
 

@@ -155,11 +155,13 @@ def test_stage3_updates_experts_only(tmp_path, single_rank):
         assert not any(kind in n for n in changed), kind
 
 
-@pytest.mark.parametrize("flavor", ["tiny", "tiny_stablelm"])
-def test_lean_experts_equal_megatrons_sequential_mlp(single_rank, flavor):
+@pytest.mark.parametrize("flavor,main_grad", [("tiny", False), ("tiny", True),
+                                               ("tiny_stablelm", True)])
+def test_lean_experts_equal_megatrons_sequential_mlp(single_rank, flavor, main_grad):
     """The experts' compute with the routing weight after fc2 (moe/experts.py) gives
     Megatron's SequentialMLP output and every gradient within 1e-6 (float32), including
-    experts that receive no token."""
+    experts that receive no token; under DDP (`main_grad`, the case in training) the weight
+    gradients are added to what the buffer held."""
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.spec_utils import build_module, ModuleSpec
@@ -184,16 +186,58 @@ def test_lean_experts_equal_megatrons_sequential_mlp(single_rank, flavor):
     counts = torch.tensor([5, 0, 7, 3])
     x = torch.randn(int(counts.sum()), cfg.language.hidden_size)
     probs = torch.rand(len(x))
+    held = 0.25  # what Megatron's buffer held before this micro-batch
+    if main_grad:
+        for p in ours.parameters():
+            p.main_grad, p.grad_added_to_main_grad = torch.full_like(p, held), False
     results = []
     for module in (ours, theirs):
         xi = x.clone().requires_grad_()
         out, bias = module(xi, counts, probs)
         assert bias is None
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        results.append((out, xi.grad, [p.grad for p in module.parameters()]))
+        grads = [p.main_grad - held if getattr(p, "grad_added_to_main_grad", False) else p.grad
+                 for p in module.parameters()]
+        results.append((out, xi.grad, grads))
+    if main_grad:  # weights went to the buffer, biases the usual way (DDP adds them)
+        assert all(p.grad_added_to_main_grad == (p.dim() == 2) for p in ours.parameters())
     (o1, g1, p1), (o2, g2, p2) = results
     # relative to each tensor's largest entry: float32 rounding of the reordered products
     diffs = [((a - b).abs().max() / b.abs().max()).item()
              for a, b in zip([o1, g1, *p1], [o2, g2, *p2])]
     assert max(diffs) < 1e-6, diffs
     assert o1.abs().max() > 0.1  # a scale at which 1e-6 means something
+
+
+def test_expert_linear_accumulates_weight_gradients_like_megatron():
+    """expert_linear (moe/expert_linear.py): without DDP, autograd's gradients; with a
+    same-dtype `main_grad`, the weight gradient added in place and DDP's hook told so
+    (placeholder gradient, zeros when `zero_out_wgrad`); with a float32 buffer under bf16
+    weights, exactly Megatron's unfused rounding (bf16 product added)."""
+    import torch.nn.functional as F
+
+    from medmoe_mcore.models.moe.expert_linear import expert_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, b, g = (torch.randn(*shape, generator=gen) for shape in ((5, 3), (4, 3), (4,), (5, 4)))
+
+    def grads(fn, dtype=torch.float32, **attrs):
+        xi, wi, bi = (t.to(dtype).clone().requires_grad_() for t in (x, w, b))
+        for name, value in attrs.items():
+            setattr(wi, name, value)
+        out = fn(xi, wi, bi)
+        out.backward(g.to(dtype))
+        return out, xi.grad, wi, bi.grad
+
+    ref_out, ref_x, ref_w, ref_b = grads(F.linear)
+    out, gx, wi, gb = grads(expert_linear)
+    for a, r in ((out, ref_out), (gx, ref_x), (wi.grad, ref_w.grad), (gb, ref_b)):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
+    _, _, wi, _ = grads(expert_linear, main_grad=torch.ones(4, 3), grad_added_to_main_grad=False)
+    torch.testing.assert_close(wi.main_grad, 1 + ref_w.grad, rtol=0, atol=1e-6)
+    assert wi.grad_added_to_main_grad and wi.grad.shape == (4, 3)
+    _, _, wi, _ = grads(expert_linear, main_grad=torch.zeros(4, 3), zero_out_wgrad=True)
+    assert torch.count_nonzero(wi.grad) == 0
+    _, _, wi, _ = grads(expert_linear, torch.bfloat16, main_grad=torch.zeros(4, 3))
+    unfused = (g.bfloat16().t() @ x.bfloat16()).float()
+    assert wi.main_grad.dtype == torch.float32 and torch.equal(wi.main_grad, unfused)

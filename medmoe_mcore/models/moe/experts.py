@@ -8,22 +8,24 @@ Megatron's SequentialMLP runs each expert through a full MLP module and scales t
 
 Scaling the [tokens, hidden] output instead is the same sum (float32 rounding apart,
 tests/unit/test_moe.py) and touches FFN/hidden times fewer elements, forward and backward. The
-parameters are the expert linears' own (same names, shards, tags and checkpoints), read with
-`F.linear`: with local linears an expert's matmul has no communication inside it (the token
-dispatcher does the expert-TP reduction), so nothing is skipped. Transformer Engine's expert
-linears keep Megatron's module (backends.py), whose kernels they need.
+parameters are the expert linears' own (same names, shards, tags and checkpoints), read by
+`expert_linear` (weight gradients accumulated in place, expert_linear.py): with local linears
+an expert's matmul has no communication inside it (the token dispatcher does the expert-TP
+reduction), so nothing is skipped. Transformer Engine's expert linears keep Megatron's module
+(backends.py), whose kernels they need.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
+
+from medmoe_mcore.models.moe.expert_linear import expert_linear
 
 
 def _local_linear(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An expert linear without communication, its LoRA adapter's addition included."""
-    output = F.linear(x, linear.weight, linear.bias)
+    output = expert_linear(x, linear.weight, linear.bias)
     adapter = getattr(linear, "lora", None)
     return output if adapter is None else output + adapter(x).to(output.dtype)
 
