@@ -8,8 +8,10 @@ Both steps are real training steps of our stack: the stage's trainable set (stag
 language model; stage 3: experts + meta expert, the rest frozen), Megatron DDP (gradient
 all-reduce, experts over the expert-data-parallel group), Megatron's Adam. FLOPs are what the
 step really executes (torch's FlopCounterMode over forward and backward: a frozen weight
-costs no weight gradient; the attention core added in closed form), summed over ranks. The modality router has random weights (tokens
-spread over experts); prints one JSON line per step kind and one with the ratios.
+costs no weight gradient; the experts' in-place weight-gradient `addmm_`, which torch's table
+lacks, counted as `addmm`; the attention core added in closed form), summed over ranks. The
+modality router has random weights (tokens spread over experts); prints one JSON line per step
+kind and one with the ratios.
 """
 
 import argparse
@@ -51,7 +53,7 @@ def timed_parts(model, seconds: dict) -> None:
 def run(name, cfg, stage, args):
     import torch
     import torch.distributed as dist
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, mm_flop
 
     from medmoe_mcore.models.moe.router import ModalityRouter
     from medmoe_mcore.runtime import parallel
@@ -83,7 +85,9 @@ def run(name, cfg, stage, args):
     hooks = [layer.self_attention.register_forward_pre_hook(
         lambda m, a, k: needs_grad.append((a[0] if a else k["hidden_states"]).requires_grad),
         with_kwargs=True) for layer in model.decoder.layers]
-    with FlopCounterMode(display=False) as counter:
+    in_place = {torch.ops.aten.addmm_:  # moe/expert_linear.py's weight gradients
+                lambda self_shape, a_shape, b_shape, *args, **kwargs: mm_flop(a_shape, b_shape)}
+    with FlopCounterMode(display=False, custom_mapping=in_place) as counter:
         step()
     for h in hooks:
         h.remove()
