@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Token blocks shorter than this take the weight-left products (measured crossover, below).
+# Token blocks shorter than this take the weight-left products (the crossover measured above).
 WEIGHT_LEFT_BELOW_ROWS = 256
 
 
