@@ -241,3 +241,21 @@ def test_expert_linear_accumulates_weight_gradients_like_megatron():
     _, _, wi, _ = grads(expert_linear, torch.bfloat16, main_grad=torch.zeros(4, 3))
     unfused = (g.bfloat16().t() @ x.bfloat16()).float()
     assert wi.main_grad.dtype == torch.float32 and torch.equal(wi.main_grad, unfused)
+
+
+def test_short_expert_blocks_are_padded_to_the_kernel_width():
+    """pad_short_block (moe/expert_linear.py): a short block gets zero rows up to a multiple
+    of WEIGHT_LEFT_ROW_MULTIPLE; a block already a multiple, or long enough to go tokens-left,
+    is returned as it is. (That the padded rows change no output or gradient is the lean
+    experts' parity test above: its blocks of 5, 7 and 3 rows are all padded.)"""
+    from medmoe_mcore.models.moe.expert_linear import (WEIGHT_LEFT_BELOW_ROWS,
+                                                        WEIGHT_LEFT_ROW_MULTIPLE, pad_short_block)
+
+    m = WEIGHT_LEFT_ROW_MULTIPLE
+    x = torch.randn(m + 3, 2)
+    padded = pad_short_block(x)
+    assert padded.shape == (2 * m, 2) and torch.equal(padded[:m + 3], x)
+    assert torch.count_nonzero(padded[m + 3:]) == 0
+    for rows in (0, m, WEIGHT_LEFT_BELOW_ROWS + 1):
+        block = torch.randn(rows, 2)
+        assert pad_short_block(block) is block

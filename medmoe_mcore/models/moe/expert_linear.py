@@ -21,6 +21,13 @@ over mixed layouts measured 15x slower). Whole layer, forward + backward against
 FFNs (tools/bench_moe.py shape, median of 7 interleaved pairs): 1.11x against 1.14x at 128 rows
 per expert, equal at 256 (1.03x), worse from 512 (1.03x against 0.99x; 1.15x against 0.97x at
 2,048), so longer blocks keep F.linear's orientation.
+
+MKL's weight-left products also want a row count that is a multiple of 8: one expert GEMM at
+128 / 136 / 144 / 152 rows runs at the 4,096-row rate or near it, at 140 / 150 / 162 rows 10-20 %
+slower (all four products; tokens-left is flatter but slower at 8-multiples). A router never
+hands out such counts, so `pad_short_block` appends zero rows to a short block (<= 7, ~3 % of a
+128-row block's FLOPs) and the expert slices them off its output: the padded rows' output
+gradient is zero, so they add exactly nothing to any weight or bias gradient.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import torch.nn.functional as F
 
 # Token blocks shorter than this take the weight-left products (the crossover measured above).
 WEIGHT_LEFT_BELOW_ROWS = 256
+# Short blocks are padded to a multiple of this many rows (the MKL kernel width measured above).
+WEIGHT_LEFT_ROW_MULTIPLE = 8
 
 
 class _ExpertLinear(torch.autograd.Function):
@@ -77,3 +86,13 @@ def _weight_grad(weight, grad, x):
 def expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """`F.linear(x, weight, bias)` for an expert's local linear (no communication inside)."""
     return _ExpertLinear.apply(x, weight, bias)
+
+
+def pad_short_block(x: torch.Tensor) -> torch.Tensor:
+    """`x` ([rows, hidden]) with zero rows appended up to a multiple of WEIGHT_LEFT_ROW_MULTIPLE
+    when the block is short enough for the weight-left products; the caller slices the
+    expert's output back to `len(x)` rows."""
+    missing = -len(x) % WEIGHT_LEFT_ROW_MULTIPLE
+    if missing == 0 or len(x) >= WEIGHT_LEFT_BELOW_ROWS:
+        return x
+    return F.pad(x, (0, 0, 0, missing))

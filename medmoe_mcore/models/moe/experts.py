@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from medmoe_mcore.models.moe.expert_linear import expert_linear
+from medmoe_mcore.models.moe.expert_linear import expert_linear, pad_short_block
 
 
 def _local_linear(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class LeanSequentialMLP(SequentialMLP):
         for expert, tokens, probs in zip(self.local_experts,
                                          torch.split(permuted_local_hidden_states, counts),
                                          torch.split(permuted_probs, counts)):
-            hidden = self._activation(_local_linear(expert.linear_fc1, tokens))
-            output = _local_linear(expert.linear_fc2, hidden)
+            hidden = self._activation(_local_linear(expert.linear_fc1, pad_short_block(tokens)))
+            output = _local_linear(expert.linear_fc2, hidden)[:len(tokens)]
             outputs.append((output * probs.unsqueeze(-1)).to(output.dtype))
         return torch.cat(outputs, dim=0), None
