@@ -158,15 +158,19 @@ class TrainConfig:
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError("--override-opt_param-scheduler and "
                               "--use-checkpoint-opt_param-scheduler: choose one")
-        if self.bf16 and not use_cuda():
-            raise ConfigError("--bf16: Megatron's mixed-precision optimizer needs CUDA tensors "
-                              "and this run is on CPU (no GPU, or MEDMOE_DEVICE=cpu); train in "
-                              "float32 here, or on a GPU")
+        self.check_precision()
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                               f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
                               f"{dp}")
         return self
+
+    def check_precision(self) -> None:
+        """--bf16 only where Megatron's mixed-precision optimizer can run."""
+        if self.bf16 and not use_cuda():
+            raise ConfigError("--bf16: Megatron's mixed-precision optimizer needs CUDA tensors "
+                              "and this run is on CPU (no GPU, or MEDMOE_DEVICE=cpu); train in "
+                              "float32 here, or on a GPU")
 
     def schedule(self) -> dict:
         """The learning-rate schedule these flags ask for, in the keys of Megatron's
