@@ -5,7 +5,8 @@ meta expert, combine).
 
     torchrun --nproc_per_node 2 tools/bench_step.py            # Phi-2 width, TP1 x EP2, CPU
     torchrun --nproc_per_node 1 tools/bench_step.py --bf16 --vocab-size 51200 \
-        --expert-model-parallel-size 1 --num-experts 4,8,16     # one GPU: tokens/s and MFU
+        --seq-length 2048 --micro-batch-size 4 --expert-model-parallel-size 1 \
+        --num-experts 4,8,16 --steps 5                          # one GPU: tokens/s and MFU
 
 Both steps are real training steps of our stack: the stage's trainable set (stage 2: the whole
 language model; stage 3: experts + meta expert, the rest frozen), Megatron DDP (gradient
