@@ -10,6 +10,11 @@ from tests.conftest import run_tool
 TINY = ("--hidden-size", "64", "--ffn-hidden-size", "128", "--num-layers", "2",
         "--num-attention-heads", "4", "--vocab-size", "128", "--seq-length", "32",
         "--expert-model-parallel-size", "1", "--steps", "1")
+# TINY's dense stage-2 step trains everything: 6 x matmul parameters x tokens, plus the
+# attention core (QK^T, AV: 4 s^2 h forward, 3x with backward) in every layer
+_H, _FFN, _LAYERS, _VOCAB, _SEQ = 64, 128, 2, 128, 32
+TINY_DENSE_FLOPS = 6 * (_LAYERS * (4 * _H * _H + 2 * _H * _FFN) + _VOCAB * _H) * _SEQ \
+    + 12 * _SEQ ** 2 * _H * _LAYERS
 
 
 def test_bench_step_reports_every_expert_count_with_counted_flops():
@@ -20,12 +25,7 @@ def test_bench_step_reports_every_expert_count_with_counted_flops():
     ratios = [line for line in lines if "time_ratio" in line]
     assert [s["num_experts"] for s in steps] == [0, 2, 4]
     assert [line["num_experts"] for line in ratios] == [2, 4]
-    dense = steps[0]
-    # the dense stage-2 step trains everything: 6 x matmul parameters x tokens, plus the
-    # attention core (QK^T, AV: 4 s^2 h forward, 3x with backward) in every layer
-    h, ffn, layers, vocab, seq = 64, 128, 2, 128, 32
-    matmul_params = layers * (4 * h * h + 2 * h * ffn) + vocab * h
-    assert dense["flops_all_ranks"] == 6 * matmul_params * seq + 12 * seq ** 2 * h * layers
+    assert steps[0]["flops_all_ranks"] == TINY_DENSE_FLOPS
     for s in steps:
         assert s["core_attention"] == "SDPAttention" and s["dtype"] == "float32"
         assert s["mfu"] == pytest.approx(s["flops_all_ranks"] / s["step_s"] / 1e12, rel=0.02)
