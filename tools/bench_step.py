@@ -127,7 +127,8 @@ def run(name, cfg, stage, args):
         training_setup.token_step(setup, tokens, positions)
 
     step(), step()  # warm-up (allocator, kernels' autotuning)
-    flops = torch.tensor(float(counted_flops(step, model, cfg, args)), device=device)
+    flops = torch.tensor(float(counted_flops(step, model, cfg, args)), dtype=torch.float64,
+                         device=device)
     dist.all_reduce(flops)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -151,6 +152,9 @@ def run(name, cfg, stage, args):
     step_s = statistics.median(times)
     world = dist.get_world_size()
     peak = peak_tflops(args.peak_tflops, device)
+    if peak is None and on_gpu:
+        parallel.log(f"MFU not computed: no known peak for {torch.cuda.get_device_name(device)!r}"
+                     "; pass --peak-tflops")
     result = {"step": name, "num_experts": cfg.moe.num_experts if cfg.moe else 0,
               "device": torch.cuda.get_device_name(device) if on_gpu else "cpu",
               "dtype": cfg.params_dtype, "ranks": world,
