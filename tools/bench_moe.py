@@ -19,12 +19,19 @@ same tokens for every expert count. Each layer is timed in pairs with the dense 
 the layer, --repeats times after a warm-up): the box drifts by 10 % and more within minutes, so
 a ratio is the median of the pairs' ratios, and the times printed are the medians.
 
+Each expert count runs in a process of its own: measured on the 2-core box, a count's figures
+depended on what the process had run before (E = 64 after 2, 4 and 16 in one process: 1.13x /
+1.12x dense; in a fresh process, twice: 1.07x / 1.08x and 1.07x / 1.06x; docs/benchmarks.md).
+
     python tools/bench_moe.py --hidden 1024 --ffn 4096 --tokens 4096 --num-experts 2,4,16,64
 """
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 
@@ -51,6 +58,14 @@ def main(argv=None):
     p.add_argument("--moe-router-topk", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
+    counts = [int(e) for e in args.num_experts.split(",")]
+    if len(counts) > 1:  # one fresh process per expert count (see the docstring)
+        for E in counts:
+            subprocess.run([sys.executable, __file__, "--hidden", str(args.hidden), "--ffn",
+                            str(args.ffn), "--tokens", str(args.tokens), "--num-experts", str(E),
+                            "--moe-router-topk", str(args.moe_router_topk), "--repeats",
+                            str(args.repeats)], check=True)
+        return
 
     import dataclasses
 
@@ -86,78 +101,80 @@ def main(argv=None):
         x = x0.reshape(T, H).clone().requires_grad_()
         sum(ffn(x, *w) for w in dense).sum().backward()
 
-    for E in [int(e) for e in args.num_experts.split(",")]:
-        lm = LanguageConfig(**PHI_BLOCK, vocab_size=128, hidden_size=H, num_layers=1,
-                            num_attention_heads=8, num_query_groups=8, ffn_hidden_size=Fh,
-                            max_position_embeddings=T, rotary_percent=0.5)
-        moe = MoEConfig(num_experts=E, router_topk=k, layer_freq=1)
-        config = language_transformer_config(ModelConfig(language=lm, moe=moe).validate())
-        layers = {name: build_module(moe_mlp_spec(moe, backend), config=config, layer_number=1)
-                  for name, backend in (("medmoe", LOCAL), ("megatron", dataclasses.replace(
-                      LOCAL, experts=SequentialMLP)))}
-        layers["megatron"].load_state_dict(layers["medmoe"].state_dict())
-        trained = {name: DistributedDataParallel(config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True), layer) for name, layer in layers.items()}
-        ref_experts = [ffn_params() for _ in range(E)]
-        ref_meta = ffn_params()
-        router = layers["medmoe"].router
+    (E,) = counts
+    lm = LanguageConfig(**PHI_BLOCK, vocab_size=128, hidden_size=H, num_layers=1,
+                        num_attention_heads=8, num_query_groups=8, ffn_hidden_size=Fh,
+                        max_position_embeddings=T, rotary_percent=0.5)
+    moe = MoEConfig(num_experts=E, router_topk=k, layer_freq=1)
+    config = language_transformer_config(ModelConfig(language=lm, moe=moe).validate())
+    layers = {name: build_module(moe_mlp_spec(moe, backend), config=config, layer_number=1)
+              for name, backend in (("medmoe", LOCAL), ("megatron", dataclasses.replace(
+                  LOCAL, experts=SequentialMLP)))}
+    layers["megatron"].load_state_dict(layers["medmoe"].state_dict())
+    trained = {name: DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True), layer) for name, layer in layers.items()}
+    ref_experts = [ffn_params() for _ in range(E)]
+    ref_meta = ffn_params()
+    router = layers["medmoe"].router
 
-        def set_router(regime):
-            gen = torch.Generator().manual_seed(1)
-            with torch.no_grad():
-                for layer in layers.values():
-                    if regime == "balanced":
-                        layer.router.weight.copy_(torch.randn(E, H, generator=gen))
-                        layer.router.bias.zero_()
-                    else:  # one modality: the same top-k for (nearly) every token
-                        layer.router.weight.copy_(torch.randn(E, H, generator=gen) * 1e-3)
-                        layer.router.bias.copy_(torch.tensor([8.0 - i for i in range(E)]))
+    def set_router(regime):
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in layers.values():
+                if regime == "balanced":
+                    layer.router.weight.copy_(torch.randn(E, H, generator=gen))
+                    layer.router.bias.zero_()
+                else:  # one modality: the same top-k for (nearly) every token
+                    layer.router.weight.copy_(torch.randn(E, H, generator=gen) * 1e-3)
+                    layer.router.bias.copy_(torch.tensor([8.0 - i for i in range(E)]))
 
-        def run_layer(layer):
-            x = x0.clone().requires_grad_()
-            out, _ = layer(x)
-            out.sum().backward()
+    def run_layer(layer):
+        x = x0.clone().requires_grad_()
+        out, _ = layer(x)
+        out.sum().backward()
 
-        def run_reference():
-            x = x0.reshape(T, H).clone().requires_grad_()
-            gates = torch.softmax(F.linear(x.float(), router.weight, router.bias), -1)
-            top, index = gates.topk(k, dim=-1)
-            mask = torch.zeros_like(gates).scatter(1, index, 1.0)  # [T, E]
-            capacity = int(mask.sum(0).max())  # no dropping: pad to the largest load
-            slot = (torch.cumsum(mask, 0) - 1) * mask  # position of each token in its expert
-            dispatch = F.one_hot(slot.long(), capacity).float() * mask.unsqueeze(-1)
-            combine = dispatch * torch.zeros_like(gates).scatter(1, index, top).unsqueeze(-1)
-            expert_in = torch.einsum("tec,tm->ecm", dispatch, x)
-            expert_out = torch.stack([ffn(expert_in[e], *ref_experts[e]) for e in range(E)])
-            out = torch.einsum("tec,ecm->tm", combine, expert_out) + ffn(x, *ref_meta)
-            out.sum().backward()
+    def run_reference():
+        x = x0.reshape(T, H).clone().requires_grad_()
+        gates = torch.softmax(F.linear(x.float(), router.weight, router.bias), -1)
+        top, index = gates.topk(k, dim=-1)
+        mask = torch.zeros_like(gates).scatter(1, index, 1.0)  # [T, E]
+        capacity = int(mask.sum(0).max())  # no dropping: pad to the largest load
+        slot = (torch.cumsum(mask, 0) - 1) * mask  # position of each token in its expert
+        dispatch = F.one_hot(slot.long(), capacity).float() * mask.unsqueeze(-1)
+        combine = dispatch * torch.zeros_like(gates).scatter(1, index, top).unsqueeze(-1)
+        expert_in = torch.einsum("tec,tm->ecm", dispatch, x)
+        expert_out = torch.stack([ffn(expert_in[e], *ref_experts[e]) for e in range(E)])
+        out = torch.einsum("tec,ecm->tm", combine, expert_out) + ffn(x, *ref_meta)
+        out.sum().backward()
 
-        for regime in ("balanced", "skewed"):
-            set_router(regime)
-            with torch.no_grad():
-                _, routing_map = router(x0)
-            load = routing_map.sum(0).tolist()
-            timings = {"medmoe": timed_against(lambda: run_layer(trained["medmoe"]), run_dense,
-                                               args.repeats),
-                       "megatron": timed_against(lambda: run_layer(trained["megatron"]),
-                                                 run_dense, args.repeats)}
-            dispatch_gib = T * E * max(load) * 4 / 2 ** 30
-            if dispatch_gib <= 1:
-                timings["reference"] = timed_against(run_reference, run_dense, args.repeats)
-            ref = timings.get("reference")
-            print(json.dumps({
-                "regime": regime, "tokens": T, "hidden": H, "ffn": Fh, "experts": E, "topk": k,
-                "tokens_per_expert_max_mean": [max(load), round(sum(load) / E, 1)],
-                "threads": torch.get_num_threads(),
-                "medmoe_s": round(timings["medmoe"][0], 4),
-                "megatron_sequential_mlp_s": round(timings["megatron"][0], 4),
-                "dense_k_plus_1_ffn_s": round(timings["medmoe"][1], 4),
-                "deepspeed_style_s": None if ref is None else round(ref[0], 4),
-                "medmoe_vs_dense": round(timings["medmoe"][2], 3),
-                "megatron_vs_dense": round(timings["megatron"][2], 3),
-                "reference_vs_dense": None if ref is None else round(ref[2], 3),
-                "reference_skipped": None if ref is not None else
-                f"dispatch tensor {dispatch_gib:.1f} GiB"}), flush=True)
+    for regime in ("balanced", "skewed"):
+        set_router(regime)
+        with torch.no_grad():
+            _, routing_map = router(x0)
+        load = routing_map.sum(0).tolist()
+        timings = {"medmoe": timed_against(lambda: run_layer(trained["medmoe"]), run_dense,
+                                           args.repeats),
+                   "megatron": timed_against(lambda: run_layer(trained["megatron"]),
+                                             run_dense, args.repeats)}
+        dispatch_gib = T * E * max(load) * 4 / 2 ** 30
+        if dispatch_gib <= 1:
+            timings["reference"] = timed_against(run_reference, run_dense, args.repeats)
+        ref = timings.get("reference")
+        print(json.dumps({
+            "regime": regime, "tokens": T, "hidden": H, "ffn": Fh, "experts": E, "topk": k,
+            "tokens_per_expert_max_mean": [max(load), round(sum(load) / E, 1)],
+            "threads": torch.get_num_threads(),
+            "medmoe_s": round(timings["medmoe"][0], 4),
+            "megatron_sequential_mlp_s": round(timings["megatron"][0], 4),
+            "dense_k_plus_1_ffn_s": round(timings["medmoe"][1], 4),
+            "deepspeed_style_s": None if ref is None else round(ref[0], 4),
+            "medmoe_vs_dense": round(timings["medmoe"][2], 3),
+            "megatron_vs_dense": round(timings["megatron"][2], 3),
+            "reference_vs_dense": None if ref is None else round(ref[2], 3),
+            "reference_skipped": None if ref is not None else
+            f"dispatch tensor {dispatch_gib:.1f} GiB",
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                                  2)}), flush=True)
 
 
 if __name__ == "__main__":

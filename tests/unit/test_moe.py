@@ -259,3 +259,18 @@ def test_short_expert_blocks_are_padded_to_the_kernel_width():
     for rows in (0, m, WEIGHT_LEFT_BELOW_ROWS + 1):
         block = torch.randn(rows, 2)
         assert pad_short_block(block) is block
+
+
+def test_an_expert_without_tokens_leaves_its_gradient_buffer_unwritten():
+    """An idle expert (zero rows) still reaches DDP's hook (grad_added_to_main_grad) but never
+    writes `main_grad`: `addmm_` with an empty inner dimension would rewrite the whole buffer."""
+    from medmoe_mcore.models.moe.expert_linear import expert_linear
+
+    w = torch.randn(4, 3).requires_grad_()
+    w.main_grad = torch.ones(4, 3)
+    version = w.main_grad._version
+    expert_linear(torch.zeros(0, 3, requires_grad=True), w, None).sum().backward()
+    assert w.grad_added_to_main_grad and w.main_grad._version == version
+    assert torch.equal(w.main_grad, torch.ones(4, 3))
+    expert_linear(torch.ones(2, 3, requires_grad=True), w, None).sum().backward()
+    assert w.main_grad._version > version  # a block with tokens does write it
