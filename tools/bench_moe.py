@@ -61,11 +61,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     counts = [int(e) for e in args.num_experts.split(",")]
     if len(counts) > 1:  # one fresh process per expert count (see the docstring)
-        for E in counts:
-            subprocess.run([sys.executable, __file__, "--hidden", str(args.hidden), "--ffn",
-                            str(args.ffn), "--tokens", str(args.tokens), "--num-experts", str(E),
-                            "--moe-router-topk", str(args.moe_router_topk), "--repeats",
-                            str(args.repeats)], check=True)
+        for E in counts:  # every parsed option passed on, --num-experts narrowed to E
+            options = {**vars(args), "num_experts": E}
+            subprocess.run([sys.executable, __file__, *(item for key, value in options.items()
+                            for item in (f"--{key.replace('_', '-')}", str(value)))], check=True)
         return
 
     import dataclasses
