@@ -26,14 +26,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def parser() -> argparse.ArgumentParser:
-    from medmoe_mcore.config import LoRAConfig, MoEConfig, ParallelConfig
+    from medmoe_mcore.config.lora import LoRAConfig
+    from medmoe_mcore.config.model import MoEConfig, ParallelConfig
+    from medmoe_mcore.demo.pipeline import PipelineConfig
     from medmoe_mcore.training.arguments import add_config_arguments
     from medmoe_mcore.training.config import TrainConfig
-    from medmoe_mcore.training.pipeline import PipelineConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_config_arguments(p, TrainConfig, "training (Megatron-LM flags)")
@@ -48,10 +47,10 @@ def parser() -> argparse.ArgumentParser:
 
 def configs(args):
     """(TrainConfig, ParallelConfig, MoE flags given, PipelineConfig) of the typed flags."""
-    from medmoe_mcore.config import MoEConfig, ParallelConfig
+    from medmoe_mcore.config.model import MoEConfig, ParallelConfig
+    from medmoe_mcore.demo.pipeline import PipelineConfig
     from medmoe_mcore.training.arguments import given
     from medmoe_mcore.training.config import TrainConfig
-    from medmoe_mcore.training.pipeline import PipelineConfig
 
     return (TrainConfig(**given(args, TrainConfig)), ParallelConfig(**given(args, ParallelConfig)),
             given(args, MoEConfig), PipelineConfig(**given(args, PipelineConfig)))
@@ -59,12 +58,13 @@ def configs(args):
 
 def stage_run(args) -> list:
     """One stage: checks the flags against the checkpoint, then trains."""
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import LoRAConfig
-    from medmoe_mcore.training.arguments import (given, reconcile_lora,
-                                                 reconcile_with_checkpoint, refuse)
-    from medmoe_mcore.training.checkpoint import starting_point
-    from medmoe_mcore.training.pipeline import PipelineConfig, stage_config
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.lora import LoRAConfig
+    from medmoe_mcore.demo.pipeline import PipelineConfig
+    from medmoe_mcore.training.arguments import (given, reconcile_lora, reconcile_with_checkpoint,
+                                                 refuse)
+    from medmoe_mcore.training.resume import starting_point
+    from medmoe_mcore.training.setup import stage_config
 
     refuse(args, PipelineConfig, _marked(PipelineConfig, "stage"),
            "demo-pipeline flags; a --stage run does not use them")
@@ -76,7 +76,7 @@ def stage_run(args) -> list:
     notes = reconcile_with_checkpoint(cfg, source, moe_given, getattr(args, "flavor", None))
     notes += reconcile_lora(cfg, source, given(args, LoRAConfig), start.resuming, train.seed)
     if train.tokenizer is None:
-        train.tokenizer = str(source / checkpointing.TOKENIZER)
+        train.tokenizer = str(source / store.TOKENIZER)
     return train_stage(cfg, train, notes)
 
 
@@ -92,14 +92,15 @@ def train_stage(cfg, train, notes=()) -> list:
 
 def pipeline(args) -> dict:
     """The embedded demo, end to end; each step in the process groups it needs."""
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.config.flavors import language_flavor
+    from medmoe_mcore.config.lora import LoRAConfig
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.conversion.upcycle import upcycle
+    from medmoe_mcore.demo import pipeline as demo
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.runtime.parallel import log
-    from medmoe_mcore.training import pipeline as demo
-    from medmoe_mcore.flavors import language_flavor
-    from medmoe_mcore.config import LoRAConfig
     from medmoe_mcore.training.arguments import given, lora_config, moe_config, reconcile_lora
+    from medmoe_mcore.training.setup import stage_config
 
     refuse_stage_flags(args)
     begin = time.time()
@@ -116,7 +117,7 @@ def pipeline(args) -> dict:
         log(f"\n=== stage {stage} ===")
         stage_train = demo.stage_train_config(train, stage, pipe, shards, start)
         demo.replace_previous(stage_train.save)
-        run = train_stage(demo.stage_config(start, par, stage_train), stage_train)
+        run = train_stage(stage_config(start, par, stage_train), stage_train)
         losses[f"stage{stage}"] = (run[0], run[-1])
         log(f"stage {stage}: loss {run[0]:.4f} -> {run[-1]:.4f}")
 
@@ -141,7 +142,7 @@ def pipeline(args) -> dict:
     log("\n=== stage 3 ===")
     stage_train = demo.stage_train_config(train, 3, pipe, shards, ck / "stage3_init")
     demo.replace_previous(stage_train.save)
-    cfg = demo.stage_config(ck / "stage3_init", par, stage_train)
+    cfg = stage_config(ck / "stage3_init", par, stage_train)
     notes = reconcile_lora(cfg, ck / "stage3_init", lora_given, False, train.seed)
     run = train_stage(cfg, stage_train, notes)
     losses["stage3"] = (run[0], run[-1])
@@ -172,7 +173,7 @@ def refuse_stage_flags(args) -> None:
 def main(argv=None) -> int:
     import json
 
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.runtime.parallel import log
     from medmoe_mcore.training.trainer import TrainingStopped
 

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def single_rank():
     """A single-process gloo group + Megatron parallel state (TP=EP=1): the entry point of
     in-process tests (library code never creates process groups)."""
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.runtime import parallel
 
     parallel.initialize(ParallelConfig())

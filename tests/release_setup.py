@@ -19,7 +19,7 @@ def write_questions(folder) -> Path:
     """A JSONL question file beside its images."""
     from pydicom.data import get_testdata_file
 
-    from medmoe_mcore.data.medical_images import BY_NAME
+    from medmoe_mcore.demo.medical_images import BY_NAME
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

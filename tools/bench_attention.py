@@ -24,7 +24,7 @@ def measure(kind: str, seq: int, heads: int, head_dim: int, repeats: int) -> dic
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.models.specs.sdpa import SDPAttention
     from medmoe_mcore.runtime import parallel
 

@@ -104,7 +104,7 @@ def run_step(step: str, src: str, dst: str, interval: float = 0.05) -> dict:
 def checksum_seconds(folder: Path) -> dict:
     """What integrity records cost: hashing every file of the checkpoint once (a save records,
     a load verifies the same bytes), single process."""
-    from medmoe_mcore import integrity
+    from medmoe_mcore.checkpoint import integrity
 
     t = time.perf_counter()
     assert integrity.verify(folder)

@@ -96,11 +96,12 @@ class _PeakRss:
 
 def measure(folder: Path, tokenizer: Path, workers: int, samples: int, mbs: int) -> dict:
     """One run's loader throughput and peak memory (call in a fresh process)."""
-    from medmoe_mcore.config import ModelConfig
+    from medmoe_mcore.config.flavors import medmoe_language, vision_flavor
+    from medmoe_mcore.config.model import ModelConfig
+    from medmoe_mcore.conventions import DEFAULT_SEED
     from medmoe_mcore.data.blend import data_blend
     from medmoe_mcore.data.loader import MedMoETaskEncoder, training_batches
     from medmoe_mcore.data.tokenizer import Tokenizer
-    from medmoe_mcore.flavors import medmoe_language, vision_flavor
 
     tok = Tokenizer(tokenizer)
     cfg = ModelConfig(language=medmoe_language("tiny"),
@@ -109,7 +110,7 @@ def measure(folder: Path, tokenizer: Path, workers: int, samples: int, mbs: int)
     rss.sample()
     rss_before = rss.peak["rank"]
     batches = training_batches(data_blend(str(folder)), MedMoETaskEncoder(tok, "phi", 1024, cfg),
-                               mbs, 0, 1, workers, seed=1234)
+                               mbs, 0, 1, workers, seed=DEFAULT_SEED)
     batches.next()  # workers started, first micro-batch in
     start = time.perf_counter()
     for i in range(samples // mbs - 1):

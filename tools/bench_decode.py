@@ -35,8 +35,9 @@ def main(argv=None):
 
     import torch
 
-    from medmoe_mcore.config import ModelConfig, MoEConfig, ParallelConfig
-    from medmoe_mcore.flavors import medmoe_language, vision_flavor
+    from medmoe_mcore.config.flavors import medmoe_language, vision_flavor
+    from medmoe_mcore.config.model import ModelConfig, MoEConfig, ParallelConfig
+    from medmoe_mcore.conventions import IMAGE_SENTINEL_ID
     from medmoe_mcore.inference.engine import KVCacheDecoder
     from medmoe_mcore.models.medmoe import MedMoEModel
     from medmoe_mcore.runtime import parallel
@@ -48,7 +49,7 @@ def main(argv=None):
         lm.max_position_embeddings, args.max_position_embeddings or longest))
     moe = MoEConfig(num_experts=args.num_experts, router_topk=args.moe_router_topk,
                     renormalize=args.moe_router_topk == 2) if args.num_experts else None
-    cfg = ModelConfig(language=lm, moe=moe, vision=vision_flavor(args.flavor, -200),
+    cfg = ModelConfig(language=lm, moe=moe, vision=vision_flavor(args.flavor, IMAGE_SENTINEL_ID),
                       params_dtype="bfloat16" if args.bf16 else "float32")
     dev = parallel.device()
     model = MedMoEModel(cfg, parallel_output=False).to(dev).eval()

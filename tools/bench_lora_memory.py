@@ -22,8 +22,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 GIB = 1 << 30
 
 
@@ -39,9 +37,9 @@ def measure(args, rank: int | None) -> dict:
     """One variant (LoRA rank or None for full fine-tuning) in this process."""
     import torch
 
-    from medmoe_mcore.config import LanguageConfig, LoRAConfig, ModelConfig, MoEConfig, \
-        ParallelConfig
-    from medmoe_mcore.flavors import PHI_BLOCK
+    from medmoe_mcore.config.flavors import PHI_BLOCK
+    from medmoe_mcore.config.lora import LoRAConfig
+    from medmoe_mcore.config.model import LanguageConfig, ModelConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training import setup as training_setup
     from medmoe_mcore.training.config import TrainConfig

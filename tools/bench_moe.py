@@ -75,8 +75,8 @@ def main(argv=None):
     from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.spec_utils import build_module
 
-    from medmoe_mcore.config import LanguageConfig, ModelConfig, MoEConfig, ParallelConfig
-    from medmoe_mcore.flavors import PHI_BLOCK
+    from medmoe_mcore.config.flavors import PHI_BLOCK
+    from medmoe_mcore.config.model import LanguageConfig, ModelConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.models.moe.spec import moe_mlp_spec
     from medmoe_mcore.models.specs.backends import LOCAL
     from medmoe_mcore.models.transformer_config import language_transformer_config

@@ -24,13 +24,9 @@ Prints one JSON line per step kind and one with the ratios per expert count.
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from collections import defaultdict
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MOE_PARTS = ("route", "dispatch", "routed_experts_compute", "shared_experts_compute", "combine")
 # Dense bf16 peak TFLOP/s by GPU name (NVIDIA's datasheets; SXM parts unless named), for MFU.
@@ -100,7 +96,7 @@ def run(name, cfg, stage, args):
     import torch
     import torch.distributed as dist
 
-    from medmoe_mcore.models.moe.router import ModalityRouter
+    from medmoe_mcore.models.moe.modality_router import ModalityRouter
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training import setup as training_setup
     from medmoe_mcore.training.config import TrainConfig
@@ -195,8 +191,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
 
-    from medmoe_mcore.config import LanguageConfig, ModelConfig, MoEConfig, ParallelConfig
-    from medmoe_mcore.flavors import PHI_BLOCK
+    from medmoe_mcore.config.flavors import PHI_BLOCK
+    from medmoe_mcore.config.model import LanguageConfig, ModelConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.config import TrainConfig
 

@@ -15,6 +15,8 @@ import sys
 
 
 def main(argv=None):
+    from medmoe_mcore.conventions import DEFAULT_SEED, IMAGE_SENTINEL_ID
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF folder: config.json + *.safetensors")
     p.add_argument("--save", required=True, help="Megatron checkpoint root to write")
@@ -24,9 +26,9 @@ def main(argv=None):
                         "config (default: the built-in CLIP ViT-L/14-336)")
     p.add_argument("--projector", help="projector safetensors (LLaVA or mm_projector names); "
                                        "default: freshly initialised")
-    p.add_argument("--image-token-id", type=int, default=-200,
+    p.add_argument("--image-token-id", type=int, default=IMAGE_SENTINEL_ID,
                    help="the <image> placeholder id: a vocabulary token, or a negative sentinel "
-                        "like the authors' -200 (default)")
+                        f"like the authors' {IMAGE_SENTINEL_ID} (default)")
     p.add_argument("--vision-feature-layer", type=int, default=-2)
     p.add_argument("--no-lm-head-bias", action="store_true",
                    help="drop Phi-2's LM-head bias when assembling (as the authors' LlavaPhi; "
@@ -37,7 +39,7 @@ def main(argv=None):
                    help="multimodal --hf-dir: a PEFT LoRA adapter folder on top of it "
                         "(tools/convert_mcore_to_hf.py --peft-adapter-dir): the checkpoint "
                         "gets the adapters")
-    p.add_argument("--seed", type=int, default=1234, help="seed of a fresh projector")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of a fresh projector")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a --save folder that holds a checkpoint (a training run "
                         "included) whole, once the new one is complete; without it such a "
@@ -45,18 +47,19 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from medmoe_mcore.config import ConfigError, ParallelConfig
-    from medmoe_mcore.runtime import parallel
-    from medmoe_mcore import checkpointing
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.model import ParallelConfig
+    from medmoe_mcore.conversion.assemble import assemble
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import import_hf
-    from medmoe_mcore.conversion.assemble import assemble
     from medmoe_mcore.conversion.llava import import_multimodal, is_multimodal
+    from medmoe_mcore.runtime import parallel
 
     report = []
     progress = not args.no_progress
     try:
-        checkpointing.check_can_release(args.save, args.overwrite)  # before any work
+        store.check_can_release(args.save, args.overwrite)  # before any work
         multimodal = is_multimodal(args.hf_dir)
         if args.peft_adapter_dir and not multimodal:
             raise ConfigError("--peft-adapter-dir: needs a multimodal --hf-dir (a release "

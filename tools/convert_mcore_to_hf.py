@@ -43,8 +43,9 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ConfigError, ParallelConfig
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.language import export_hf
     from medmoe_mcore.conversion.llava import export_llava
@@ -54,7 +55,7 @@ def main(argv=None):
     common = dict(overwrite=args.overwrite, show_progress=not args.no_progress,
                   max_shard_bytes=args.max_shard_size_mb << 20)
     try:
-        multimodal = checkpointing.read_config(args.load).vision is not None
+        multimodal = store.read_config(args.load).vision is not None
         given = {"--format llava": args.format == "llava",
                  "--accept-authors-divergence": args.accept_authors_divergence,
                  "--drop-lm-head-bias": args.drop_lm_head_bias,
@@ -68,7 +69,7 @@ def main(argv=None):
         if refused:  # a flag this export cannot honour is refused, never ignored
             kind = f"--format {args.format}" if multimodal else "language-model"
             raise ConfigError(f"{', '.join(refused)}: not used by a {kind} export")
-        if checkpointing.read_config(args.load).lora is not None and \
+        if store.read_config(args.load).lora is not None and \
                 (not multimodal or args.format == "llava"):
             raise ConfigError(f"{args.load} holds LoRA adapters: export it with --format "
                               "medmoe (--lora-merge or --peft-adapter-dir), or merge it first "

@@ -31,7 +31,7 @@ import time
 
 
 def main(argv=None):
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.eval.predict import PROMPT_STYLES
     from medmoe_mcore.inference.config import GenerationConfig
     from medmoe_mcore.training.arguments import add_config_arguments
@@ -66,7 +66,7 @@ def main(argv=None):
 
 
 def score(args) -> int:
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.eval.scoring import evaluate_predictions, headline, table
 
     try:
@@ -85,7 +85,8 @@ def score(args) -> int:
 
 
 def generate(args) -> int:
-    from medmoe_mcore.config import ConfigError, ParallelConfig
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.data.images import ImageDecodeError
     from medmoe_mcore.eval.predict import predict, test_questions

@@ -17,7 +17,7 @@ import sys
 
 
 def parser() -> argparse.ArgumentParser:
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.inference.config import GenerationConfig
     from medmoe_mcore.training.arguments import add_config_arguments
 
@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
 def _questions(args):
     from pathlib import Path
 
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.inference.questions import Question, read_questions
 
     if args.questions:
@@ -57,7 +57,8 @@ def _questions(args):
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    from medmoe_mcore.config import ConfigError, ParallelConfig
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.data.images import ImageDecodeError
     from medmoe_mcore.inference.config import GenerationConfig

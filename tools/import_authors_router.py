@@ -15,15 +15,15 @@ def main(argv=None):
     p.add_argument("--pth", required=True)
     p.add_argument("--modalities", required=True, help="comma-separated, index = expert")
     p.add_argument("--out", required=True)
-    from medmoe_mcore.flavors import LANGUAGE_FLAVORS
+    from medmoe_mcore.config.flavors import LANGUAGE_FLAVORS
 
     p.add_argument("--flavor", choices=sorted(LANGUAGE_FLAVORS),
                    help="check the hidden size against this flavor")
     args = p.parse_args(argv)
 
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.flavors import language_flavor
     from medmoe_mcore.router import file as router_file
-    from medmoe_mcore.config import ConfigError
-    from medmoe_mcore.flavors import language_flavor
 
     try:
         router = router_file.from_authors_pth(args.pth, args.modalities.split(","))

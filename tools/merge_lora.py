@@ -8,15 +8,13 @@ LoRA checkpoint exports as base release + PEFT adapter (--peft-adapter-dir).
 """
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
-    from medmoe_mcore.config import ConfigError, ParallelConfig
-    from medmoe_mcore.lora.merge import merge_checkpoint
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.model import ParallelConfig
+    from medmoe_mcore.conversion.lora_merge import merge_checkpoint
     from medmoe_mcore.runtime import parallel
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -72,7 +72,7 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.data.images import DEFAULT_MAX_PIXELS
     from medmoe_mcore.data.records import folder_reader, load_json_records, write_shards
 

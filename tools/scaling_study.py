@@ -25,8 +25,6 @@ import shlex
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # TrainConfig flags the study sets for each point itself
 POINT_OWNED = ("stage", "load", "save", "ckpt_step", "finetune", "load_optim", "load_rng",
                "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler",
@@ -34,7 +32,7 @@ POINT_OWNED = ("stage", "load", "save", "ckpt_step", "finetune", "load_optim", "
 
 
 def parser() -> argparse.ArgumentParser:
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.study.grid import StudyConfig
     from medmoe_mcore.training.arguments import add_config_arguments
     from medmoe_mcore.training.config import TrainConfig
@@ -55,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def configs(args):
-    from medmoe_mcore.config import ConfigError, ParallelConfig
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.study.grid import StudyConfig, demo_inputs
     from medmoe_mcore.training.arguments import given
     from medmoe_mcore.training.config import TrainConfig
@@ -96,16 +95,16 @@ def run_point(args, study, train, base, point) -> None:
     """The point's three phases, each in the process groups it needs."""
     import dataclasses
 
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.data.tokenizer import Tokenizer
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.study import point as study_point
     from medmoe_mcore.study.grid import point_dir
-    from medmoe_mcore.training.pipeline import stage_config
+    from medmoe_mcore.training.setup import stage_config
 
-    stage2 = checkpointing.resolve(train.pretrained_checkpoint)
-    tokenizer = train.tokenizer or str(stage2 / checkpointing.TOKENIZER)
+    stage2 = store.resolve(train.pretrained_checkpoint)
+    tokenizer = train.tokenizer or str(stage2 / store.TOKENIZER)
     tok = Tokenizer(tokenizer)
     parallel.initialize(ParallelConfig(), seed=train.seed)
     start, router = study_point.prepare(study, point, stage2, tok)
@@ -123,8 +122,9 @@ def run_point(args, study, train, base, point) -> None:
 
 
 def main(argv=None) -> int:
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ConfigError, ParallelConfig
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.study import report
     from medmoe_mcore.study.grid import points
     from medmoe_mcore.study.point import is_done
@@ -134,14 +134,14 @@ def main(argv=None) -> int:
     try:
         study, train, base = configs(args)
         train.validate(dp=1)
-        lm = checkpointing.read_config(checkpointing.resolve(train.pretrained_checkpoint),
+        lm = store.read_config(store.resolve(train.pretrained_checkpoint),
                                        ParallelConfig()).language
         grid, left_out = points(study, lm)
         for world in {p.ep for p in grid}:
             if args.nproc_per_node % world:
                 raise ConfigError(f"--expert-model-parallel-size {world} does not divide "
                                   f"--nproc-per-node {args.nproc_per_node}")
-    except checkpointing.NoCheckpoint as e:  # the stage-2 start (or --demo-dir's)
+    except store.NoCheckpoint as e:  # the stage-2 start (or --demo-dir's)
         print(f"error: --pretrained-checkpoint: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:

@@ -15,11 +15,8 @@ expert).
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _records(args):
@@ -55,15 +52,15 @@ def main(argv=None):
                    "features, fewer groups the closest modalities: router/domains.py)")
     args = p.parse_args(argv)
 
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.data.tokenizer import Tokenizer
     from medmoe_mcore.router import file as router_file
     from medmoe_mcore.router.training import RouterRecipe, train_from_checkpoint
     from medmoe_mcore.runtime import parallel
 
-    folder = checkpointing.resolve(args.load)
-    tok_dir = Path(args.tokenizer or folder / checkpointing.TOKENIZER)
+    folder = store.resolve(args.load)
+    tok_dir = Path(args.tokenizer or folder / store.TOKENIZER)
     if not tok_dir.exists():
         print(f"error: no tokenizer: {tok_dir} does not exist (pass --tokenizer)",
               file=sys.stderr)

@@ -10,14 +10,13 @@ flags are the same as examples/pretrain_medmoe.py's (generated from MoEConfig).
 """
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
-    from medmoe_mcore.config import ConfigError, MoEConfig, ParallelConfig
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.model import MoEConfig, ParallelConfig
+    from medmoe_mcore.conventions import DEFAULT_SEED
     from medmoe_mcore.conversion.upcycle import upcycle
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.arguments import add_config_arguments, given, moe_config
@@ -27,7 +26,7 @@ def main(argv=None):
     p.add_argument("--save", required=True, help="MoE checkpoint root")
     p.add_argument("--router", help="router file (tools/train_router.py or "
                                     "tools/import_authors_router.py)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of a learned router's init")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of a learned router's init")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a --save folder that holds a checkpoint (whole, once the new "
                         "one is complete)")

@@ -17,6 +17,8 @@ import sys
 
 
 def main(argv=None):
+    from medmoe_mcore.conventions import DEFAULT_SEED
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--load", required=True)
@@ -29,17 +31,18 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--tolerance", type=float, default=None,
                    help="default 1e-4 for float32, 5e-2 x logit scale for bfloat16")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--images", default="RG1_UNCI,immunohistochemistry",
-                   help="multimodal: names from medmoe_mcore.data.medical_images, one per sample")
+                   help="multimodal: names from medmoe_mcore.demo.medical_images, one per sample")
     args = p.parse_args(argv)
 
     import torch
     import torch.distributed as dist
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.runtime import parallel
-    from medmoe_mcore.config import ParallelConfig
+
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.models.language import LanguageModel
+    from medmoe_mcore.runtime import parallel
 
     own_groups = not parallel.started()  # an in-process caller keeps its own
     tp = args.tensor_model_parallel_size
@@ -47,7 +50,7 @@ def main(argv=None):
                          sequence_parallel=tp > 1 and not args.no_sequence_parallel,
                          expert_model_parallel_size=args.expert_model_parallel_size)
     parallel.initialize(par, seed=args.seed)
-    cfg = checkpointing.read_config(args.load, par)
+    cfg = store.read_config(args.load, par)
     cfg.params_dtype = args.dtype
     cfg.validate()
     if par.sequence_parallel and args.seq_length % tp:
@@ -60,7 +63,7 @@ def main(argv=None):
         logits, ref, tokens = _multimodal(args, cfg, device, dtype, gen)
     else:
         model = LanguageModel(cfg, parallel_output=False).to(device)
-        checkpointing.load_into(model, args.load)
+        store.load_into(model, args.load)
         model.eval()
         tokens = torch.randint(0, cfg.language.vocab_size,
                                (args.micro_batch_size, args.seq_length), generator=gen).to(device)
@@ -94,7 +97,7 @@ def _hf_reference(hf_dir, dtype):
     from transformers import AutoModelForCausalLM
 
     from medmoe_mcore import hf as hf_classes
-    from medmoe_mcore.conversion.common import raw_config
+    from medmoe_mcore.conversion.hf_files import raw_config
 
     model_type = raw_config(hf_dir).get("model_type")
     if model_type in hf_classes.CLASSES:
@@ -107,9 +110,9 @@ def _multimodal(args, cfg, device, dtype, gen):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.data.medical_images import BY_NAME
+    from medmoe_mcore.checkpoint import store
     from medmoe_mcore.data.images import preprocess
+    from medmoe_mcore.demo.medical_images import BY_NAME
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     v = cfg.vision
@@ -120,7 +123,7 @@ def _multimodal(args, cfg, device, dtype, gen):
     text[text == v.image_token_id] = 0
     text[:, 1] = v.image_token_id  # after one text token, as the templates put it
     model = MedMoEModel(cfg, parallel_output=False).to(device)
-    checkpointing.load_into(model, args.load)
+    store.load_into(model, args.load)
     model.eval()
     expanded = torch.stack([torch.cat([row[:1], row.new_full((v.num_patches,), v.image_token_id),
                                        row[2:]]) for row in text])

@@ -10,20 +10,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ModelConfig
-from medmoe_mcore.conventions import IMAGE_SENTINEL_ID
-from medmoe_mcore.conversion.common import (
-    conversion_model,
-    read_hf_config,
-    storage_dtype,
-    weights,
-)
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.model import ModelConfig
+from medmoe_mcore.conventions import DEFAULT_SEED, IMAGE_SENTINEL_ID
 from medmoe_mcore.conversion.engine import ConversionError, plan
 from medmoe_mcore.conversion.hf_config import language_config_from_hf, moe_config_from_hf
-from medmoe_mcore.conversion.llava import clip_config, fill, multimodal_table, save_multimodal, split_clip
+from medmoe_mcore.conversion.hf_files import read_hf_config
+from medmoe_mcore.conversion.llava import (clip_config, fill, multimodal_table, save_multimodal,
+                                           split_clip)
 from medmoe_mcore.conversion.safetensors_io import SafetensorsDir
 from medmoe_mcore.conversion.tables.vision import Layout, detect_clip_root, vision_config_from_hf
+from medmoe_mcore.conversion.target_model import conversion_model, storage_dtype, weights
 from medmoe_mcore.models.transformer_config import DTYPES
 
 
@@ -48,12 +45,12 @@ def _projector_tensors(path) -> dict[str, torch.Tensor]:
 
 def assemble(vision_hf_dir, language_hf_dir, save_root, projector_path=None,
              image_token_id: int = IMAGE_SENTINEL_ID, vision_feature_layer: int = -2,
-             params_dtype: str | None = None, lm_head_bias: bool = True, seed: int = 1234,
+             params_dtype: str | None = None, lm_head_bias: bool = True, seed: int = DEFAULT_SEED,
              show_progress=True, report: list[str] | None = None,
              overwrite: bool = False) -> Path:
     """Stage-1 starting point from public parts: CLIP + Phi-2/StableLM (+ projector file, else
     freshly initialised like Megatron: normal(0, 0.02) weights, zero biases)."""
-    checkpointing.check_can_release(save_root, overwrite)
+    store.check_can_release(save_root, overwrite)
     report = [] if report is None else report
     clip_src, lm_src = SafetensorsDir(vision_hf_dir), SafetensorsDir(language_hf_dir)
     text = read_hf_config(language_hf_dir)

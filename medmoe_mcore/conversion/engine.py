@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from medmoe_mcore.config import LanguageConfig
+from medmoe_mcore.config.model import LanguageConfig
 from medmoe_mcore.conversion.mappings import Mapping
 
 TensorGetter = Callable[[str], torch.Tensor]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from medmoe_mcore.config import ConfigError, LanguageConfig, MoEConfig
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import LanguageConfig, MoEConfig
 from medmoe_mcore.conversion.tables.language import BY_HF_MODEL_TYPE, FAMILIES, Family
 
 _MISSING = object()

@@ -9,27 +9,16 @@ from pathlib import Path
 
 import torch
 
-from medmoe_mcore import checkpointing
 from medmoe_mcore import hf as hf_classes
-from medmoe_mcore.config import ModelConfig, ParallelConfig
-from medmoe_mcore.conversion.common import (
-    conversion_model,
-    copy_tokenizer,
-    fill_parameters,
-    hf_config_object,
-    progress,
-    read_hf_config,
-    storage_dtype,
-    weight_table,
-    weights,
-)
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.conversion.engine import convert, plan
-from medmoe_mcore.conversion.hf_config import (
-    hf_config_from_language,
-    language_config_from_hf,
-    moe_config_from_hf,
-)
+from medmoe_mcore.conversion.hf_config import (hf_config_from_language, language_config_from_hf,
+                                               moe_config_from_hf)
+from medmoe_mcore.conversion.hf_files import copy_tokenizer, hf_config_object, read_hf_config
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
+from medmoe_mcore.conversion.target_model import (conversion_model, fill_parameters, progress,
+                                                  storage_dtype, weight_table, weights)
 from medmoe_mcore.models.transformer_config import DTYPES
 
 
@@ -37,7 +26,7 @@ def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=
               overwrite: bool = False) -> Path:
     """HF Phi/StableLM folder -> Megatron dist checkpoint (loadable at any TP); a `save_root`
     holding a checkpoint is refused before any work unless `overwrite`."""
-    checkpointing.check_can_release(save_root, overwrite)
+    store.check_can_release(save_root, overwrite)
     hf_cfg = read_hf_config(hf_dir)
     lm = language_config_from_hf(hf_cfg)
     moe = moe_config_from_hf(hf_cfg)
@@ -51,10 +40,10 @@ def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=
                     progress(len(groups), "HF -> Megatron", show_progress))
     with tempfile.TemporaryDirectory() as tok:
         copied = copy_tokenizer(hf_dir, tok)
-        return checkpointing.save(
+        return store.save(
             model.sharded_state_dict(), save_root, cfg,
-            extra_files={checkpointing.HF_CONFIG: json.dumps(hf_cfg, indent=2)},
-            extra_dirs={checkpointing.TOKENIZER: tok} if copied else None, overwrite=overwrite)
+            extra_files={store.HF_CONFIG: json.dumps(hf_cfg, indent=2)},
+            extra_dirs={store.TOKENIZER: tok} if copied else None, overwrite=overwrite)
 
 
 def expected_hf_keys(hf_cfg: dict) -> set[str]:
@@ -74,15 +63,15 @@ def export_hf(load_root, hf_dir, overwrite=False, show_progress=True,
               max_shard_bytes: int = 2 << 30) -> Path:
     """Megatron dist checkpoint -> HF folder (safetensors + config.json [+ tokenizer]; MoE
     checkpoints also get the `transformers` code named in the config's auto_map)."""
-    folder = checkpointing.resolve(load_root)
-    cfg = checkpointing.read_config(folder, ParallelConfig())
+    folder = store.resolve(load_root)
+    cfg = store.read_config(folder, ParallelConfig())
     lm = cfg.language
-    base = folder / checkpointing.HF_CONFIG
+    base = folder / store.HF_CONFIG
     hf_cfg = hf_config_from_language(lm, json.loads(base.read_text()) if base.exists() else None,
                                      cfg.moe)
     hf_cfg["torch_dtype"] = cfg.params_dtype
     model = conversion_model(cfg)
-    checkpointing.load_into(model, folder)
+    store.load_into(model, folder)
     state = weights(model)
     groups = plan(weight_table(cfg), state.keys(), expected_hf_keys(hf_cfg), to_megatron=False)
     with AtomicDir(hf_dir, overwrite=overwrite) as out:
@@ -94,6 +83,6 @@ def export_hf(load_root, hf_dir, overwrite=False, show_progress=True,
         if cfg.moe is not None:
             for path in hf_classes.REMOTE_CODE_FILES:
                 shutil.copy(path, out / path.name)
-        copy_tokenizer(folder / checkpointing.TOKENIZER, out)
+        copy_tokenizer(folder / store.TOKENIZER, out)
     return Path(hf_dir)
 

@@ -20,44 +20,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.checkpointing import PASSTHROUGH
-from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig, VisionConfig
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.checkpoint.store import PASSTHROUGH
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import VISION_FLAVORS
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig, VisionConfig
 from medmoe_mcore.conventions import IMAGE_SENTINEL_ID
-from medmoe_mcore.conversion.common import (
-    conversion_model,
-    copy_tokenizer,
-    fill_parameters,
-    progress,
-    raw_config,
-    read_hf_config,
-    storage_dtype,
-    weight_table,
-    weights,
-)
 from medmoe_mcore.conversion.engine import convert, plan
-from medmoe_mcore.conversion.hf_config import (
-    hf_config_from_language,
-    language_config_from_hf,
-    moe_config_from_hf,
-)
+from medmoe_mcore.conversion.hf_config import (hf_config_from_language, language_config_from_hf,
+                                               moe_config_from_hf)
+from medmoe_mcore.conversion.hf_files import copy_tokenizer, raw_config, read_hf_config
 from medmoe_mcore.conversion.mappings import Scoped
 from medmoe_mcore.conversion.peft_adapter import lora_table, read_peft_adapter, targets_of
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
 from medmoe_mcore.conversion.tables.language import FAMILIES
-from medmoe_mcore.conversion.tables.vision import (
-    CLIP_WEIGHTS,
-    LAYOUTS,
-    PROJECTOR_WEIGHTS,
-    Layout,
-    clip_config_from_vision,
-    detect_layout,
-    feature_layer,
-    is_unused_clip_key,
-    relayout,
-    vision_config_from_hf,
-)
-from medmoe_mcore.flavors import VISION_FLAVORS
+from medmoe_mcore.conversion.tables.vision import (CLIP_WEIGHTS, LAYOUTS, PROJECTOR_WEIGHTS, Layout,
+                                                   clip_config_from_vision, detect_layout,
+                                                   feature_layer, is_unused_clip_key, relayout,
+                                                   vision_config_from_hf)
+from medmoe_mcore.conversion.target_model import (conversion_model, fill_parameters, progress,
+                                                  storage_dtype, weight_table, weights)
 from medmoe_mcore.models.transformer_config import DTYPES
 
 PASSTHROUGH_FILE = "clip_unused.safetensors"
@@ -177,10 +159,10 @@ def save_multimodal(model, cfg, save_root, hf_cfg, aside: dict, tokenizer_dir=No
             dirs[PASSTHROUGH] = Path(tmp) / PASSTHROUGH
         if tokenizer_dir is not None:
             if copy_tokenizer(tokenizer_dir, Path(tmp) / "tok"):
-                dirs[checkpointing.TOKENIZER] = Path(tmp) / "tok"
-        return checkpointing.save(
+                dirs[store.TOKENIZER] = Path(tmp) / "tok"
+        return store.save(
             model.sharded_state_dict(), save_root, cfg,
-            extra_files={checkpointing.HF_CONFIG: json.dumps(hf_cfg, indent=2)},
+            extra_files={store.HF_CONFIG: json.dumps(hf_cfg, indent=2)},
             extra_dirs=dirs or None, overwrite=overwrite)
 
 
@@ -189,7 +171,7 @@ def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision
                       overwrite: bool = False, peft_adapter_dir=None) -> Path:
     """HF LLaVA (or the authors' MoE-LLaVA) folder -> Megatron dist checkpoint; with a PEFT
     adapter folder (ours, conversion/peft_adapter.py) a LoRA checkpoint."""
-    checkpointing.check_can_release(save_root, overwrite)
+    store.check_can_release(save_root, overwrite)
     report = [] if report is None else report
     cfg, layout, hf_cfg = read_multimodal_config(hf_dir, vision_hf_dir)
     src = SafetensorsDir(hf_dir)
@@ -286,15 +268,15 @@ def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
                  max_shard_bytes: int = 2 << 30, drop_lm_head_bias: bool = False) -> Path:
     """Megatron multimodal checkpoint -> HF LlavaForConditionalGeneration folder (dense only;
     an LM-head bias is dropped only when asked)."""
-    folder = checkpointing.resolve(load_root)
-    cfg = checkpointing.read_config(folder, ParallelConfig())
-    base = folder / checkpointing.HF_CONFIG
+    folder = store.resolve(load_root)
+    cfg = store.read_config(folder, ParallelConfig())
+    base = folder / store.HF_CONFIG
     aside = kept_aside(folder, cfg)
     hf_cfg = llava_config(cfg, json.loads(base.read_text()) if base.exists() else None,
                           drop_lm_head_bias)
     layout = LAYOUTS["llava"]
     model = conversion_model(cfg)
-    checkpointing.load_into(model, folder)
+    store.load_into(model, folder)
     state = weights(model)
     if drop_lm_head_bias:
         state.pop("language_model.output_layer.bias", None)
@@ -305,7 +287,7 @@ def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
 
         LlavaConfig(**{k: v for k, v in hf_cfg.items() if k != "model_type"}) \
             .save_pretrained(str(out))
-        copy_tokenizer(folder / checkpointing.TOKENIZER, out)
+        copy_tokenizer(folder / store.TOKENIZER, out)
     return Path(hf_dir)
 
 

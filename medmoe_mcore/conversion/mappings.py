@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from medmoe_mcore.config import LanguageConfig
+from medmoe_mcore.config.model import LanguageConfig
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from medmoe_mcore.config import ConfigError, LoRAConfig, ModelConfig
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.lora import LORA_TARGETS, LoRAConfig
+from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.conversion.engine import ConversionError, convert, plan
 from medmoe_mcore.conversion.mappings import Mapping
-from medmoe_mcore.lora.config import LORA_TARGETS
 from medmoe_mcore.models.moe import names
 
 PEFT_PREFIX = "base_model.model."  # PeftModel's name for the wrapped model

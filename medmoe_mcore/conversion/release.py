@@ -20,21 +20,18 @@ from pathlib import Path
 
 import torch
 
-from medmoe_mcore import checkpointing
 from medmoe_mcore import hf as hf_classes
-from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.conventions import EOS, IMAGE_TOKEN, SYSTEM_PROMPT
-from medmoe_mcore.conversion.common import conversion_model, weights
 from medmoe_mcore.conversion.hf_config import hf_config_from_language
 from medmoe_mcore.conversion.llava import kept_aside, multimodal_table, write_weights
+from medmoe_mcore.conversion.lora_merge import merged_model
 from medmoe_mcore.conversion.peft_adapter import write_peft_adapter
-from medmoe_mcore.lora.merge import merged_model
 from medmoe_mcore.conversion.safetensors_io import AtomicDir
-from medmoe_mcore.conversion.tables.vision import (
-    LAYOUTS,
-    clip_config_from_vision,
-    feature_layer,
-)
+from medmoe_mcore.conversion.tables.vision import LAYOUTS, clip_config_from_vision, feature_layer
+from medmoe_mcore.conversion.target_model import conversion_model, weights
 
 # The phi / stablelm conversation format (conventions.py) as a chat template: messages with
 # string content or processor-style [{"type": "image"}, {"type": "text", ...}] lists.
@@ -140,7 +137,7 @@ def write_processor(out: Path, cfg: ModelConfig, tokenizer_dir: Path) -> dict:
 
 def _expected_keys(hf_cfg: dict) -> set[str]:
     """State-dict keys of our HF class for `hf_cfg`, built on the meta device."""
-    from medmoe_mcore.conversion.common import hf_config_object
+    from medmoe_mcore.conversion.hf_files import hf_config_object
 
     with torch.device("meta"):
         model = hf_classes.model_class(hf_cfg["model_type"])(hf_config_object(hf_cfg))
@@ -185,8 +182,8 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
                    peft_adapter_dir=None) -> Path:
     """Megatron multimodal checkpoint (dense or Med-MoE) -> release folder (authors' layout).
     A LoRA checkpoint: merged (`lora_merge`), or the base model + a PEFT adapter folder."""
-    folder = checkpointing.resolve(load_root)
-    cfg = checkpointing.read_config(folder, ParallelConfig())
+    folder = store.resolve(load_root)
+    cfg = store.read_config(folder, ParallelConfig())
     if cfg.vision is None:
         raise ConfigError(f"{folder}: a text-only checkpoint (export it with "
                           "conversion.language.export_hf)")
@@ -201,15 +198,15 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
                           + "; ".join(divergences) + " (pass --accept-authors-divergence to "
                           "export anyway; the folder's README.md then says so)")
     aside = kept_aside(folder, cfg)
-    base = folder / checkpointing.HF_CONFIG
+    base = folder / store.HF_CONFIG
     base_cfg = json.loads(base.read_text()) if base.exists() else None
     model = conversion_model(cfg)
-    checkpointing.load_into(model, folder)
+    store.load_into(model, folder)
     if lora_merge:
         model = merged_model(model, cfg)[0]
     state = weights(model)
     adapters = {k: state.pop(k) for k in [k for k in state if ".lora." in k]}
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else folder / checkpointing.TOKENIZER
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else folder / store.TOKENIZER
     hf_cfg = release_config(cfg, base_cfg, cfg.vision.image_token_id)
     expected = _expected_keys(hf_cfg)
     if adapters:

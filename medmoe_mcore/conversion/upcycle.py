@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
-from medmoe_mcore.conversion.common import conversion_model, weights
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ModelConfig, MoEConfig, ParallelConfig
 from medmoe_mcore.conversion.engine import convert, plan
 from medmoe_mcore.conversion.mappings import Direct, Replicate
+from medmoe_mcore.conversion.target_model import conversion_model, weights
 from medmoe_mcore.models.medmoe import build_model
 from medmoe_mcore.models.moe import names
 from medmoe_mcore.models.specs.backends import LOCAL
@@ -51,9 +52,9 @@ def upcycle_table(dense_keys, moe: MoEConfig, num_layers: int):
 
 def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None,
             overwrite: bool = False) -> Path:
-    checkpointing.check_can_release(save_root, overwrite)
-    folder = checkpointing.resolve(dense_root)
-    dense_cfg = checkpointing.read_config(folder, ParallelConfig())
+    store.check_can_release(save_root, overwrite)
+    folder = store.resolve(dense_root)
+    dense_cfg = store.read_config(folder, ParallelConfig())
     if dense_cfg.moe is not None:
         raise ConfigError(f"{folder} is already an MoE checkpoint")
     if dense_cfg.lora is not None:
@@ -73,7 +74,7 @@ def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None,
                       params_dtype=dense_cfg.params_dtype).validate()
 
     dense = conversion_model(dense_cfg)
-    checkpointing.load_into(dense, folder)
+    store.load_into(dense, folder)
     source = weights(dense)
     # Only the learned router keeps Megatron's initialisation; all else is overwritten.
     model = build_model(cfg, backend=LOCAL, perform_initialization=moe.router_type == "learned")
@@ -87,6 +88,6 @@ def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None,
         if router is not None:
             for key in routers:
                 params[key].copy_(getattr(router, key.rsplit(".", 1)[1]))
-    files, dirs = checkpointing.carried(folder)
-    return checkpointing.save(model.sharded_state_dict(), save_root, cfg, extra_files=files,
+    files, dirs = store.carried(folder)
+    return store.save(model.sharded_state_dict(), save_root, cfg, extra_files=files,
                               extra_dirs=dirs, overwrite=overwrite)

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 import yaml
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.data import energon_format
 from medmoe_mcore.data.records import REPORT, ShardError, expected_counts, shard_paths
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 
 META = ".nv-meta"
 DESCRIPTION = "dataset.yaml"

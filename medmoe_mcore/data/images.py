@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from medmoe_mcore.config import VisionConfig
-
+from medmoe_mcore.config.model import VisionConfig
 
 # PIL's own decompression-bomb threshold (it refuses twice this); --max-image-pixels sets ours.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS

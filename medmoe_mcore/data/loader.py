@@ -18,11 +18,12 @@ from collections import Counter
 
 import torch
 from megatron.energon import (Cooker, DefaultTaskEncoder, SkipSample, WorkerConfig,
-                              basic_sample_keys, get_loader, get_savable_loader,
-                              get_train_dataset, get_val_dataset, stateless)
+                              basic_sample_keys, get_loader, get_savable_loader, get_train_dataset,
+                              get_val_dataset, stateless)
 from megatron.energon.errors import log_exception
 
-from medmoe_mcore.config import ConfigError, ModelConfig
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.conventions import IGNORE_INDEX
 from medmoe_mcore.data import loader_state
 from medmoe_mcore.data.blend import DataBlend

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from megatron.energon.state import FlexState
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 
 _FLEX = "__energon_flex_state__"
 _NUMPY = ("numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",

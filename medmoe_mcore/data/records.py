@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from tqdm import tqdm
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.conventions import IMAGE_TOKEN
 from medmoe_mcore.data import energon_format
 from medmoe_mcore.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError,

@@ -20,7 +20,7 @@ def expert_heatmap(counts: torch.Tensor, layer_numbers: list[int], modalities: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medmoe_mcore.eval.expert_stats import shares
+    from medmoe_mcore.models.moe.stats import shares
 
     share = shares(counts).numpy()  # [layer, modality, expert]
     present = [m for m in range(len(modalities)) if np.isfinite(share[:, m]).all()]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.conventions import IMAGE_TOKEN
 from medmoe_mcore.data.records import read_shards, shard_paths
 from medmoe_mcore.eval.scoring import gold_items, read_records
@@ -87,8 +87,8 @@ def predict(model, questions: list[Question], gold: dict, tok, gen, output,
             expert_stats_dir=None, show=None) -> list[dict] | None:
     """Answer every question (a collective of every rank); rank 0 writes the predictions to
     `output` and returns them. With `expert_stats_dir`: expert_activation.csv + .png there."""
-    from medmoe_mcore.eval.expert_stats import ExpertActivation
     from medmoe_mcore.eval.plots import expert_heatmap
+    from medmoe_mcore.models.moe.stats import ExpertActivation
 
     stats = None
     if expert_stats_dir is not None:

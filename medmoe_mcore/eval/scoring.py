@@ -15,7 +15,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.eval.classification import classification_report
 from medmoe_mcore.eval.metrics import BLEU_WEIGHTS, closed_scores, open_scores
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from medmoe_mcore.config import ConfigError, option
+from medmoe_mcore.config.fields import ConfigError, option
+from medmoe_mcore.conventions import DEFAULT_SEED
 from medmoe_mcore.data.encoding import TEMPLATES
 
 
@@ -17,7 +18,7 @@ class GenerationConfig:
                                 "temperature)")
     top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens whose "
                           "probability reaches top_p (with temperature > 0)")
-    seed: int = option(1234, "sampling seed; sample i of the input always draws from "
+    seed: int = option(DEFAULT_SEED, "sampling seed; sample i of the input always draws from "
                        "seed + i, whatever the batch or layout")
     micro_batch_size: int = option(8, "prompts decoded together on each data-parallel rank")
     template: str = option("phi", "prompt template of the questions (the model's stage-2/3 "

@@ -19,11 +19,12 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.inference.config import GenerationConfig
 from medmoe_mcore.models.medmoe import MedMoEModel, splice_images
-from medmoe_mcore.models.moe.router import ModalityRouter
+from medmoe_mcore.models.moe.modality_router import ModalityRouter
 from medmoe_mcore.models.transformer_config import DTYPES
 from medmoe_mcore.runtime.parallel import device
 
@@ -31,8 +32,8 @@ from medmoe_mcore.runtime.parallel import device
 def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
     """(model in eval mode on this rank's device, its ModelConfig) from any stage's checkpoint,
     at the layout of the process groups the entry point made."""
-    folder = checkpointing.resolve(load_root)
-    cfg: ModelConfig = checkpointing.read_config(folder, parallel)
+    folder = store.resolve(load_root)
+    cfg: ModelConfig = store.read_config(folder, parallel)
     if bf16:
         cfg.params_dtype = "bfloat16"
     if cfg.vision is None:
@@ -42,7 +43,7 @@ def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
         raise ConfigError("moe.routing_granularity='sample' cannot decode with a KV cache: "
                           "the sample's mean hidden state changes with every new token")
     model = MedMoEModel(cfg, parallel_output=False).to(device())
-    checkpointing.load_into(model, folder)
+    store.load_into(model, folder)
     _cast_except_router(model, DTYPES[cfg.params_dtype])
     model.eval()
     if cfg.parallel.sequence_parallel:
@@ -64,8 +65,8 @@ def load_asked_model(load, hf_dir, parallel: ParallelConfig, gen: GenerationConf
     if hf_dir:
         make_groups(ParallelConfig(), gen.seed)
         load = checkpoint_of_release(hf_dir)
-    folder = checkpointing.resolve(load)
-    tok = Tokenizer(gen.tokenizer or folder / checkpointing.TOKENIZER)
+    folder = store.resolve(load)
+    tok = Tokenizer(gen.tokenizer or folder / store.TOKENIZER)
     make_groups(parallel, gen.seed)
     model, cfg = load_for_inference(folder, parallel, bf16=gen.bf16)
     return model, cfg, tok
@@ -200,7 +201,7 @@ def _embed(model: MedMoEModel, ids: torch.Tensor, images: torch.Tensor | None) -
 @torch.inference_mode()
 def forward_once(model: MedMoEModel, ids: torch.Tensor, images: torch.Tensor | None) -> None:
     """One forward pass over whole sequences without a cache, outputs discarded: for what
-    forward hooks observe (eval/expert_stats.py). A collective like generate."""
+    forward hooks observe (models/moe/stats.py). A collective like generate."""
     model.language_model(input_ids=None, position_ids=None, attention_mask=None,
                          decoder_input=_embed(model, ids, images).contiguous())
 

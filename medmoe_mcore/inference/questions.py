@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.conventions import IMAGE_TOKEN
 from medmoe_mcore.data.encoding import encode_prompt
 from medmoe_mcore.data.images import load_image, preprocess
@@ -76,7 +76,7 @@ def answer(model, questions: list[Question], tok: Tokenizer, gen: GenerationConf
     elsewhere). Each data-parallel rank takes every dp-th question; all ranks run the same
     number of micro-batches (expert-parallel all-to-alls need everyone).
 
-    With `expert_stats` (eval/expert_stats.ExpertActivation), each micro-batch's prompts and
+    With `expert_stats` (models/moe/stats.ExpertActivation), each micro-batch's prompts and
     the answer tokens fed back while decoding run once more in one pass, counted."""
     vision = model.model_config.vision
     dp = parallel_state.get_data_parallel_world_size()

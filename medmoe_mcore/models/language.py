@@ -6,12 +6,12 @@ import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from medmoe_mcore.config import ModelConfig
-from medmoe_mcore.lora.linears import initialize_adapters
-from medmoe_mcore.models.transformer_config import language_transformer_config
+from medmoe_mcore.config.model import ModelConfig
+from medmoe_mcore.models.lora.linears import initialize_adapters
 from medmoe_mcore.models.moe.expert_params import tag_expert_parameters
 from medmoe_mcore.models.specs.backends import Backend, default_backend
 from medmoe_mcore.models.specs.language import language_block_spec
+from medmoe_mcore.models.transformer_config import language_transformer_config
 
 
 class LanguageModel(GPTModel):

@@ -17,13 +17,14 @@ from megatron.core.models.vision.multimodal_projector import MultimodalProjector
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from medmoe_mcore.config import ConfigError, ModelConfig
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.conventions import IGNORE_INDEX
-from medmoe_mcore.models.transformer_config import projector_transformer_config, vision_transformer_config
 from medmoe_mcore.models.language import LanguageModel
 from medmoe_mcore.models.specs.backends import Backend, default_backend
 from medmoe_mcore.models.specs.vision import projector_spec, vision_layer_spec
-
+from medmoe_mcore.models.transformer_config import (projector_transformer_config,
+                                                    vision_transformer_config)
 
 
 class MultimodalInputError(ValueError):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from medmoe_mcore.config import ModelConfig
+from medmoe_mcore.config.model import ModelConfig
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

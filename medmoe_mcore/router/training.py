@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ParallelConfig
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.model import ParallelConfig
 from medmoe_mcore.data.encoding import encode_prompt
 from medmoe_mcore.data.images import load_image, preprocess
 from medmoe_mcore.data.records import SkipRecord
@@ -155,10 +155,10 @@ def train_from_checkpoint(folder, records, tok, num_experts: int | None = None,
     Every rank computes the same; the caller writes the file."""
     from medmoe_mcore.models.medmoe import build_model  # models import nothing of router/
 
-    cfg = checkpointing.read_config(folder, ParallelConfig())
+    cfg = store.read_config(folder, ParallelConfig())
     samples, names, skipped = router_samples(records, tok, cfg)
     model = build_model(cfg, perform_initialization=False, parallel_output=False).to(device())
-    checkpointing.load_into(model, folder)
+    store.load_into(model, folder)
     router, report = train_router(model, samples, names, recipe, num_experts)
     return router, report, skipped
 

@@ -11,7 +11,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from medmoe_mcore.config import ConfigError, ParallelConfig
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ParallelConfig
+from medmoe_mcore.conventions import DEFAULT_SEED
 from medmoe_mcore.runtime import cpu as cpu_runtime
 from medmoe_mcore.runtime import quiet
 
@@ -30,7 +32,7 @@ def use_cuda() -> bool:
     return torch.cuda.is_available() if wanted == "" else wanted == "cuda"
 
 
-def initialize(parallel: ParallelConfig, seed: int = 1234) -> None:
+def initialize(parallel: ParallelConfig, seed: int = DEFAULT_SEED) -> None:
     """Init torch.distributed from torchrun's env (or a single process) and Megatron's groups."""
     on_gpu = use_cuda()
     if not on_gpu:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from medmoe_mcore.config import ConfigError, LanguageConfig, MoEConfig, ParallelConfig, option
-from medmoe_mcore.data import demo
+from medmoe_mcore.config.fields import ConfigError, option
+from medmoe_mcore.config.model import LanguageConfig, MoEConfig, ParallelConfig
+from medmoe_mcore.demo import dataset
 
 # sweep axes whose values are words: the words each accepts
 SWEEP_CHOICES = {"moe_router_type": ("modality", "learned"), "moe_meta_expert": ("on", "off")}
@@ -97,7 +98,7 @@ def point_dir(study: StudyConfig, point: Point) -> Path:
 def demo_inputs(demo_dir: str) -> dict:
     """The main job's folder as the study's inputs (TrainConfig and StudyConfig fields)."""
     work = Path(demo_dir)
-    shards = demo.shard_folders(work / "data")
+    shards = dataset.shard_folders(work / "data")
     return {"pretrained_checkpoint": str(work / "checkpoints" / "stage2"),
             "data_path": [str(shards["stage3"])],
             "valid_data_path": [str(shards["test"])],

@@ -9,7 +9,7 @@ router and the meta expert always run).
 
 from __future__ import annotations
 
-from medmoe_mcore.config import LanguageConfig, ModelConfig, VisionConfig
+from medmoe_mcore.config.model import LanguageConfig, ModelConfig, VisionConfig
 
 
 def _ffn(hidden: int, ffn: int, glu: bool, bias: bool) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from medmoe_mcore.config import ParallelConfig
+from medmoe_mcore.config.model import ParallelConfig
 from medmoe_mcore.conversion.upcycle import upcycle
 from medmoe_mcore.data.records import read_shards, shard_paths
 from medmoe_mcore.router import file as router_file

@@ -11,8 +11,10 @@ import dataclasses
 import typing
 from typing import Any
 
-from medmoe_mcore.config import ConfigError, LoRAConfig, ModelConfig, MoEConfig
-from medmoe_mcore.flavors import LANGUAGE_FLAVORS
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import LANGUAGE_FLAVORS
+from medmoe_mcore.config.lora import LoRAConfig
+from medmoe_mcore.config.model import ModelConfig, MoEConfig
 
 
 def layer_freq(text: str):

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from medmoe_mcore.config import ConfigError, option
+from medmoe_mcore.config.fields import ConfigError, option
+from medmoe_mcore.conventions import DEFAULT_SEED
 from medmoe_mcore.data.encoding import TEMPLATES
 from medmoe_mcore.runtime.parallel import use_cuda
 
@@ -58,7 +59,7 @@ class TrainConfig:
     lr_warmup_fraction: float = option(0.03, "fraction of the iterations spent warming up")
     weight_decay: float = option(0.0, "AdamW weight decay")
     clip_grad: float = option(1.0, "gradient clipping by global norm")
-    seed: int = option(1234, "random seed (model init, data order, dropout)")
+    seed: int = option(DEFAULT_SEED, "random seed (model init, data order, dropout)")
     save: Optional[str] = option(None, "checkpoint root to save into", pipeline=False)
     load: Optional[str] = option(None, "resume exactly from this run's checkpoint root (model, "
                                  "optimizer, scheduler, RNG, data position); a folder without "

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.models.moe import names
 
 PROJECTOR = r"^projector\."

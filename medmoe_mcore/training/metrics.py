@@ -79,8 +79,8 @@ class TrainingMetrics:
 
     def expert_load(self, iteration: int, counts, layer_numbers: list[int]) -> None:
         """Share of each MoE layer's routed (non-padding) tokens per expert since the last
-        point (eval/expert_stats.py counts): `expert-load/layer{n}/expert{e}`."""
-        from medmoe_mcore.eval.expert_stats import load_per_layer
+        point (models/moe/stats.py counts): `expert-load/layer{n}/expert{e}`."""
+        from medmoe_mcore.models.moe.stats import load_per_layer
 
         if self.writer:
             for layer, row in zip(layer_numbers, load_per_layer(counts).tolist()):

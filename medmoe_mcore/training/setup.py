@@ -1,6 +1,7 @@
 """Everything a stage trains with, built from the configs in the process groups the entry
-point created: the model with its stage's trainable set, Megatron DDP, the Megatron optimizer
-and the cosine schedule."""
+point created: the stage's model config (the checkpoint's, with this run's layout and
+precision), the model with its stage's trainable set, Megatron DDP, the Megatron optimizer and
+the cosine schedule."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from medmoe_mcore.config import ModelConfig
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.models.medmoe import build_model
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.training.config import TrainConfig
 from medmoe_mcore.training.freezing import apply_stage
+
+
+def stage_config(source, par: ParallelConfig, train: TrainConfig) -> ModelConfig:
+    """The checkpoint's model with this run's layout and precision choices."""
+    cfg = store.read_config(source, par)
+    if train.bf16:
+        cfg.params_dtype = "bfloat16"
+    cfg.recompute_granularity = train.recompute_granularity
+    return cfg
 
 
 @dataclass
@@ -52,7 +63,7 @@ def wrap(model: torch.nn.Module, trainable: list[str], cfg: ModelConfig,
         params_dtype=model.config.params_dtype,
         use_distributed_optimizer=train.use_distributed_optimizer), [ddp])
     # A resumed schedule that differs from these flags was refused before the model was
-    # built (training/checkpoint.py) unless one of Megatron's two flags says which wins.
+    # built (training/resume.py) unless one of Megatron's two flags says which wins.
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, **train.schedule(), start_wd=0.0, end_wd=0.0,
         wd_incr_steps=train.train_iters, wd_incr_style="constant",

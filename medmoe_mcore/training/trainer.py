@@ -1,5 +1,5 @@
 """One training stage on Megatron-Core: the loop. Set-up (training/setup.py), checkpoint state
-(training/checkpoint.py) and logs (training/metrics.py) are components; process groups are the
+(training/resume.py) and logs (training/metrics.py) are components; process groups are the
 entry point's (runtime.parallel.initialize), created before a Trainer.
 
 No argv here: examples/pretrain_medmoe.py builds `TrainConfig` from its flags.
@@ -17,16 +17,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from medmoe_mcore.config import ModelConfig
+from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.data.blend import data_blend
 from medmoe_mcore.data.loader import MedMoETaskEncoder, training_batches, validation_batches
-from medmoe_mcore.eval.expert_stats import ExpertActivation
+from medmoe_mcore.models.moe.stats import ExpertActivation
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
 from medmoe_mcore.training import setup as training_setup
-from medmoe_mcore.training.checkpoint import RunCheckpoint, rng_state, set_rng_state
 from medmoe_mcore.training.config import TrainConfig
 from medmoe_mcore.training.metrics import TrainingMetrics
+from medmoe_mcore.training.resume import RunCheckpoint, rng_state, set_rng_state
 
 
 class TrainingStopped(RuntimeError):

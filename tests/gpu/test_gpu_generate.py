@@ -17,17 +17,17 @@ NEW_TOKENS = 16
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_generate_matches_hf_on_gpu(tmp_path, single_rank, dtype):
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import MoEConfig
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.model import MoEConfig
     from medmoe_mcore.conversion.release import export_release
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     ws = make_workspace(tmp_path / "ws")
-    cfg = dataclasses.replace(checkpointing.read_config(ws["init"]),
+    cfg = dataclasses.replace(store.read_config(ws["init"]),
                               moe=MoEConfig(router_topk=2, renormalize=True))
     torch.manual_seed(0)
-    checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "moe", cfg,
-                       extra_dirs={checkpointing.TOKENIZER: ws["tokenizer"]})
+    store.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "moe", cfg,
+                       extra_dirs={store.TOKENIZER: ws["tokenizer"]})
     export_release(tmp_path / "moe", tmp_path / "export", show_progress=False)
     questions = write_questions(tmp_path / "q")
     r = run_tool("tools/generate.py", "--load", str(tmp_path / "moe"), "--questions",

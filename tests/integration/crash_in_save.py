@@ -18,8 +18,8 @@ def main():
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.runtime import parallel
     from medmoe_mcore.training.config import TrainConfig
     from medmoe_mcore.training.trainer import Trainer
@@ -39,7 +39,7 @@ def main():
             os._exit(17)
 
     dist_checkpointing.save = dying_save
-    cfg = checkpointing.read_config(args.init, ParallelConfig())
+    cfg = store.read_config(args.init, ParallelConfig())
     parallel.initialize(cfg.parallel)
     Trainer(cfg, TrainConfig(stage=2, data_path=args.data_path,
                              tokenizer=os.path.join(args.init, "release", "tokenizer"),

@@ -26,9 +26,9 @@ def main():
 
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    from medmoe_mcore.config import ModelConfig, ParallelConfig
-    from medmoe_mcore.flavors import language_flavor
-    from medmoe_mcore.lora.adapter import LoRAAdapter
+    from medmoe_mcore.config.flavors import language_flavor
+    from medmoe_mcore.config.model import ModelConfig, ParallelConfig
+    from medmoe_mcore.models.lora.adapter import LoRAAdapter
     from medmoe_mcore.models.transformer_config import language_transformer_config
     from medmoe_mcore.runtime import parallel
 

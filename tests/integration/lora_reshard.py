@@ -15,9 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 
 def main():
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import LoRAConfig, ModelConfig, MoEConfig, ParallelConfig
-    from medmoe_mcore.flavors import language_flavor
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.flavors import language_flavor
+    from medmoe_mcore.config.lora import LoRAConfig
+    from medmoe_mcore.config.model import ModelConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.models.language import LanguageModel
     from medmoe_mcore.runtime import parallel
 
@@ -27,8 +28,8 @@ def main():
     parallel.initialize(par, seed=3)
 
     def loaded(root):
-        model = LanguageModel(checkpointing.read_config(root, par))
-        checkpointing.load_into(model, root)
+        model = LanguageModel(store.read_config(root, par))
+        store.load_into(model, root)
         return model
 
     if mode == "init":
@@ -39,10 +40,10 @@ def main():
         with torch.no_grad():  # B is 0 at init: make every factor non-trivial
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-        checkpointing.save(model.sharded_state_dict(), dst, cfg)
+        store.save(model.sharded_state_dict(), dst, cfg)
     elif mode == "load":
-        checkpointing.save(loaded(src).sharded_state_dict(), dst,
-                           checkpointing.read_config(src, par))
+        store.save(loaded(src).sharded_state_dict(), dst,
+                           store.read_config(src, par))
     else:
         a, b = loaded(src).state_dict(), loaded(dst).state_dict()
         bad = [k for k in a if "_extra" not in k and not torch.equal(a[k], b[k])]

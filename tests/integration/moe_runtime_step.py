@@ -33,12 +33,12 @@ def main():
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-    from medmoe_mcore.runtime import parallel
-    from medmoe_mcore.config import ModelConfig, ParallelConfig
-    from medmoe_mcore.flavors import language_flavor
-    from medmoe_mcore.models.transformer_config import language_transformer_config
+    from medmoe_mcore.config.flavors import language_flavor
+    from medmoe_mcore.config.model import ModelConfig, ParallelConfig
     from medmoe_mcore.models.specs.backends import LOCAL
     from medmoe_mcore.models.specs.language import language_layer_spec
+    from medmoe_mcore.models.transformer_config import language_transformer_config
+    from medmoe_mcore.runtime import parallel
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1,
                          expert_model_parallel_size=args.ep)

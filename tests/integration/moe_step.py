@@ -89,10 +89,11 @@ def main():
     p.add_argument("--variants", default=",".join(VARIANTS))
     args = p.parse_args()
 
-    from medmoe_mcore import checkpointing
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.flavors import language_flavor
+    from medmoe_mcore.config.lora import LoRAConfig
+    from medmoe_mcore.config.model import ModelConfig, MoEConfig, ParallelConfig
     from medmoe_mcore.runtime import parallel
-    from medmoe_mcore.config import LoRAConfig, ModelConfig, MoEConfig, ParallelConfig
-    from medmoe_mcore.flavors import language_flavor
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1,
                          expert_model_parallel_size=args.ep)
@@ -106,11 +107,11 @@ def main():
                               lora=LoRAConfig(**lora[0]).resolve_targets(moe) if lora
                               else None).validate()
             model = build(cfg, init=True)
-            checkpointing.save(model.sharded_state_dict(), os.path.join(args.init, name), cfg)
+            store.save(model.sharded_state_dict(), os.path.join(args.init, name), cfg)
         else:
-            cfg = checkpointing.read_config(os.path.join(args.load, name), par).validate()
+            cfg = store.read_config(os.path.join(args.load, name), par).validate()
             model = build(cfg, init=False)
-            checkpointing.load_into(model, os.path.join(args.load, name))
+            store.load_into(model, os.path.join(args.load, name))
         loss, grads = step(model, cfg)
         results[name] = {"loss": loss, "grads": grads,
                          "moe": dataclasses.asdict(cfg.moe)}

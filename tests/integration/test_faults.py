@@ -56,16 +56,16 @@ def test_resume_semantics(tmp_path, workspace):
 
 
 def test_non_finite_training_stops_and_is_never_saved(tmp_path, workspace):
-    from medmoe_mcore import checkpointing
+    from medmoe_mcore.checkpoint import store
     from medmoe_mcore.models.medmoe import MedMoEModel
 
-    cfg = checkpointing.read_config(workspace["init"])
+    cfg = store.read_config(workspace["init"])
     model = MedMoEModel(cfg)
-    checkpointing.load_into(model, workspace["init"])
+    store.load_into(model, workspace["init"])
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "projector" in n).fill_(float("nan"))
-    files, dirs = checkpointing.carried(checkpointing.resolve(workspace["init"]))
-    checkpointing.save(model.sharded_state_dict(), tmp_path / "nan", cfg, extra_files=files,
+    files, dirs = store.carried(store.resolve(workspace["init"]))
+    store.save(model.sharded_state_dict(), tmp_path / "nan", cfg, extra_files=files,
                        extra_dirs=dirs)
     stage2 = ("--stage", "2", "--data-path", workspace["shards"]["stage2"],
               "--pretrained-checkpoint", tmp_path / "nan", "--train-iters", "6",

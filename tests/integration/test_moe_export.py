@@ -11,10 +11,9 @@ import json
 
 import pytest
 import torch
-
-from medmoe_mcore import checkpointing
 from safetensors.torch import load_file, save_file
 
+from medmoe_mcore.checkpoint import store
 from medmoe_mcore.conversion.engine import ConversionError
 from medmoe_mcore.conversion.language import export_hf, import_hf
 from tests.conftest import run_tool
@@ -88,7 +87,7 @@ def test_authors_layout_round_trip_is_bit_exact(moe_checkpoints, tmp_path, singl
         assert torch.equal(back[key], tensor), key
     moe = json.loads((tmp_path / "back" / "config.json").read_text())["moe"]
     assert moe["router_aux_loss_coef"] == 0.01  # their inert value, kept as written
-    imported = checkpointing.read_config(tmp_path / "ckpt").moe
+    imported = store.read_config(tmp_path / "ckpt").moe
     assert imported.aux_loss_coeff == 0.0  # the fixed router has no aux loss
     assert imported.renormalize and moe["renormalize"]  # the authors' top-2 renormalises
 

@@ -11,10 +11,9 @@ import pytest
 from megatron.energon import (Cooker, DefaultTaskEncoder, WorkerConfig, basic_sample_keys,
                               get_savable_loader, get_train_dataset, stateless)
 
-from medmoe_mcore.config import ConfigError
-
-from medmoe_mcore.data.medical_images import BY_NAME
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.data.records import ShardError, read_shards, shard_paths
+from medmoe_mcore.demo.medical_images import BY_NAME
 from tests.conftest import run_tool
 
 

@@ -54,10 +54,10 @@ def test_interrupt_and_resume_is_bitwise(tmp_path, workspace):
 
 
 def _upcycled(tmp_path, workspace):
-    from medmoe_mcore.router import file as router_file
-    from medmoe_mcore.config import MoEConfig
-    from medmoe_mcore.router.file import RouterWeights
+    from medmoe_mcore.config.model import MoEConfig
     from medmoe_mcore.conversion.upcycle import upcycle
+    from medmoe_mcore.router import file as router_file
+    from medmoe_mcore.router.file import RouterWeights
 
     gen = torch.Generator().manual_seed(0)
     router = RouterWeights(torch.randn(4, 64, generator=gen), torch.zeros(4),
@@ -115,7 +115,7 @@ def test_stage3_checkpoint_reshards_tp_ep(tmp_path, workspace):
 
 
 def test_killed_mid_save_keeps_previous_checkpoint(tmp_path, workspace, single_rank):
-    from medmoe_mcore import checkpointing
+    from medmoe_mcore.checkpoint import store
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     r = run_tool("tests/integration/crash_in_save.py", "--init", str(workspace["init"]),
@@ -123,12 +123,12 @@ def test_killed_mid_save_keeps_previous_checkpoint(tmp_path, workspace, single_r
                  str(tmp_path / "ck"), nproc=2)
     assert r.returncode != 0
     root = tmp_path / "ck"
-    assert (root / checkpointing.TRACKER).read_text().strip() == "2"
+    assert (root / store.TRACKER).read_text().strip() == "2"
     assert not (root / "iter_0000004").exists() and (root / "iter_0000004.tmp").exists()
-    folder = checkpointing.resolve(root)
+    folder = store.resolve(root)
     assert folder.name == "iter_0000002"
-    model = MedMoEModel(checkpointing.read_config(root))
-    checkpointing.load_into(model, root)  # loadable
+    model = MedMoEModel(store.read_config(root))
+    store.load_into(model, root)  # loadable
     losses, log = _train("--stage", "2", "--data-path", workspace["shards"]["stage2"],
                          "--pretrained-checkpoint", workspace["init"], "--train-iters", "3",
                          "--use-checkpoint-opt_param-scheduler",
@@ -213,8 +213,8 @@ def test_lora_stage3_adapters_reshard_and_resume(tmp_path, workspace):
     """Stage 3 with --lora-rank from a checkpoint without adapters (fresh ones), saved at
     TP1/EP1 and continued at TP2+SP/EP2: the next loss equals the TP1/EP1 run's, the base
     weights are those of the start."""
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     start = _upcycled(tmp_path, workspace)
@@ -228,10 +228,10 @@ def test_lora_stage3_adapters_reshard_and_resume(tmp_path, workspace):
                      "--load", tmp_path / "c" / "iter_0000002")
     assert "the checkpoint's adapters (rank 4) continue" in log
     assert abs(up[0] - ref[2]) < 1e-5, (up, ref)
-    trained, initial = (MedMoEModel(checkpointing.read_config(p, ParallelConfig()))
+    trained, initial = (MedMoEModel(store.read_config(p, ParallelConfig()))
                         for p in (tmp_path / "c", start))
-    checkpointing.load_into(trained, tmp_path / "c")
-    checkpointing.load_into(initial, start)
+    store.load_into(trained, tmp_path / "c")
+    store.load_into(initial, start)
     a, b = trained.state_dict(), initial.state_dict()
     changed = [k for k in b if not k.endswith("_extra_state") and not torch.equal(a[k], b[k])]
     assert changed and all(k.startswith("projector.") for k in changed)  # paper's stage 3

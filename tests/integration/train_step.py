@@ -29,19 +29,19 @@ def main():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.runtime import parallel
-    from medmoe_mcore.config import ParallelConfig
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.models.language import LanguageModel
+    from medmoe_mcore.runtime import parallel
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1)
     parallel.initialize(par)
-    cfg = checkpointing.read_config(args.load, par)
+    cfg = store.read_config(args.load, par)
     cfg.language.hidden_dropout = cfg.language.attention_dropout = args.dropout
     cfg.recompute_granularity = "full" if args.recompute else None
     cfg.validate()
     model = LanguageModel(cfg)
-    checkpointing.load_into(model, args.load)
+    store.load_into(model, args.load)
     if args.drop_sp_tag:
         for name, param in model.named_parameters():
             if "layernorm" in name:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig
-from medmoe_mcore.flavors import language_flavor, vision_flavor
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import language_flavor, vision_flavor
+from medmoe_mcore.config.model import ModelConfig, MoEConfig
 from medmoe_mcore.training.arguments import reconcile_with_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,8 +29,8 @@ def _checkpoint(root: Path, moe: MoEConfig | None) -> Path:
                       vision=vision_flavor("tiny", 3))
     folder = root / "release"
     folder.mkdir(parents=True)
-    (folder / checkpointing.CONFIG).write_text(cfg.to_json())
-    (root / checkpointing.TRACKER).write_text("release")
+    (folder / store.CONFIG).write_text(cfg.to_json())
+    (root / store.TRACKER).write_text("release")
     return root
 
 
@@ -66,7 +67,7 @@ def test_stage_run_contradicting_its_checkpoint_fails_before_building(tmp_path, 
 
 def test_runtime_choice_is_applied_and_said(tmp_path):
     ckpt = _checkpoint(tmp_path / "s3", MoEConfig())
-    cfg = checkpointing.read_config(ckpt)
+    cfg = store.read_config(ckpt)
     notes = reconcile_with_checkpoint(cfg, ckpt, {"token_dispatcher": "allgather",
                                                   "num_experts": 4}, "tiny")
     assert cfg.moe.token_dispatcher == "allgather"
@@ -77,7 +78,7 @@ def test_runtime_choice_is_applied_and_said(tmp_path):
 def test_moe_flags_on_a_dense_checkpoint_are_refused(tmp_path):
     ckpt = _checkpoint(tmp_path / "s2", None)
     with pytest.raises(ConfigError, match="--num-experts: the checkpoint is dense"):
-        reconcile_with_checkpoint(checkpointing.read_config(ckpt), ckpt, {"num_experts": 4},
+        reconcile_with_checkpoint(store.read_config(ckpt), ckpt, {"num_experts": 4},
                                   None)
 
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from medmoe_mcore import checkpointing, integrity
-from medmoe_mcore.config import ConfigError, ModelConfig
+from medmoe_mcore.checkpoint import integrity, store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import medmoe_language
+from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.conversion.safetensors_io import CorruptFile, SafetensorsDir
-from medmoe_mcore.flavors import medmoe_language
 from medmoe_mcore.models.language import LanguageModel
-from medmoe_mcore.training.checkpoint import starting_point
 from medmoe_mcore.training.config import TrainConfig
+from medmoe_mcore.training.resume import starting_point
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +25,31 @@ def tiny():
 
 
 def _save(model, cfg, root, iteration=None, **kw):
-    return checkpointing.save(model.sharded_state_dict(), root, cfg, iteration=iteration, **kw)
+    return store.save(model.sharded_state_dict(), root, cfg, iteration=iteration, **kw)
 
 
 def test_what_load_finds(tmp_path, tiny):
     cfg, model = tiny
-    with pytest.raises(checkpointing.NoCheckpoint, match="does not exist"):
-        checkpointing.resolve(tmp_path / "missing")
+    with pytest.raises(store.NoCheckpoint, match="does not exist"):
+        store.resolve(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(checkpointing.NoCheckpoint, match="is empty"):
-        checkpointing.resolve(tmp_path / "empty")
+    with pytest.raises(store.NoCheckpoint, match="is empty"):
+        store.resolve(tmp_path / "empty")
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     (hf / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="Hugging Face model .*convert_hf_to_mcore"):
-        checkpointing.resolve(hf)
+        store.resolve(hf)
     run = tmp_path / "run"
     for it in (10, 20, 40):
         _save(model, cfg, run, it)
-    (run / checkpointing.TRACKER).unlink()  # the lost marker
+    (run / store.TRACKER).unlink()  # the lost marker
     with pytest.raises(ConfigError, match=r"newest 40\); pass --ckpt-step 40"):
-        checkpointing.resolve(run)
-    assert checkpointing.resolve(run, step=20).name == "iter_0000020"
+        store.resolve(run)
+    assert store.resolve(run, step=20).name == "iter_0000020"
     with pytest.raises(ConfigError, match=r"no complete iteration 30.*\[10, 20, 40\]"):
-        checkpointing.resolve(run, step=30)
+        store.resolve(run, step=30)
 
     def train(**kw):
         return TrainConfig(stage=2, data_path=["d"], train_iters=4, lr=1e-3, **kw)
@@ -75,7 +76,7 @@ def test_saves_never_replace_or_move_back(tmp_path, tiny):
     with pytest.raises(ConfigError, match="would move it backwards"):
         _save(model, cfg, run, 8)
     # a conversion into a training run: refused before any work, or replaced whole
-    from medmoe_mcore.config import MoEConfig
+    from medmoe_mcore.config.model import MoEConfig
     from medmoe_mcore.conversion.language import import_hf
     from medmoe_mcore.conversion.upcycle import upcycle
 
@@ -91,7 +92,7 @@ def test_saves_never_replace_or_move_back(tmp_path, tiny):
     assert folder == run / "release" and sorted(p.name for p in run.iterdir()) == \
         ["latest_checkpointed_iteration.txt", "release"]
     with pytest.raises(ConfigError, match="holds a converted checkpoint"):
-        checkpointing.check_can_save(run, 1)
+        store.check_can_save(run, 1)
 
 
 def test_checksums_name_the_damaged_file(tmp_path, tiny):
@@ -105,13 +106,13 @@ def test_checksums_name_the_damaged_file(tmp_path, tiny):
     data[middle:middle + 4096] = bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).tolist())
     shard.write_bytes(bytes(data))
     with pytest.raises(integrity.IntegrityError, match=f"{shard.name}: corrupt"):
-        checkpointing.load_into(LanguageModel(cfg), tmp_path / "ck")
+        store.load_into(LanguageModel(cfg), tmp_path / "ck")
     shard.write_bytes(bytes(data[:middle]))
     with pytest.raises(integrity.IntegrityError, match=f"{shard.name}: truncated"):
-        checkpointing.load_into(LanguageModel(cfg), tmp_path / "ck")
+        store.load_into(LanguageModel(cfg), tmp_path / "ck")
     # without the check, a cut shard still names the folder
     with pytest.raises(ConfigError, match="cannot read the checkpoint.*truncated or corrupt"):
-        checkpointing.load_into(LanguageModel(cfg), tmp_path / "ck", verify=False)
+        store.load_into(LanguageModel(cfg), tmp_path / "ck", verify=False)
     (folder / integrity.MANIFEST).unlink()
     assert not integrity.verify(folder)  # nothing recorded: said by the caller
 

@@ -2,9 +2,10 @@ import dataclasses
 
 import pytest
 
-from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import LANGUAGE_FLAVORS, language_flavor
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.conversion.hf_config import hf_config_from_language, language_config_from_hf
-from medmoe_mcore.flavors import LANGUAGE_FLAVORS, language_flavor
 
 
 @pytest.mark.parametrize("name", sorted(LANGUAGE_FLAVORS))
@@ -81,7 +82,7 @@ def test_hf_config_refusals(key, value, match):
      r"expert_tensor_parallel_size=2: experts with biases"),
 ])
 def test_moe_configs_that_cannot_work_fail_by_name(moe, par, message):
-    from medmoe_mcore.config import MoEConfig
+    from medmoe_mcore.config.model import MoEConfig
 
     cfg = ModelConfig(language=language_flavor("tiny"), parallel=ParallelConfig(**par),
                       moe=MoEConfig(**moe))
@@ -90,7 +91,7 @@ def test_moe_configs_that_cannot_work_fail_by_name(moe, par, message):
 
 
 def test_moe_config_round_trips_through_json():
-    from medmoe_mcore.config import MoEConfig
+    from medmoe_mcore.config.model import MoEConfig
 
     cfg = ModelConfig(language=language_flavor("tiny"),
                       moe=MoEConfig(num_experts=6, router_topk=2, layer_freq=[1, 0, 0, 1],

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.eval.metrics import closed_scores, open_scores
 from medmoe_mcore.eval.normalize import normalize_answer
 from medmoe_mcore.eval.scoring import gold_items, join, prediction_items, score

@@ -1,4 +1,4 @@
-"""Expert activation by modality (eval/expert_stats.py): what the counts add up to, and the
+"""Expert activation by modality (models/moe/stats.py): what the counts add up to, and the
 modality router at sample granularity sending each modality's tokens to its own expert."""
 
 import csv
@@ -6,11 +6,11 @@ import csv
 import pytest
 import torch
 
-from medmoe_mcore.config import ModelConfig, MoEConfig
-from medmoe_mcore.eval.expert_stats import KINDS, ExpertActivation, moe_layers, shares
+from medmoe_mcore.config.flavors import medmoe_language, vision_flavor
+from medmoe_mcore.config.model import ModelConfig, MoEConfig
 from medmoe_mcore.eval.plots import expert_heatmap
-from medmoe_mcore.flavors import medmoe_language, vision_flavor
 from medmoe_mcore.models.medmoe import MedMoEModel
+from medmoe_mcore.models.moe.stats import KINDS, ExpertActivation, moe_layers, shares
 
 IMAGE = 3
 MODALITIES = ["CT", "MRI", "X-Ray", "Pathology"]

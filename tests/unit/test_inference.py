@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig, ParallelConfig
-from medmoe_mcore.flavors import medmoe_language, vision_flavor
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import medmoe_language, vision_flavor
+from medmoe_mcore.config.model import ModelConfig, MoEConfig, ParallelConfig
 from medmoe_mcore.inference.config import GenerationConfig
 from medmoe_mcore.inference.engine import generate, load_for_inference
 from medmoe_mcore.inference.questions import read_questions
@@ -25,7 +26,7 @@ def model(request, tmp_path_factory, single_rank):
                       moe=moe)
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp(request.param)
-    checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), root, cfg)
+    store.save(MedMoEModel(cfg).sharded_state_dict(), root, cfg)
     return load_for_inference(root, ParallelConfig())[0]
 
 
@@ -94,6 +95,6 @@ def test_question_file_errors_name_the_line(tmp_path):
 def test_sample_level_routing_cannot_decode(tmp_path, single_rank):
     cfg = ModelConfig(language=medmoe_language("tiny"), vision=vision_flavor("tiny", 3),
                       moe=MoEConfig(routing_granularity="sample"))
-    checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg)
+    store.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg)
     with pytest.raises(ConfigError, match="routing_granularity='sample'"):
         load_for_inference(tmp_path / "m", ParallelConfig())

@@ -1,5 +1,6 @@
-"""The package's shape: every module imports on its own, no import cycle, the README's tree is
-the real one, modules stay small, and only entry points create process groups."""
+"""The package's shape: every module imports on its own, no import cycle, imports only go down
+the declared floors of rooms, the README's tree is the real one, modules stay small, and only
+entry points create process groups."""
 
 import ast
 import importlib
@@ -51,13 +52,18 @@ def _imports(path: Path, known: set[str]) -> set[str]:
     return out
 
 
-def test_import_graph_has_no_cycle():
+def _import_graph() -> dict[str, set[str]]:
     known = set(_modules())
     graph = {}
     for path in PACKAGE.rglob("*.py"):
         parts = path.relative_to(ROOT).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         graph[name] = _imports(path, known) - {name}
+    return graph
+
+
+def test_import_graph_has_no_cycle():
+    graph = _import_graph()
     state, stack = {}, []
 
     def visit(node):
@@ -75,6 +81,62 @@ def test_import_graph_has_no_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node)
+
+
+# The rooms from the ground up. A module imports from its own room or from a room on a lower
+# floor; rooms on one floor are independent of each other. `hf` (the transformers classes
+# shipped inside every release folder) imports nothing of the package.
+FLOORS = (
+    ("conventions", "hf"),
+    ("config",),  # the config tree, its field kinds, LoRA's node, the named presets
+    ("runtime",),  # process groups, the CPU runtime layer
+    ("data", "checkpoint"),
+    ("models",),  # specs, the Med-MoE layer, LoRA adapters as spec entries, routing counts
+    ("router",),  # the modality router's offline life (file, training, domains)
+    ("conversion",),  # HF <-> Megatron, upcycling (reads router files), releases, LoRA merge
+    ("inference",),
+    ("eval",),
+    ("training",),
+    ("demo",),  # the main job's orchestration and its embedded data
+    ("study",),  # scaling studies (may start from the main job's work folder)
+)
+FLOOR = {room: level for level, rooms in enumerate(FLOORS) for room in rooms}
+
+
+def _room(module: str) -> str | None:
+    """The room of a package module (None for the package root itself)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def layering_violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for module, targets in sorted(graph.items()):
+        room = _room(module)
+        for target in sorted(targets):
+            other = _room(target)
+            if room is None or other is None or other == room:
+                continue
+            if FLOOR[other] >= FLOOR[room]:
+                out.append(f"{module} imports {target}: room '{other}' is not below '{room}'")
+    return out
+
+
+def test_every_room_has_a_floor():
+    rooms = {_room(m) for m in _modules()} - {None}
+    assert rooms == set(FLOOR), (f"rooms without a floor: {sorted(rooms - set(FLOOR))}; "
+                                 f"floors without a room: {sorted(set(FLOOR) - rooms)}")
+
+
+def test_imports_only_go_down_the_floors():
+    violations = layering_violations(_import_graph())
+    assert not violations, "\n".join(violations)
+
+
+def test_the_layering_rule_can_fail():
+    planted = {"medmoe_mcore.config.model": {"medmoe_mcore.training.config"},
+               "medmoe_mcore.data.records": {"medmoe_mcore.checkpoint.store"}}
+    assert len(layering_violations(planted)) == 2
 
 
 def _readme_tree() -> set[str]:

@@ -6,20 +6,21 @@ import multiprocessing
 import pytest
 import torch
 
-from medmoe_mcore.config import ConfigError, ModelConfig
-from medmoe_mcore.data import demo
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import medmoe_language, vision_flavor
+from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.data.blend import data_blend
 from medmoe_mcore.data.loader import (MedMoETaskEncoder, TrainingBatches, ValidationBatches,
                                       training_batches)
 from medmoe_mcore.data.tokenizer import train_bpe
-from medmoe_mcore.flavors import medmoe_language, vision_flavor
+from medmoe_mcore.demo import dataset
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("energon")
-    folders = demo.build(root / "data", samples_per_image=4, held_out=1, show_progress=False)
-    tok = train_bpe(demo.corpus(root / "data"), root / "tok")
+    folders = dataset.build(root / "data", samples_per_image=4, held_out=1, show_progress=False)
+    tok = train_bpe(dataset.corpus(root / "data"), root / "tok")
     cfg = ModelConfig(language=medmoe_language("tiny"),
                       vision=vision_flavor("tiny", tok.image_token_id))
     return folders, MedMoETaskEncoder(tok, "phi", 128, cfg)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from medmoe_mcore.config import ModelConfig
-from medmoe_mcore.flavors import language_flavor
-from medmoe_mcore.lora.adapter import LoRAAdapter
+from medmoe_mcore.config.flavors import language_flavor
+from medmoe_mcore.config.model import ModelConfig
+from medmoe_mcore.models.lora.adapter import LoRAAdapter
 
 
 def _linear(cls, config, n_in, n_out):
@@ -52,9 +52,10 @@ def test_adapter_refuses_what_it_cannot_wrap(single_rank):
 
 def _medmoe_cfg(tmp_path, flavor="tiny", lora=None):
     """A tiny Med-MoE config (top-2 + meta expert) with the tokenizer of a small HF BPE."""
-    from medmoe_mcore.config import LoRAConfig, MoEConfig
+    from medmoe_mcore.config.flavors import medmoe_language, vision_flavor
+    from medmoe_mcore.config.lora import LoRAConfig
+    from medmoe_mcore.config.model import MoEConfig
     from medmoe_mcore.data.tokenizer import train_bpe
-    from medmoe_mcore.flavors import medmoe_language, vision_flavor
 
     tok_dir = tmp_path / "tok"
     tok = train_bpe(["a chest x-ray", "an axial slice"] * 20, tok_dir, vocab_size=300)
@@ -93,7 +94,7 @@ def test_zero_b_leaves_the_model_exactly_the_base(tmp_path, single_rank):
 
 
 def test_lora_trainable_sets():
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.training.freezing import trainable_patterns
 
     names = ["projector.encoder.linear_fc1.weight", "vision.decoder.layers.0.mlp.fc1.weight",
@@ -120,7 +121,9 @@ def test_lora_trainable_sets():
 def test_lora_config_is_checked_and_travels_with_the_model():
     import dataclasses
 
-    from medmoe_mcore.config import ConfigError, LoRAConfig, MoEConfig
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.config.lora import LoRAConfig
+    from medmoe_mcore.config.model import MoEConfig
     from medmoe_mcore.training.arguments import lora_config, reconcile_lora
 
     moe = MoEConfig()
@@ -177,7 +180,7 @@ def test_base_weights_do_not_move_and_adapters_do(tmp_path, single_rank):
 
 def _trained_lora_checkpoint(tmp_path, flavor):
     """A LoRA Med-MoE checkpoint whose adapters look trained (random A and B)."""
-    from medmoe_mcore import checkpointing
+    from medmoe_mcore.checkpoint import store
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     cfg, tok_dir = _medmoe_cfg(tmp_path, flavor, lora=dict(rank=4, alpha=6.0, dropout=0.0))
@@ -188,8 +191,8 @@ def _trained_lora_checkpoint(tmp_path, flavor):
         for name, p in model.named_parameters():
             if ".lora." in name or "bias" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    checkpointing.save(model.sharded_state_dict(), tmp_path / "lora", cfg,
-                       extra_dirs={checkpointing.TOKENIZER: tok_dir})
+    store.save(model.sharded_state_dict(), tmp_path / "lora", cfg,
+                       extra_dirs={store.TOKENIZER: tok_dir})
     return model.eval(), cfg
 
 
@@ -200,11 +203,11 @@ def test_merge_and_peft_export_give_the_megatron_logits(tmp_path, single_rank, f
     query groups and gate/up split by the release's own table)."""
     from peft import PeftModel
 
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.conversion.lora_merge import merge_checkpoint
     from medmoe_mcore.conversion.release import export_release
     from medmoe_mcore.hf import model_class
-    from medmoe_mcore.lora.merge import merge_checkpoint
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     model, cfg = _trained_lora_checkpoint(tmp_path, flavor)
@@ -212,10 +215,10 @@ def test_merge_and_peft_export_give_the_megatron_logits(tmp_path, single_rank, f
     with torch.no_grad():
         ours = model(ids, images)[0, :, :cfg.language.vocab_size]
     merge_checkpoint(tmp_path / "lora", tmp_path / "merged")
-    merged_cfg = checkpointing.read_config(tmp_path / "merged")
+    merged_cfg = store.read_config(tmp_path / "merged")
     assert merged_cfg.lora is None
     merged = MedMoEModel(merged_cfg, parallel_output=False).eval()
-    checkpointing.load_into(merged, tmp_path / "merged")
+    store.load_into(merged, tmp_path / "merged")
     with torch.no_grad():
         assert (merged(ids, images)[0, :, :cfg.language.vocab_size] - ours).abs().max() < 1e-5
 
@@ -270,8 +273,8 @@ def test_peft_adapter_imports_back_bit_exact_and_refuses_what_megatron_cannot_ho
 
     from safetensors.torch import load_file, save_file
 
-    from medmoe_mcore import checkpointing
-    from medmoe_mcore.config import ConfigError
+    from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.conversion.llava import import_multimodal
     from medmoe_mcore.conversion.release import export_release
@@ -281,7 +284,7 @@ def test_peft_adapter_imports_back_bit_exact_and_refuses_what_megatron_cannot_ho
                    peft_adapter_dir=tmp_path / "ad")
     import_multimodal(tmp_path / "rel", tmp_path / "back", show_progress=False,
                       peft_adapter_dir=tmp_path / "ad")
-    back = checkpointing.read_config(tmp_path / "back")
+    back = store.read_config(tmp_path / "back")
     assert (back.lora.rank, back.lora.alpha, back.lora.dropout, back.lora.target_modules) == \
         (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     export_release(tmp_path / "back", tmp_path / "rel2", show_progress=False,

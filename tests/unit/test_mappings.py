@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from medmoe_mcore.config import LanguageConfig
+from medmoe_mcore.config.flavors import PHI_BLOCK
+from medmoe_mcore.config.model import LanguageConfig
 from medmoe_mcore.conversion.mappings import QKV, Direct, GatedMLP, PaddedVocab
-from medmoe_mcore.flavors import PHI_BLOCK
 
 
 def lm(heads=6, groups=2, hidden=48, vocab=997):

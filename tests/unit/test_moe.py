@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from medmoe_mcore import checkpointing
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import language_flavor
+from medmoe_mcore.config.model import ModelConfig, MoEConfig
 from medmoe_mcore.router import file as router_file
-from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig
-from medmoe_mcore.flavors import language_flavor
 from medmoe_mcore.router.file import RouterWeights
 
 AUTHORS = Path(__file__).resolve().parents[1] / "data" / "authors-routers"
@@ -65,7 +66,7 @@ def _dense_checkpoint(root, flavor):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
-    checkpointing.save(model.sharded_state_dict(), root, cfg)
+    store.save(model.sharded_state_dict(), root, cfg)
     return model
 
 
@@ -73,8 +74,8 @@ def _dense_checkpoint(root, flavor):
 def test_upcycled_moe_layer_is_scaled_dense_ffn(tmp_path, single_rank, flavor, topk):
     """Right after upcycling: MoE layer output == (1 + sum of chosen G_i) * FFN(x); top-2
     renormalises by default (the authors' rule), so there the sum is 1."""
-    from medmoe_mcore.models.language import LanguageModel
     from medmoe_mcore.conversion.upcycle import upcycle
+    from medmoe_mcore.models.language import LanguageModel
 
     dense = _dense_checkpoint(tmp_path / "dense", flavor)
     lm = dense.model_config.language
@@ -82,11 +83,11 @@ def test_upcycled_moe_layer_is_scaled_dense_ffn(tmp_path, single_rank, flavor, t
     router_file.save(router, tmp_path / "router.safetensors")
     upcycle(tmp_path / "dense", tmp_path / "moe", MoEConfig(num_experts=4, router_topk=topk),
             tmp_path / "router.safetensors")
-    cfg = checkpointing.read_config(tmp_path / "moe").validate()
+    cfg = store.read_config(tmp_path / "moe").validate()
     assert cfg.moe.modalities == router.modalities
     assert cfg.moe.renormalize is (topk == 2)
     moe = LanguageModel(cfg)
-    checkpointing.load_into(moe, tmp_path / "moe")
+    store.load_into(moe, tmp_path / "moe")
     x = torch.randn(8, 2, lm.hidden_size)
     with torch.no_grad():
         for i, is_moe in enumerate(cfg.moe.moe_layers(lm.num_layers)):
@@ -123,8 +124,8 @@ def test_stage3_updates_experts_only(tmp_path, single_rank):
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from medmoe_mcore.training.freezing import apply_stage
     from medmoe_mcore.models.language import LanguageModel
+    from medmoe_mcore.training.freezing import apply_stage
 
     cfg = ModelConfig(language=language_flavor("tiny"),
                       moe=MoEConfig(num_experts=4, router_topk=2)).validate()
@@ -164,12 +165,12 @@ def test_lean_experts_equal_megatrons_sequential_mlp(single_rank, flavor, main_g
     gradients are added to what the buffer held."""
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import SequentialMLP
-    from megatron.core.transformer.spec_utils import build_module, ModuleSpec
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
     from medmoe_mcore.models.moe.experts import LeanSequentialMLP
     from medmoe_mcore.models.specs.backends import LOCAL
     from medmoe_mcore.models.transformer_config import language_transformer_config
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
     cfg = ModelConfig(language=language_flavor(flavor), moe=MoEConfig(num_experts=4)).validate()
     config = language_transformer_config(cfg)
@@ -249,7 +250,7 @@ def test_short_expert_blocks_are_padded_to_the_kernel_width():
     is returned as it is. (That the padded rows change no output or gradient is the lean
     experts' parity test above: its blocks of 5, 7 and 3 rows are all padded.)"""
     from medmoe_mcore.models.moe.expert_linear import (WEIGHT_LEFT_BELOW_ROWS,
-                                                        WEIGHT_LEFT_ROW_MULTIPLE, pad_short_block)
+                                                       WEIGHT_LEFT_ROW_MULTIPLE, pad_short_block)
 
     m = WEIGHT_LEFT_ROW_MULTIPLE
     x = torch.randn(m + 3, 2)

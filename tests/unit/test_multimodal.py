@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.conversion.engine import ConversionError
+from medmoe_mcore.checkpoint import store
 from medmoe_mcore.conversion.assemble import assemble
+from medmoe_mcore.conversion.engine import ConversionError
 from medmoe_mcore.conversion.llava import export_llava, import_multimodal
 from medmoe_mcore.conversion.tables.vision import LAYOUTS, relayout
-from medmoe_mcore.data.medical_images import BY_NAME
 from medmoe_mcore.data.images import ImageDecodeError, load_image, preprocess
+from medmoe_mcore.demo.medical_images import BY_NAME
 from medmoe_mcore.models.medmoe import MedMoEModel, MultimodalInputError
 from tests import tiny_hf
 
@@ -25,9 +25,9 @@ def _real_images(vision):
 
 
 def _megatron(ckpt):
-    cfg = checkpointing.read_config(ckpt)
+    cfg = store.read_config(ckpt)
     model = MedMoEModel(cfg, parallel_output=False)
-    checkpointing.load_into(model, ckpt)
+    store.load_into(model, ckpt)
     return model.eval(), cfg
 
 
@@ -39,7 +39,7 @@ def test_llava_round_trip_bit_exact_and_generates(tmp_path, single_rank, family)
     report = []
     import_multimodal(hf, tmp_path / "ckpt", show_progress=False, report=report)
     assert any("kept aside" in line for line in report)  # CLIP layer 3 + post_layernorm
-    cfg = checkpointing.read_config(tmp_path / "ckpt")
+    cfg = store.read_config(tmp_path / "ckpt")
     assert cfg.vision.num_layers == 2 and cfg.vision.source_num_layers == 3
     export_llava(tmp_path / "ckpt", tmp_path / "out", show_progress=False)
     a, b = load_file(hf / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
@@ -150,7 +150,7 @@ def test_refusals(tmp_path, single_rank):
 def test_preprocessing_matches_clip_image_processor():
     from transformers import CLIPImageProcessor
 
-    from medmoe_mcore.config import VisionConfig
+    from medmoe_mcore.config.model import VisionConfig
     from medmoe_mcore.data.images import expand2square
 
     v = VisionConfig(hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,
@@ -166,8 +166,8 @@ def test_preprocessing_matches_clip_image_processor():
 
 
 def test_stage_freezing_on_the_multimodal_model(single_rank):
-    from medmoe_mcore.config import ModelConfig, VisionConfig
-    from medmoe_mcore.flavors import language_flavor
+    from medmoe_mcore.config.flavors import language_flavor
+    from medmoe_mcore.config.model import ModelConfig, VisionConfig
     from medmoe_mcore.training.freezing import apply_stage
 
     v = VisionConfig(hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64,

@@ -8,10 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ConfigError, MoEConfig
-from medmoe_mcore.conversion.common import read_hf_config
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import MoEConfig
 from medmoe_mcore.conversion.hf_config import language_config_from_hf
+from medmoe_mcore.conversion.hf_files import read_hf_config
 from medmoe_mcore.conversion.llava import import_multimodal
 from medmoe_mcore.conversion.release import export_release
 from medmoe_mcore.conversion.tables.vision import LAYOUTS, relayout
@@ -65,7 +66,7 @@ def _authors_moe(tmp_path, topk: int):
 def test_authors_moe_folder_round_trip_is_bit_exact(tmp_path, single_rank, topk):
     src, clip = _authors_moe(tmp_path, topk)
     import_multimodal(src, tmp_path / "ckpt", vision_hf_dir=clip, show_progress=False)
-    cfg = checkpointing.read_config(tmp_path / "ckpt")
+    cfg = store.read_config(tmp_path / "ckpt")
     # The authors' top-2 renormalises its two weights, their top-1 does not.
     assert cfg.moe.renormalize is (topk == 2) and cfg.moe.router_topk == topk
     assert cfg.language.output_layer_bias is False and cfg.moe.meta_expert
@@ -101,11 +102,11 @@ def test_renormalisation_is_computed_as_configured(tmp_path, single_rank):
 
     src, clip = _authors_moe(tmp_path, 2)
     import_multimodal(src, tmp_path / "ckpt", vision_hf_dir=clip, show_progress=False)
-    cfg = checkpointing.read_config(tmp_path / "ckpt")
+    cfg = store.read_config(tmp_path / "ckpt")
     export_release(tmp_path / "ckpt", tmp_path / "out", show_progress=False,
                    tokenizer_dir=_hf_tokenizer(tmp_path))
     model = MedMoEModel(cfg, parallel_output=False)
-    checkpointing.load_into(model, tmp_path / "ckpt")
+    store.load_into(model, tmp_path / "ckpt")
     hf = MedMoePhiForCausalLM.from_pretrained(tmp_path / "out").eval()
     image_id = hf.config.image_token_index
     v = cfg.vision
@@ -143,7 +144,7 @@ def test_release_config_carries_what_the_authors_code_reads(tmp_path, single_ran
     ws = make_workspace(tmp_path / "ws")
     export_release(ws["init"], tmp_path / "out", show_progress=False)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    model = checkpointing.read_config(ws["init"])
+    model = store.read_config(ws["init"])
     assert cfg["model_type"] == "llava_phi" and cfg["torch_dtype"] == "float32"
     assert cfg["partial_rotary_factor"] == model.language.rotary_percent
     assert cfg["rope_theta"] == model.language.rotary_base
@@ -165,14 +166,14 @@ def test_release_config_carries_what_the_authors_code_reads(tmp_path, single_ran
 def test_exports_the_authors_code_would_compute_differently_are_refused(
         tmp_path, single_rank, change, field):
     ws = make_workspace(tmp_path / "ws")
-    cfg = checkpointing.read_config(ws["init"])
+    cfg = store.read_config(ws["init"])
     if change is None:
         cfg = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
                                                                     output_layer_bias=True))
     else:
         cfg = dataclasses.replace(cfg, moe=MoEConfig(**change))
-    checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg,
-                       extra_dirs={checkpointing.TOKENIZER: ws["tokenizer"]})
+    store.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg,
+                       extra_dirs={store.TOKENIZER: ws["tokenizer"]})
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         export_release(tmp_path / "m", tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
@@ -206,17 +207,17 @@ def test_llava_format_needs_an_explicit_lm_head_bias_choice(tmp_path, single_ran
     from medmoe_mcore.conversion.llava import export_llava
 
     ws = make_workspace(tmp_path / "ws")
-    cfg = checkpointing.read_config(ws["init"])
+    cfg = store.read_config(ws["init"])
     biased = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
                                                                    output_layer_bias=True))
-    checkpointing.save(MedMoEModel(biased).sharded_state_dict(), tmp_path / "b", biased)
+    store.save(MedMoEModel(biased).sharded_state_dict(), tmp_path / "b", biased)
     with pytest.raises(ConfigError, match="--drop-lm-head-bias"):
         export_llava(tmp_path / "b", tmp_path / "out", show_progress=False)
     export_llava(tmp_path / "b", tmp_path / "out", show_progress=False, drop_lm_head_bias=True)
     keys = load_file(tmp_path / "out" / "model.safetensors")
     assert not any(k.endswith("lm_head.bias") for k in keys)
     moe = dataclasses.replace(cfg, moe=MoEConfig())
-    checkpointing.save(MedMoEModel(moe).sharded_state_dict(), tmp_path / "m", moe)
+    store.save(MedMoEModel(moe).sharded_state_dict(), tmp_path / "m", moe)
     with pytest.raises(ConfigError, match="--format medmoe"):
         export_llava(tmp_path / "m", tmp_path / "out2", show_progress=False)
 
@@ -234,8 +235,8 @@ def test_generate_tool_checks_its_inputs_before_any_model(tmp_path, capsys):
 
 
 def test_release_imports_back_and_answers_through_generate_tool(tmp_path, single_rank, capsys):
-    from tools.generate import main
     from tests.release_setup import write_questions
+    from tools.generate import main
 
     ws = make_workspace(tmp_path / "ws")
     export_release(ws["init"], tmp_path / "out", show_progress=False)
@@ -256,9 +257,9 @@ def test_release_imports_back_and_answers_through_generate_tool(tmp_path, single
 def test_stablelm_release_answers_like_megatron(tmp_path, single_rank):
     """The StableLM family end to end: legacy keys of their `stablelm_epoch` config written,
     our classes answer as the Megatron engine does (Med-MoE, top-2)."""
-    from medmoe_mcore.config import ModelConfig, ParallelConfig
+    from medmoe_mcore.config.flavors import medmoe_language, vision_flavor
+    from medmoe_mcore.config.model import ModelConfig, ParallelConfig
     from medmoe_mcore.data.tokenizer import Tokenizer
-    from medmoe_mcore.flavors import medmoe_language, vision_flavor
     from medmoe_mcore.inference.config import GenerationConfig
     from medmoe_mcore.inference.engine import load_for_inference
     from medmoe_mcore.inference.questions import answer, read_questions
@@ -269,8 +270,8 @@ def test_stablelm_release_answers_like_megatron(tmp_path, single_rank):
     cfg = ModelConfig(language=medmoe_language("tiny_stablelm"), moe=MoEConfig(router_topk=2),
                       vision=vision_flavor("tiny_stablelm", tok.image_token_id))
     torch.manual_seed(0)
-    checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg,
-                       extra_dirs={checkpointing.TOKENIZER: ws["tokenizer"]})
+    store.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg,
+                       extra_dirs={store.TOKENIZER: ws["tokenizer"]})
     export_release(tmp_path / "m", tmp_path / "out", show_progress=False)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["model_type"] == "moe_llava_stablelm" and written["moe"]["renormalize"]

@@ -4,8 +4,9 @@ modalities), their labels, and the router file's record of them."""
 import pytest
 import torch
 
-from medmoe_mcore.config import ConfigError
-from medmoe_mcore.router import domains, file as router_file
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.router import domains
+from medmoe_mcore.router import file as router_file
 from medmoe_mcore.router.file import RouterWeights
 from medmoe_mcore.router.training import RouterRecipe, evaluate, fit_router
 

@@ -5,8 +5,9 @@ import itertools
 import pytest
 import torch
 
-from medmoe_mcore.config import ConfigError, ModelConfig, MoEConfig
-from medmoe_mcore.flavors import language_flavor
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import language_flavor
+from medmoe_mcore.config.model import ModelConfig, MoEConfig
 from medmoe_mcore.models.language import LanguageModel
 from medmoe_mcore.runtime import cpu, parallel
 
@@ -24,7 +25,7 @@ def test_device_override(monkeypatch):
 
 
 def test_cpu_runtime_announces_once_and_checks_the_megatron_line(monkeypatch, capsys):
-    assert cpu.is_active()  # the session's single_rank group runs on it
+    assert cpu.is_active()  # the test run's single_rank group runs on it
     monkeypatch.setattr(cpu, "_ANNOUNCED", False)
     monkeypatch.setattr(cpu, "megatron_version", lambda: "0.17.0")
     cpu.announce(rank0=True)

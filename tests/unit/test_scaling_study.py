@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from medmoe_mcore.config import ConfigError, ModelConfig
-from medmoe_mcore.flavors import language_flavor, medmoe_language, vision_flavor
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import language_flavor, medmoe_language, vision_flavor
+from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.study import parameters, report
 from medmoe_mcore.study.grid import Point, StudyConfig, points
 from medmoe_mcore.study.point import balance

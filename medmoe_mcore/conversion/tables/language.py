@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from medmoe_mcore.config.flavors import PHI_BLOCK, STABLELM_BLOCK
 from medmoe_mcore.conversion.mappings import QKV, Direct, GatedMLP, Mapping, PaddedVocab
-from medmoe_mcore.flavors import PHI_BLOCK, STABLELM_BLOCK
 from medmoe_mcore.models.moe import names
 
 L = "decoder.layers.{i}."

@@ -1,6 +1,6 @@
 """Declarative tables of the vision side: CLIP tower weights and config keys, the projector,
 and the HF checkpoint layouts (where each part lives) of LLaVA-style models. Used in both
-directions by conversion/multimodal.py."""
+directions by conversion/llava.py (and release.py, assemble.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from medmoe_mcore.config import ConfigError, VisionConfig
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import VisionConfig
 from medmoe_mcore.conversion.mappings import QKV, Direct, Mapping, Reshaped
 
 V = "decoder.layers.{i}."

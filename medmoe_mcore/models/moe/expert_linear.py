@@ -1,11 +1,9 @@
 """An expert linear's matmuls, weight gradient accumulated in place.
 
-Why: with many experts each one sees few tokens (128 rows at 64 experts, 4,096 tokens, top-2),
-yet its weight gradient is as large as a dense layer's. Autograd writes it to a fresh tensor
-that Megatron's DDP hook then adds to `main_grad`: per expert and step a newly faulted 16 MB
-allocation, a write, a read and an add. Measured on the 2-core box, that weight-gradient GEMM
-costs 1.90x the dense one at 64 x 128 rows, 1.06x when accumulated in place (`addmm_`).
-Megatron's own linears do the same with `gradient_accumulation_fusion` and a CUDA-only kernel;
+Why: with many experts each one sees few tokens, yet its weight gradient is as large as a dense
+layer's. Autograd writes it to a fresh tensor that Megatron's DDP hook then adds to
+`main_grad`: per expert and step a new weight-sized allocation, a write, a read and an add.
+Megatron's own linears avoid that with `gradient_accumulation_fusion` and a CUDA-only kernel;
 here `addmm_` does it on any device, under Megatron's contract: `main_grad` takes the gradient,
 `grad_added_to_main_grad` says so, and a placeholder gradient (never written) keeps DDP's
 per-parameter hook and bucket readiness running. Without a `main_grad` (no DDP wrapper) the
@@ -14,27 +12,21 @@ float32 buffer) it is added as Megatron's unfused path does, with its rounding.
 
 Short token blocks (under WEIGHT_LEFT_BELOW_ROWS) take the products weight-left, `y^T = W x^T`
 and `dx^T = W^T dy^T`: MKL streams a large weight better as the left operand when the block is
-short (one expert GEMM at 128 rows: forward 1.06x the 4,096-row rate against 1.18x token-left;
-fc2's input gradient 1.09x against 1.41x). The results are transposed views, and the activation
-and its gradient keep that layout, so the elementwise work stays cheap (an activation gradient
-over mixed layouts measured 15x slower). Whole layer, forward + backward against the dense
-FFNs (tools/bench_moe.py shape, median of 7 interleaved pairs): 1.11x against 1.14x at 128 rows
-per expert, equal at 256 (1.03x), worse from 512 (1.03x against 0.99x; 1.15x against 0.97x at
-2,048), so longer blocks keep F.linear's orientation.
+short. The results are transposed views, and the activation and its gradient keep that layout,
+so the elementwise work stays cheap (mixed layouts make it much slower). Longer blocks keep
+F.linear's orientation.
 
-MKL's weight-left products also want a row count that is a multiple of 8: one expert GEMM at
-128 / 136 / 144 / 152 rows runs at or near the 4,096-row rate, at 140 / 150 / 162 rows 10-20 %
-slower (forward and input gradient of fc1 and fc2; tokens-left varies less with the count but is
-no faster at multiples of 8). A router hands out any count, so `pad_short_block` appends zero
-rows to a short block (at most 7: ~3 % of a 128-row block's FLOPs) and the expert slices them
-off its output; the padded rows' output gradient is zero, so they add exactly nothing to any
-weight or bias gradient. In the whole layer at 64 experts (4,096 tokens, top-2) the padding
-measured 0.97x the unpadded time (median of 14 alternating pairs).
+MKL's weight-left products also want a row count that is a multiple of 8. A router hands out
+any count, so `pad_short_block` appends zero rows to a short block (at most 7) and the expert
+slices them off its output; the padded rows' output gradient is zero, so they add exactly
+nothing to any weight or bias gradient.
 
 An expert the router gave no token still runs (on zero rows: DDP's hooks must fire for every
 parameter), but adds nothing to `main_grad`: `addmm_` with an empty inner dimension still
-scales the whole buffer by beta, a read and write of the weight's size (measured 0.54 ms per
-16 MB linear; 62 idle experts at E = 64 in a one-modality batch: ~3 % of the layer's step).
+scales the whole buffer by beta, a read and write of the weight's size.
+
+The measurements behind each choice (crossover, row multiple, idle experts):
+docs/benchmarks.md, "MoE layer against its dense FFNs".
 """
 
 from __future__ import annotations
@@ -42,9 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Token blocks shorter than this take the weight-left products (the crossover measured above).
+# Token blocks shorter than this take the weight-left products (the measured crossover).
 WEIGHT_LEFT_BELOW_ROWS = 256
-# Short blocks are padded to a multiple of this many rows (the MKL kernel width measured above).
+# Short blocks are padded to a multiple of this many rows (MKL's kernel width, measured).
 WEIGHT_LEFT_ROW_MULTIPLE = 8
 
 

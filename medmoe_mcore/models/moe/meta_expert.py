@@ -6,7 +6,7 @@ from copy import copy
 
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 
 
 class MetaExpertMLP(MLP):

@@ -13,10 +13,11 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from medmoe_mcore.config import LoRAConfig, MoEConfig
-from medmoe_mcore.lora.linears import slot
+from medmoe_mcore.config.lora import LoRAConfig
+from medmoe_mcore.config.model import MoEConfig
+from medmoe_mcore.models.lora.linears import slot
 from medmoe_mcore.models.moe.meta_expert import MetaExpertMLP
-from medmoe_mcore.models.moe.router import router_spec
+from medmoe_mcore.models.moe.modality_router import router_spec
 from medmoe_mcore.models.specs.backends import Backend
 
 

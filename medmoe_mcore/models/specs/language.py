@@ -10,16 +10,14 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_layer import (
-    TransformerLayer,
-    TransformerLayerSubmodules,
-)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from medmoe_mcore.config import LanguageConfig, LoRAConfig, MoEConfig
-from medmoe_mcore.lora.linears import slot
-from medmoe_mcore.models.specs.layers import ParallelResidualTransformerLayer
+from medmoe_mcore.config.lora import LoRAConfig
+from medmoe_mcore.config.model import LanguageConfig, MoEConfig
+from medmoe_mcore.models.lora.linears import slot
 from medmoe_mcore.models.moe.spec import moe_mlp_spec
 from medmoe_mcore.models.specs.backends import LOCAL, Backend
+from medmoe_mcore.models.specs.layers import ParallelResidualTransformerLayer
 
 
 def attention_spec(backend: Backend, mask: AttnMaskType = AttnMaskType.causal,

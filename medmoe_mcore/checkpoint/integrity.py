@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from medmoe_mcore.config import ConfigError
+from medmoe_mcore.config.fields import ConfigError
 
 MANIFEST = "checksums.json"
 ALGORITHM = "sha256"

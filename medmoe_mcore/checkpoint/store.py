@@ -24,8 +24,9 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
-from medmoe_mcore import integrity
-from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
+from medmoe_mcore.checkpoint import integrity
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.runtime.parallel import log
 
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -16,14 +16,15 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ModelConfig, ParallelConfig, option
-from medmoe_mcore.data import demo
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import option
+from medmoe_mcore.config.flavors import LANGUAGE_FLAVORS, medmoe_language, vision_flavor
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.data.records import read_shards, shard_paths
 from medmoe_mcore.data.tokenizer import Tokenizer, train_bpe
+from medmoe_mcore.demo import dataset
 from medmoe_mcore.eval.predict import predict, test_questions
 from medmoe_mcore.eval.scoring import evaluate_predictions, table
-from medmoe_mcore.flavors import LANGUAGE_FLAVORS, medmoe_language, vision_flavor
 from medmoe_mcore.inference.config import GenerationConfig
 from medmoe_mcore.inference.engine import load_for_inference
 from medmoe_mcore.models.medmoe import MedMoEModel
@@ -47,33 +48,24 @@ class PipelineConfig:
                                    "of training one", stage=False)
 
 
-def stage_config(source, par: ParallelConfig, train: TrainConfig) -> ModelConfig:
-    """The checkpoint's model with this run's layout and precision choices."""
-    cfg = checkpointing.read_config(source, par)
-    if train.bf16:
-        cfg.params_dtype = "bfloat16"
-    cfg.recompute_granularity = train.recompute_granularity
-    return cfg
-
-
 def prepare_demo(pipe: PipelineConfig, seed: int) -> tuple[dict, Tokenizer, Path]:
     """(shards by stage, tokenizer, starting checkpoint); needs TP=1 process groups."""
     work = Path(pipe.work_dir)
     if dist.get_rank() == 0:  # data and tokenizer once, then everyone reads them
-        demo.build(work / "data")
+        dataset.build(work / "data")
         if not (work / "tokenizer" / "tokenizer.json").exists():
-            train_bpe(demo.corpus(work / "data"), work / "tokenizer")
+            train_bpe(dataset.corpus(work / "data"), work / "tokenizer")
     dist.barrier()
-    shards = demo.build(work / "data", show_progress=False)
+    shards = dataset.build(work / "data", show_progress=False)
     tok = Tokenizer(work / "tokenizer")
     log(f"demo data in {work / 'data'}; tokenizer: {tok.vocab_size} pieces, <image> = "
         f"{tok.image_token_id}")
     init = work / "checkpoints" / "init"
-    if not checkpointing.is_checkpoint(init):
+    if not store.is_checkpoint(init):
         cfg = ModelConfig(language=medmoe_language(pipe.flavor),
                           vision=vision_flavor(pipe.flavor, tok.image_token_id))
-        checkpointing.save(MedMoEModel(cfg).sharded_state_dict(), init, cfg,
-                           extra_dirs={checkpointing.TOKENIZER: work / "tokenizer"})
+        store.save(MedMoEModel(cfg).sharded_state_dict(), init, cfg,
+                           extra_dirs={store.TOKENIZER: work / "tokenizer"})
     return shards, tok, init
 
 
@@ -147,7 +139,7 @@ def summarise(losses: dict, accuracy: Optional[float], pipe: PipelineConfig, rou
             f"expert activation: {Path(pipe.work_dir) / 'eval' / 'expert_activation.png'}")
     checkpoints = Path(pipe.work_dir) / "checkpoints"
     log(f"checkpoints: {checkpoints}/stage1, stage2, stage3_init, stage3; router: {router_path}")
-    lora = checkpointing.read_config(checkpoints / "stage3").lora is not None
+    lora = store.read_config(checkpoints / "stage3").lora is not None
     log(f"ask it: python tools/generate.py --load {checkpoints / 'stage3'} --image IMAGE "
         f"--question TEXT; release it: python tools/convert_mcore_to_hf.py --load "
         f"{checkpoints / 'stage3'} --hf-dir RELEASE_DIR"

@@ -16,7 +16,7 @@ A starts as Kaiming-uniform (PEFT's default) drawn whole from a seeded generator
 every TP layout holds the same adapter; B starts at zero, so the adapted model equals the base
 model until B is trained.
 
-The adapter lives inside its base layer (lora/linears.py), so checkpoints and conversions
+The adapter lives inside its base layer (models/lora/linears.py), so checkpoints and conversions
 see `<layer>.lora.a` / `<layer>.lora.b` beside `<layer>.weight`.
 """
 
@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                   set_tensor_model_parallel_attributes)
-from megatron.core.tensor_parallel.random import (get_cuda_rng_tracker,
-                                                  get_expert_parallel_rng_tracker_name)
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     gather_from_sequence_parallel_region,
                                                     reduce_from_tensor_model_parallel_region,
                                                     reduce_scatter_to_sequence_parallel_region)
+from megatron.core.tensor_parallel.random import (get_cuda_rng_tracker,
+                                                  get_expert_parallel_rng_tracker_name)
 
 
 def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Named model presets. Backbone numbers come from the public HF configs (shared/REFERENCE.md)."""
+"""Named model presets. Backbone numbers come from the public HF configs of microsoft/phi-2,
+stabilityai/stablelm-2-1_6b and openai/clip-vit-large-patch14-336."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from medmoe_mcore.config import ConfigError, LanguageConfig, VisionConfig
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import LanguageConfig, VisionConfig
 
 PHI_BLOCK = dict(family="phi", parallel_residual=True, gated_linear_unit=False,
                  activation="gelu_tanh", add_bias_linear=True, add_qkv_bias=True,

@@ -1,5 +1,5 @@
-"""The building blocks of the config tree (config.py): its error type, fields that are also
-CLI flags, and the checks that name the field and the value."""
+"""The building blocks of the config tree (config/model.py): its error type, fields that are
+also CLI flags, and the checks that name the field and the value."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ def option(default, help: str, flag: str | None = None, **extra):
     return field(default=default, metadata={"help": help, "flag": flag, **extra})
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
 
-def _require_positive_ints(obj, prefix: str, names) -> None:
+def require_positive_ints(obj, prefix: str, names) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, int) and value > 0,
-                 f"{prefix}.{name}={value!r}: must be a positive integer")
+        require(isinstance(value, int) and value > 0,
+                f"{prefix}.{name}={value!r}: must be a positive integer")

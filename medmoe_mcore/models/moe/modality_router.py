@@ -13,7 +13,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.router import TopKRouter
 
-from medmoe_mcore.config import MoEConfig
+from medmoe_mcore.config.model import MoEConfig
 
 
 class ModalityRouter(MegatronModule):

@@ -1,4 +1,4 @@
-"""LoRA's place in the config tree (config.py's ModelConfig.lora): saved with the model, its
+"""LoRA's place in the config tree (config/model.py's ModelConfig.lora): saved with the model, its
 fields also the `--lora-*` flags."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from medmoe_mcore.options import _require, option
+from medmoe_mcore.config.fields import option, require
 
 # LoRA's targets: Megatron-Bridge's names for the attention and dense FFN linears, and the
 # Med-MoE layer's routed experts and meta expert (each expert its own adapters).
@@ -48,17 +48,17 @@ class LoRAConfig:
 
     def validate(self, moe) -> None:
         p = "lora"
-        _require(isinstance(self.rank, int) and self.rank >= 1,
-                 f"{p}.rank={self.rank!r}: must be a positive integer (--lora-rank)")
-        _require(self.alpha > 0, f"{p}.alpha={self.alpha}: must be > 0 (--lora-alpha)")
-        _require(0.0 <= self.dropout < 1.0,
-                 f"{p}.dropout={self.dropout}: must be in [0, 1) (--lora-dropout)")
+        require(isinstance(self.rank, int) and self.rank >= 1,
+                f"{p}.rank={self.rank!r}: must be a positive integer (--lora-rank)")
+        require(self.alpha > 0, f"{p}.alpha={self.alpha}: must be > 0 (--lora-alpha)")
+        require(0.0 <= self.dropout < 1.0,
+                f"{p}.dropout={self.dropout}: must be in [0, 1) (--lora-dropout)")
         targets = self.target_modules or []
         unknown = [t for t in targets if t not in LORA_TARGETS]
-        _require(targets and not unknown and len(set(targets)) == len(targets),
-                 f"{p}.target_modules={targets!r}: one or more distinct names of "
-                 f"{list(LORA_TARGETS)} (--lora-target-modules)")
+        require(targets and not unknown and len(set(targets)) == len(targets),
+                f"{p}.target_modules={targets!r}: one or more distinct names of "
+                f"{list(LORA_TARGETS)} (--lora-target-modules)")
         absent = [t for t in targets if (t in ("experts", "meta_expert") and moe is None)
                   or (t == "meta_expert" and moe is not None and not moe.meta_expert)]
-        _require(not absent, f"{p}.target_modules: the model has no {', '.join(absent)} "
-                 f"({'dense model' if moe is None else 'moe.meta_expert=False'})")
+        require(not absent, f"{p}.target_modules: the model has no {', '.join(absent)} "
+                f"({'dense model' if moe is None else 'moe.meta_expert=False'})")

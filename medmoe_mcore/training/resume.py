@@ -1,7 +1,7 @@
 """A run's checkpoint state: the one place that decides "resume or start", and what a
 training checkpoint holds (model, optimizer, scheduler, iteration, consumed samples, per-rank
 RNG, and the data loader's state per data-parallel rank). Saves are atomic
-(checkpointing.save); a changed world size reseeds the RNG, says so. The loader's state only
+(store.save); a changed world size reseeds the RNG, says so. The loader's state only
 fits the same data, data-parallel size, worker count and micro-batch size (energon restores
 nothing else): a resume that changes any of them is refused naming each, unless
 `--no-load-data-state` asks for a fresh data order.
@@ -27,8 +27,9 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ConfigError, ModelConfig
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
 from medmoe_mcore.training.config import TrainConfig
@@ -53,8 +54,8 @@ def starting_point(train: TrainConfig) -> Start:
     """Where the run starts; reads only the folders (no process groups needed)."""
     if train.load is not None:
         try:
-            folder = checkpointing.resolve(train.load, train.ckpt_step)
-        except checkpointing.NoCheckpoint as e:
+            folder = store.resolve(train.load, train.ckpt_step)
+        except store.NoCheckpoint as e:
             if train.pretrained_checkpoint is None:
                 raise ConfigError(f"--load: {e}: nothing to resume, and no "
                                   "--pretrained-checkpoint to start from") from None
@@ -72,7 +73,7 @@ def starting_point(train: TrainConfig) -> Start:
 
 def _pretrained(train: TrainConfig) -> Path:
     try:
-        return checkpointing.resolve(train.pretrained_checkpoint)
+        return store.resolve(train.pretrained_checkpoint)
     except (FileNotFoundError, ConfigError) as e:
         raise ConfigError(f"--pretrained-checkpoint: {e}") from None
 
@@ -97,7 +98,7 @@ class RunCheckpoint:
             log(start.note)
         self.resuming, self.source = start.resuming, start.folder
         if train.verify_checkpoint:  # before anything of it is read
-            checkpointing.verify_files(self.source)
+            store.verify_files(self.source)
         self.common = dist_checkpointing.load_common_state_dict(str(self.source)) \
             if self.resuming else {}
         self.start_iteration = int(self.common.get("iteration", 0))
@@ -107,7 +108,7 @@ class RunCheckpoint:
         if self.resuming:
             self._check_schedule()
         if train.save:
-            checkpointing.check_can_save(train.save, self.start_iteration + 1)
+            store.check_can_save(train.save, self.start_iteration + 1)
 
     def _check_schedule(self) -> None:
         """Megatron's scheduler silently keeps the checkpoint's schedule: refuse a difference
@@ -148,8 +149,8 @@ class RunCheckpoint:
         already)."""
         if not self.resuming:
             adapters_added = self.cfg.lora is not None and \
-                checkpointing.read_config(self.source).lora is None
-            checkpointing.load_into(model, self.source, verify=False,
+                store.read_config(self.source).lora is None
+            store.load_into(model, self.source, verify=False,
                                     fresh=(lambda key: ".lora." in key) if adapters_added
                                     else None)
             log(f"initialised stage {self.train.stage} from {self.source} (weights"
@@ -166,7 +167,7 @@ class RunCheckpoint:
         data_length = self.common.get("data_state_bytes") if self.loads_data_state else None
         template = _state(setup, Progress(), loading=True, with_rng=with_rng,
                           data_length=data_length, with_optimizer=t.load_optim)
-        state = checkpointing.load_sharded(template, folder)
+        state = store.load_sharded(template, folder)
         setup.model.load_state_dict(state["model"], strict=True)
         if t.load_optim:
             setup.optimizer.load_state_dict(state["optimizer"])
@@ -189,10 +190,10 @@ class RunCheckpoint:
         return progress
 
     def save(self, setup, progress: Progress, data) -> Path:
-        files, dirs = checkpointing.carried(self.source)
+        files, dirs = store.carried(self.source)
         state = _state(setup, progress, loading=False, data_state=data.state_bytes())
         state["data_layout"] = self.data_layout
-        folder = checkpointing.save(state, self.train.save,
+        folder = store.save(state, self.train.save,
                                     self.cfg, iteration=progress.iteration, extra_files=files,
                                     extra_dirs=dirs)
         self.source = folder

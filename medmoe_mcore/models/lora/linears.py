@@ -18,8 +18,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from medmoe_mcore.lora.config import LoRAConfig
-from medmoe_mcore.lora.adapter import LoRAAdapter
+from medmoe_mcore.config.lora import LoRAConfig
+from medmoe_mcore.models.lora.adapter import LoRAAdapter
 from medmoe_mcore.models.specs.layers import ExpertRowParallelLinear
 
 

@@ -14,10 +14,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from medmoe_mcore.config.fields import option, require, require_positive_ints
+from medmoe_mcore.config.lora import LoRAConfig
 from medmoe_mcore.conventions import IGNORE_INDEX, IMAGE_SENTINEL_ID
-from medmoe_mcore.lora.config import LoRAConfig
-from medmoe_mcore.options import (ConfigError, _require,  # noqa: F401 (ConfigError: re-exported)
-                                  _require_positive_ints, option)
 
 
 @dataclass
@@ -62,28 +61,28 @@ class LanguageConfig:
 
     def validate(self) -> None:
         p = "language"
-        _require(self.family in ("phi", "stablelm"),
-                 f"{p}.family={self.family!r}: must be 'phi' or 'stablelm'")
-        _require_positive_ints(self, p, ("vocab_size", "hidden_size", "num_layers",
-                                         "num_attention_heads", "num_query_groups",
-                                         "ffn_hidden_size", "max_position_embeddings",
-                                         "make_vocab_size_divisible_by"))
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"{p}.hidden_size={self.hidden_size} is not divisible by "
-                 f"{p}.num_attention_heads={self.num_attention_heads}")
-        _require(self.num_attention_heads % self.num_query_groups == 0,
-                 f"{p}.num_attention_heads={self.num_attention_heads} is not divisible by "
-                 f"{p}.num_query_groups={self.num_query_groups}")
-        _require(0.0 < self.rotary_percent <= 1.0,
-                 f"{p}.rotary_percent={self.rotary_percent}: must be in (0, 1]")
-        _require(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
-                 f"{p}.rotary_percent={self.rotary_percent} gives rotary dim {self.rotary_dim} "
-                 f"of head dim {self.head_dim}: it must be even and at least 2")
-        _require(self.activation in ("gelu_tanh", "silu", "gelu", "quick_gelu"),
-                 f"{p}.activation={self.activation!r}: unknown activation")
+        require(self.family in ("phi", "stablelm"),
+                f"{p}.family={self.family!r}: must be 'phi' or 'stablelm'")
+        require_positive_ints(self, p, ("vocab_size", "hidden_size", "num_layers",
+                                        "num_attention_heads", "num_query_groups",
+                                        "ffn_hidden_size", "max_position_embeddings",
+                                        "make_vocab_size_divisible_by"))
+        require(self.hidden_size % self.num_attention_heads == 0,
+                f"{p}.hidden_size={self.hidden_size} is not divisible by "
+                f"{p}.num_attention_heads={self.num_attention_heads}")
+        require(self.num_attention_heads % self.num_query_groups == 0,
+                f"{p}.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"{p}.num_query_groups={self.num_query_groups}")
+        require(0.0 < self.rotary_percent <= 1.0,
+                f"{p}.rotary_percent={self.rotary_percent}: must be in (0, 1]")
+        require(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
+                f"{p}.rotary_percent={self.rotary_percent} gives rotary dim {self.rotary_dim} "
+                f"of head dim {self.head_dim}: it must be even and at least 2")
+        require(self.activation in ("gelu_tanh", "silu", "gelu", "quick_gelu"),
+                f"{p}.activation={self.activation!r}: unknown activation")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
-            _require(0.0 <= value < 1.0, f"{p}.{name}={value}: must be in [0, 1)")
+            require(0.0 <= value < 1.0, f"{p}.{name}={value}: must be in [0, 1)")
 
 
 # CLIP's image processor statistics (OpenAI CLIP, all ViT sizes).
@@ -130,22 +129,22 @@ class VisionConfig:
 
     def validate(self, language: LanguageConfig) -> None:
         p = "vision"
-        _require_positive_ints(self, p, ("hidden_size", "num_layers", "num_attention_heads",
-                                         "ffn_hidden_size", "image_size", "patch_size"))
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"{p}.hidden_size={self.hidden_size} is not divisible by "
-                 f"{p}.num_attention_heads={self.num_attention_heads}")
-        _require(self.image_size % self.patch_size == 0,
-                 f"{p}.image_size={self.image_size} is not divisible by "
-                 f"{p}.patch_size={self.patch_size}")
-        _require(self.source_num_layers is None or self.source_num_layers >= self.num_layers,
-                 f"{p}.source_num_layers={self.source_num_layers} < num_layers={self.num_layers}")
-        _require(self.image_token_id < language.vocab_size and self.image_token_id != IGNORE_INDEX,
-                 f"{p}.image_token_id={self.image_token_id}: must be a token of the vocabulary "
-                 f"(< language.vocab_size={language.vocab_size}) or a negative sentinel other "
-                 f"than {IGNORE_INDEX} (the ignore label)")
-        _require(len(self.image_mean) == 3 and len(self.image_std) == 3,
-                 f"{p}.image_mean/image_std: need 3 values (RGB)")
+        require_positive_ints(self, p, ("hidden_size", "num_layers", "num_attention_heads",
+                                        "ffn_hidden_size", "image_size", "patch_size"))
+        require(self.hidden_size % self.num_attention_heads == 0,
+                f"{p}.hidden_size={self.hidden_size} is not divisible by "
+                f"{p}.num_attention_heads={self.num_attention_heads}")
+        require(self.image_size % self.patch_size == 0,
+                f"{p}.image_size={self.image_size} is not divisible by "
+                f"{p}.patch_size={self.patch_size}")
+        require(self.source_num_layers is None or self.source_num_layers >= self.num_layers,
+                f"{p}.source_num_layers={self.source_num_layers} < num_layers={self.num_layers}")
+        require(self.image_token_id < language.vocab_size and self.image_token_id != IGNORE_INDEX,
+                f"{p}.image_token_id={self.image_token_id}: must be a token of the vocabulary "
+                f"(< language.vocab_size={language.vocab_size}) or a negative sentinel other "
+                f"than {IGNORE_INDEX} (the ignore label)")
+        require(len(self.image_mean) == 3 and len(self.image_std) == 3,
+                f"{p}.image_mean/image_std: need 3 values (RGB)")
 
 
 LEARNED_ROUTER_DEFAULTS = dict(router_topk=2, renormalize=True, aux_loss_coeff=0.01)
@@ -208,43 +207,43 @@ class MoEConfig:
 
     def validate(self, language: "LanguageConfig") -> None:
         p = "moe"
-        _require(isinstance(self.num_experts, int) and self.num_experts >= 2,
-                 f"{p}.num_experts={self.num_experts!r}: must be an integer >= 2")
-        _require(isinstance(self.router_topk, int) and 1 <= self.router_topk <= self.num_experts,
-                 f"{p}.router_topk={self.router_topk!r}: must be in [1, num_experts="
-                 f"{self.num_experts}]")
+        require(isinstance(self.num_experts, int) and self.num_experts >= 2,
+                f"{p}.num_experts={self.num_experts!r}: must be an integer >= 2")
+        require(isinstance(self.router_topk, int) and 1 <= self.router_topk <= self.num_experts,
+                f"{p}.router_topk={self.router_topk!r}: must be in [1, num_experts="
+                f"{self.num_experts}]")
         if isinstance(self.layer_freq, int):
-            _require(self.layer_freq >= 1, f"{p}.layer_freq={self.layer_freq}: must be >= 1")
+            require(self.layer_freq >= 1, f"{p}.layer_freq={self.layer_freq}: must be >= 1")
         else:
-            _require(len(self.layer_freq) == language.num_layers
-                     and all(x in (0, 1, True, False) for x in self.layer_freq),
-                     f"{p}.layer_freq={self.layer_freq!r}: a list needs one 0/1 per layer "
-                     f"(language.num_layers={language.num_layers})")
-        _require(any(self.moe_layers(language.num_layers)),
-                 f"{p}.layer_freq={self.layer_freq!r} makes no layer an MoE layer")
-        _require(self.router_type in ("modality", "learned"),
-                 f"{p}.router_type={self.router_type!r}: must be 'modality' or 'learned'")
-        _require(self.routing_granularity in ("token", "sample"),
-                 f"{p}.routing_granularity={self.routing_granularity!r}: must be 'token' or "
-                 "'sample'")
-        _require(self.router_type == "modality" or self.routing_granularity == "token",
-                 f"{p}.routing_granularity='sample' needs router_type='modality'")
-        _require(not (self.router_type == "learned" and self.renormalize
-                      and self.router_topk == 1),
-                 f"{p}.renormalize=True with router_topk=1 and router_type='learned': Megatron's "
-                 "TopKRouter gives no gradient to a renormalised single expert")
-        _require(self.token_dispatcher in ("alltoall", "allgather"),
-                 f"{p}.token_dispatcher={self.token_dispatcher!r}: must be 'alltoall' or "
-                 "'allgather'")
-        _require(self.aux_loss_coeff >= 0.0, f"{p}.aux_loss_coeff={self.aux_loss_coeff}: "
-                 "must be >= 0")
-        _require(self.router_type == "learned" or self.aux_loss_coeff == 0.0,
-                 f"{p}.aux_loss_coeff={self.aux_loss_coeff}: the fixed modality router has no "
-                 "load-balancing loss")
+            require(len(self.layer_freq) == language.num_layers
+                    and all(x in (0, 1, True, False) for x in self.layer_freq),
+                    f"{p}.layer_freq={self.layer_freq!r}: a list needs one 0/1 per layer "
+                    f"(language.num_layers={language.num_layers})")
+        require(any(self.moe_layers(language.num_layers)),
+                f"{p}.layer_freq={self.layer_freq!r} makes no layer an MoE layer")
+        require(self.router_type in ("modality", "learned"),
+                f"{p}.router_type={self.router_type!r}: must be 'modality' or 'learned'")
+        require(self.routing_granularity in ("token", "sample"),
+                f"{p}.routing_granularity={self.routing_granularity!r}: must be 'token' or "
+                "'sample'")
+        require(self.router_type == "modality" or self.routing_granularity == "token",
+                f"{p}.routing_granularity='sample' needs router_type='modality'")
+        require(not (self.router_type == "learned" and self.renormalize
+                     and self.router_topk == 1),
+                f"{p}.renormalize=True with router_topk=1 and router_type='learned': Megatron's "
+                "TopKRouter gives no gradient to a renormalised single expert")
+        require(self.token_dispatcher in ("alltoall", "allgather"),
+                f"{p}.token_dispatcher={self.token_dispatcher!r}: must be 'alltoall' or "
+                "'allgather'")
+        require(self.aux_loss_coeff >= 0.0, f"{p}.aux_loss_coeff={self.aux_loss_coeff}: "
+                "must be >= 0")
+        require(self.router_type == "learned" or self.aux_loss_coeff == 0.0,
+                f"{p}.aux_loss_coeff={self.aux_loss_coeff}: the fixed modality router has no "
+                "load-balancing loss")
         if self.modalities is not None:
-            _require(len(self.modalities) == self.num_experts,
-                     f"{p}.modalities has {len(self.modalities)} names for num_experts="
-                     f"{self.num_experts}")
+            require(len(self.modalities) == self.num_experts,
+                    f"{p}.modalities has {len(self.modalities)} names for num_experts="
+                    f"{self.num_experts}")
 
 
 @dataclass
@@ -264,21 +263,21 @@ class ParallelConfig:
     def validate(self, language: LanguageConfig) -> None:
         p = "parallel"
         tp = self.tensor_model_parallel_size
-        _require_positive_ints(self, p, ("tensor_model_parallel_size",
-                                         "expert_model_parallel_size",
-                                         "expert_tensor_parallel_size",
-                                         "pipeline_model_parallel_size"))
-        _require(self.pipeline_model_parallel_size == 1,
-                 f"{p}.pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
-                 "pipeline parallelism is not supported yet")
+        require_positive_ints(self, p, ("tensor_model_parallel_size",
+                                        "expert_model_parallel_size",
+                                        "expert_tensor_parallel_size",
+                                        "pipeline_model_parallel_size"))
+        require(self.pipeline_model_parallel_size == 1,
+                f"{p}.pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
+                "pipeline parallelism is not supported yet")
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "padded_vocab_size"):
             value = getattr(language, name)
-            _require(value % tp == 0,
-                     f"{p}.tensor_model_parallel_size={tp} does not divide "
-                     f"language.{name}={value}")
-        _require(not self.sequence_parallel or tp > 1,
-                 f"{p}.sequence_parallel=True needs tensor_model_parallel_size > 1 (got {tp})")
+            require(value % tp == 0,
+                    f"{p}.tensor_model_parallel_size={tp} does not divide "
+                    f"language.{name}={value}")
+        require(not self.sequence_parallel or tp > 1,
+                f"{p}.sequence_parallel=True needs tensor_model_parallel_size > 1 (got {tp})")
 
     def validate_vision(self, vision: Optional[VisionConfig]) -> None:
         """The vision tower and projector run on the language model's TP group, without SP."""
@@ -287,25 +286,25 @@ class ParallelConfig:
         tp = self.tensor_model_parallel_size
         for name in ("num_attention_heads", "ffn_hidden_size"):
             value = getattr(vision, name)
-            _require(value % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
-                     f"divide vision.{name}={value}")
+            require(value % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
+                    f"divide vision.{name}={value}")
 
     def validate_experts(self, language: LanguageConfig, moe: Optional[MoEConfig]) -> None:
         p = "parallel"
         ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
         if moe is None:
-            _require(ep == 1 and etp == 1, f"{p}.expert_model_parallel_size={ep} / "
-                     f"expert_tensor_parallel_size={etp} need an MoE model (moe is None)")
+            require(ep == 1 and etp == 1, f"{p}.expert_model_parallel_size={ep} / "
+                    f"expert_tensor_parallel_size={etp} need an MoE model (moe is None)")
             return
-        _require(moe.num_experts % ep == 0,
-                 f"{p}.expert_model_parallel_size={ep} does not divide moe.num_experts="
-                 f"{moe.num_experts}")
-        _require(etp == 1 or not language.add_bias_linear,
-                 f"{p}.expert_tensor_parallel_size={etp}: experts with biases "
-                 "(language.add_bias_linear=True) need 1")
-        _require(language.ffn_hidden_size % etp == 0,
-                 f"{p}.expert_tensor_parallel_size={etp} does not divide "
-                 f"language.ffn_hidden_size={language.ffn_hidden_size}")
+        require(moe.num_experts % ep == 0,
+                f"{p}.expert_model_parallel_size={ep} does not divide moe.num_experts="
+                f"{moe.num_experts}")
+        require(etp == 1 or not language.add_bias_linear,
+                f"{p}.expert_tensor_parallel_size={etp}: experts with biases "
+                "(language.add_bias_linear=True) need 1")
+        require(language.ffn_hidden_size % etp == 0,
+                f"{p}.expert_tensor_parallel_size={etp} does not divide "
+                f"language.ffn_hidden_size={language.ffn_hidden_size}")
 
 
 @dataclass
@@ -330,11 +329,11 @@ class ModelConfig:
             self.lora.validate(self.moe)
         self.parallel.validate_vision(self.vision)
         self.parallel.validate_experts(self.language, self.moe)
-        _require(self.recompute_granularity in (None, "full", "selective"),
-                 f"recompute_granularity={self.recompute_granularity!r}: must be None, 'full' "
-                 "or 'selective'")
-        _require(self.params_dtype in ("float32", "bfloat16", "float16"),
-                 f"params_dtype={self.params_dtype!r}: must be float32, bfloat16 or float16")
+        require(self.recompute_granularity in (None, "full", "selective"),
+                f"recompute_granularity={self.recompute_granularity!r}: must be None, 'full' "
+                "or 'selective'")
+        require(self.params_dtype in ("float32", "bfloat16", "float16"),
+                f"params_dtype={self.params_dtype!r}: must be float32, bfloat16 or float16")
         return self
 
     # Architecture and storage dtype travel with checkpoints; the parallel layout does not.
@@ -355,7 +354,7 @@ class ModelConfig:
                            ("vision", VisionConfig), ("lora", LoRAConfig)):
             known = {f.name for f in dataclasses.fields(kind)}
             unknown = sorted(set(data.get(name) or {}) - known)
-            _require(not unknown, f"{name} config has unknown field(s) {unknown}")
+            require(not unknown, f"{name} config has unknown field(s) {unknown}")
         moe, vision, lora = data.get("moe"), data.get("vision"), data.get("lora")
         if vision is not None:  # JSON lists back to the dataclass' tuples
             vision = {k: tuple(v) if isinstance(v, list) else v for k, v in vision.items()}

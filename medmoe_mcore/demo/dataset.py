@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from medmoe_mcore.data.medical_images import CATALOGUE, MedicalImage
 from medmoe_mcore.data.records import folder_reader, load_json_records, write_shards
+from medmoe_mcore.demo.medical_images import CATALOGUE, MedicalImage
 
 VERSION = 3
 STAGES = ("stage1", "stage2", "router", "stage3", "test")

@@ -9,19 +9,20 @@ import dataclasses
 import os
 from pathlib import Path
 
-from medmoe_mcore import checkpointing
-from medmoe_mcore.config import ConfigError, ModelConfig, ParallelConfig
-from medmoe_mcore.conversion.common import conversion_model
-from medmoe_mcore.lora.linears import merged_weights
+from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.model import ModelConfig, ParallelConfig
+from medmoe_mcore.conversion.target_model import conversion_model
+from medmoe_mcore.models.lora.linears import merged_weights
 
 
 def lora_model(folder: Path) -> tuple[object, ModelConfig]:
     """(the checkpoint's model, loaded, at TP = 1, its config); refuses one without LoRA."""
-    cfg = checkpointing.read_config(folder, ParallelConfig())
+    cfg = store.read_config(folder, ParallelConfig())
     if cfg.lora is None:
         raise ConfigError(f"{folder}: the checkpoint has no LoRA adapters (nothing to merge)")
     model = conversion_model(cfg)
-    checkpointing.load_into(model, folder)
+    store.load_into(model, folder)
     return model, cfg
 
 
@@ -36,9 +37,9 @@ def merged_model(model, cfg: ModelConfig):
 def merge_checkpoint(load_root: str | os.PathLike, save_root: str | os.PathLike,
                      overwrite: bool = False) -> Path:
     """Collective at TP = 1 / EP = 1: write the merged checkpoint of `load_root`."""
-    checkpointing.check_can_release(save_root, overwrite)
-    folder = checkpointing.resolve(load_root)
+    store.check_can_release(save_root, overwrite)
+    folder = store.resolve(load_root)
     plain, plain_cfg = merged_model(*lora_model(folder))
-    files, dirs = checkpointing.carried(folder)
-    return checkpointing.save(plain.sharded_state_dict(), save_root, plain_cfg,
+    files, dirs = store.carried(folder)
+    return store.save(plain.sharded_state_dict(), save_root, plain_cfg,
                               extra_files=files, extra_dirs=dirs, overwrite=overwrite)
