@@ -25,3 +25,9 @@ def require_positive_ints(obj, prefix: str, names) -> None:
         value = getattr(obj, name)
         require(isinstance(value, int) and value > 0,
                 f"{prefix}.{name}={value!r}: must be a positive integer")
+
+
+def require_divisible(obj, prefix: str, name: str, by: str) -> None:
+    value, divisor = getattr(obj, name), getattr(obj, by)
+    require(value % divisor == 0,
+            f"{prefix}.{name}={value} is not divisible by {prefix}.{by}={divisor}")

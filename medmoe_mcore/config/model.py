@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from medmoe_mcore.config.fields import option, require, require_positive_ints
+from medmoe_mcore.config.fields import (option, require, require_divisible,
+                                        require_positive_ints)
 from medmoe_mcore.config.lora import LoRAConfig
 from medmoe_mcore.conventions import IGNORE_INDEX, IMAGE_SENTINEL_ID
 
@@ -67,12 +68,8 @@ class LanguageConfig:
                                         "num_attention_heads", "num_query_groups",
                                         "ffn_hidden_size", "max_position_embeddings",
                                         "make_vocab_size_divisible_by"))
-        require(self.hidden_size % self.num_attention_heads == 0,
-                f"{p}.hidden_size={self.hidden_size} is not divisible by "
-                f"{p}.num_attention_heads={self.num_attention_heads}")
-        require(self.num_attention_heads % self.num_query_groups == 0,
-                f"{p}.num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"{p}.num_query_groups={self.num_query_groups}")
+        require_divisible(self, p, "hidden_size", "num_attention_heads")
+        require_divisible(self, p, "num_attention_heads", "num_query_groups")
         require(0.0 < self.rotary_percent <= 1.0,
                 f"{p}.rotary_percent={self.rotary_percent}: must be in (0, 1]")
         require(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
@@ -131,12 +128,8 @@ class VisionConfig:
         p = "vision"
         require_positive_ints(self, p, ("hidden_size", "num_layers", "num_attention_heads",
                                         "ffn_hidden_size", "image_size", "patch_size"))
-        require(self.hidden_size % self.num_attention_heads == 0,
-                f"{p}.hidden_size={self.hidden_size} is not divisible by "
-                f"{p}.num_attention_heads={self.num_attention_heads}")
-        require(self.image_size % self.patch_size == 0,
-                f"{p}.image_size={self.image_size} is not divisible by "
-                f"{p}.patch_size={self.patch_size}")
+        require_divisible(self, p, "hidden_size", "num_attention_heads")
+        require_divisible(self, p, "image_size", "patch_size")
         require(self.source_num_layers is None or self.source_num_layers >= self.num_layers,
                 f"{p}.source_num_layers={self.source_num_layers} < num_layers={self.num_layers}")
         require(self.image_token_id < language.vocab_size and self.image_token_id != IGNORE_INDEX,

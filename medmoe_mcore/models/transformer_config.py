@@ -43,20 +43,23 @@ def _common(cfg: ModelConfig, use_cpu_initialization: bool, perform_initializati
     )
 
 
+def _block_shape(shape) -> dict:
+    """The transformer-block fields a LanguageConfig and a VisionConfig both give."""
+    return dict(num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+                ffn_hidden_size=shape.ffn_hidden_size,
+                num_attention_heads=shape.num_attention_heads, kv_channels=shape.head_dim,
+                layernorm_epsilon=shape.layernorm_epsilon,
+                activation_func=ACTIVATIONS[shape.activation])
+
+
 def language_transformer_config(cfg: ModelConfig, use_cpu_initialization: bool = False,
                                 perform_initialization: bool = True) -> TransformerConfig:
     """TransformerConfig of the language model; `cfg` must be validated."""
     lm = cfg.language
     return TransformerConfig(
-        num_layers=lm.num_layers,
-        hidden_size=lm.hidden_size,
-        ffn_hidden_size=lm.ffn_hidden_size,
-        num_attention_heads=lm.num_attention_heads,
+        **_block_shape(lm),
         num_query_groups=lm.num_query_groups,
-        kv_channels=lm.head_dim,
-        layernorm_epsilon=lm.layernorm_epsilon,
         gated_linear_unit=lm.gated_linear_unit,
-        activation_func=ACTIVATIONS[lm.activation],
         add_bias_linear=lm.add_bias_linear,
         add_qkv_bias=lm.add_qkv_bias,
         hidden_dropout=lm.hidden_dropout,
@@ -76,13 +79,7 @@ def vision_transformer_config(cfg: ModelConfig, perform_initialization: bool = T
     """CLIP tower: the language model's TP group, no SP (576 tokens; the tower is frozen)."""
     v = cfg.vision
     return TransformerConfig(
-        num_layers=v.num_layers,
-        hidden_size=v.hidden_size,
-        ffn_hidden_size=v.ffn_hidden_size,
-        num_attention_heads=v.num_attention_heads,
-        kv_channels=v.head_dim,
-        layernorm_epsilon=v.layernorm_epsilon,
-        activation_func=ACTIVATIONS[v.activation],
+        **_block_shape(v),
         add_bias_linear=True,
         add_qkv_bias=True,
         hidden_dropout=0.0,
