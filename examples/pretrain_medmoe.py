@@ -94,7 +94,6 @@ def pipeline(args) -> dict:
     """The embedded demo, end to end; each step in the process groups it needs."""
     from medmoe_mcore.config.flavors import language_flavor
     from medmoe_mcore.config.lora import LoRAConfig
-    from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.conversion.upcycle import upcycle
     from medmoe_mcore.demo import pipeline as demo
     from medmoe_mcore.runtime import parallel
@@ -109,7 +108,7 @@ def pipeline(args) -> dict:
     moe.validate(language_flavor(pipe.flavor))  # before hours of stages 1-2
     lora_given = given(args, LoRAConfig)
     lora_config(lora_given, moe, train.seed)  # the same: refused now, not after stage 2
-    parallel.initialize(ParallelConfig(), seed=train.seed)
+    parallel.initialize(one_process_layout(par), seed=train.seed)
     shards, tok, init = demo.prepare_demo(pipe, train.seed)
     ck = init.parent
     losses = {}
@@ -122,7 +121,7 @@ def pipeline(args) -> dict:
         log(f"stage {stage}: loss {run[0]:.4f} -> {run[-1]:.4f}")
 
     log("\n=== router ===")
-    parallel.initialize(ParallelConfig(), seed=train.seed)
+    parallel.initialize(one_process_layout(par), seed=train.seed)
     router_path, accuracy = pipe.router, None
     if moe.router_type == "learned":
         log("learned router (--moe-router-type learned): no modality router to train")
@@ -149,7 +148,7 @@ def pipeline(args) -> dict:
     log(f"stage 3: loss {run[0]:.4f} -> {run[-1]:.4f}")
 
     log("\n=== held-out evaluation ===")
-    parallel.initialize(ParallelConfig(), seed=train.seed)
+    parallel.initialize(one_process_layout(par), seed=train.seed)
     held_out = demo.evaluate_held_out(pipe, tok)
     return demo.summarise(losses, accuracy, pipe, router_path, time.time() - begin, held_out)
 
@@ -170,12 +169,27 @@ def refuse_stage_flags(args) -> None:
            "--stage to train one stage)")
 
 
+def one_process_layout(par):
+    """TP = EP = 1 (the pipeline's data, router and evaluation steps) with the run's own
+    backend and collective timeout."""
+    from medmoe_mcore.config.model import ParallelConfig
+
+    return ParallelConfig(transformer_impl=par.transformer_impl,
+                          distributed_timeout_minutes=par.distributed_timeout_minutes)
+
+
+def timed_out(error: BaseException) -> bool:
+    """A collective that did not complete within --distributed-timeout-minutes (gloo's and
+    torch's wording)."""
+    return "timed out" in str(error).lower() or "timeout" in type(error).__name__.lower()
+
+
 def main(argv=None) -> int:
     import json
 
     from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.runtime.parallel import log
-    from medmoe_mcore.training.trainer import TrainingStopped
+    from medmoe_mcore.training.trainer import RunExited, TrainingStopped
 
     args = parser().parse_args(argv)
     try:
@@ -189,6 +203,18 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"error: training stopped: {e}", file=sys.stderr)
         return 3
+    except RunExited as e:  # asked for: the checkpoint is saved
+        log(f"run ended early: {e.reason}")
+        log(json.dumps({"losses": e.losses, "exited": e.reason}))
+        return 0
+    except RuntimeError as e:
+        if not timed_out(e):
+            raise
+        print(f"error: a collective did not complete within --distributed-timeout-minutes "
+              f"{getattr(args, 'distributed_timeout_minutes', '?')} (a rank stalled or was "
+              f"lost; the last checkpoint stays the latest): {str(e).splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        return 4
     return 0
 
 

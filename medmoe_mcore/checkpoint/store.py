@@ -34,6 +34,7 @@ CONFIG = "medmoe_config.json"
 HF_CONFIG = "hf_config.json"
 TOKENIZER = "tokenizer"
 PASSTHROUGH = "hf_passthrough"  # HF tensors kept aside on import (never run), for export
+EXTRA_STATE = "._extra_state"  # a module's non-parameter state (see `portable`)
 
 
 def tag_for(iteration: int | None) -> str:
@@ -206,7 +207,7 @@ def save(sharded_state_dict: dict, root: str | os.PathLike, cfg: ModelConfig,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(tmp))
+    dist_checkpointing.save(portable(sharded_state_dict), str(tmp))
     _barrier()
     if _rank() == 0:
         (tmp / CONFIG).write_text(cfg.to_json())
@@ -244,16 +245,32 @@ def load_into(model: torch.nn.Module, root: str | os.PathLike, verify: bool = Tr
     folder = resolve(root)
     if verify:
         verify_files(folder)
-    template = {k: v for k, v in model.sharded_state_dict().items()
+    template = {k: v for k, v in portable(model.sharded_state_dict()).items()
                 if fresh is None or not fresh(k)}
     state = load_sharded(template, folder)
     # A training checkpoint also holds optimizer/scheduler/progress state: weights only here.
-    missing, unexpected = model.load_state_dict(
-        {k: v for k, v in state.items() if k in template}, strict=fresh is None)
-    wrong = [k for k in missing if not fresh(k)] + list(unexpected)
+    load_weights(model, {k: v for k, v in state.items() if k in template}, folder, fresh)
+    return folder
+
+
+def portable(state: dict) -> dict:
+    """`state` without modules' `_extra_state` entries (Transformer Engine's carry FP8
+    metadata, the local linears' are empty): no save writes them and no load asks for them, so
+    a checkpoint is the same whichever backend (`--transformer-impl`) wrote it and loads into
+    either, each module keeping its default extra state."""
+    return {k: portable(v) if isinstance(v, dict) else v for k, v in state.items()
+            if not (isinstance(k, str) and k.endswith(EXTRA_STATE))}
+
+
+def load_weights(model: torch.nn.Module, weights: dict, folder: Path,
+                 fresh: Callable[[str], bool] | None = None) -> None:
+    """The loaded weights into `model`: every key of the model but its `_extra_state` entries
+    (see `portable`) and the `fresh` ones must be there, and nothing else."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    wrong = [k for k in missing if not k.endswith(EXTRA_STATE) and not (fresh and fresh(k))]
+    wrong += list(unexpected)
     if wrong:
         raise ConfigError(f"{folder}: the model's keys do not match the checkpoint's: {wrong}")
-    return folder
 
 
 def _reason(error: BaseException) -> str:

@@ -10,14 +10,21 @@ exists), its type, default, choices and help from the field.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from medmoe_mcore.config.fields import (option, require, require_divisible,
-                                        require_positive_ints)
+from medmoe_mcore.config.fields import option, require, require_divisible, require_positive_ints
 from medmoe_mcore.config.lora import LoRAConfig
 from medmoe_mcore.conventions import IGNORE_INDEX, IMAGE_SENTINEL_ID
+
+# Megatron-LM's --transformer-impl values.
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+def transformer_engine_importable() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
 
 
 @dataclass
@@ -241,7 +248,8 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    """Process layout of a run (never saved with checkpoints: any layout loads any checkpoint)."""
+    """Process layout of a run and how its processes execute (never saved with checkpoints:
+    any layout loads any checkpoint)."""
 
     tensor_model_parallel_size: int = option(1, "tensor-parallel ranks")
     sequence_parallel: bool = option(False, "split the sequence over the tensor-parallel ranks "
@@ -252,6 +260,14 @@ class ParallelConfig:
     expert_tensor_parallel_size: int = option(1, "tensor-parallel ranks inside each expert "
                                               "(1 for biased experts such as Phi-2's)")
     pipeline_model_parallel_size: int = option(1, "pipeline stages (only 1 is supported)")
+    # How the run executes, never saved either: a checkpoint loads into either backend.
+    transformer_impl: str = option(
+        "local", "layer modules: Megatron-Core's local (PyTorch) ones, attention on torch SDPA, "
+        "or Transformer Engine's (needs transformer_engine; checked against the local path "
+        "by tools/check_backend.py)", choices=TRANSFORMER_IMPLS)
+    distributed_timeout_minutes: int = option(
+        10, "a collective that does not complete within this many minutes ends the run with "
+        "an error (a stalled or lost rank), never a hang")
 
     def validate(self, language: LanguageConfig) -> None:
         p = "parallel"
@@ -259,7 +275,15 @@ class ParallelConfig:
         require_positive_ints(self, p, ("tensor_model_parallel_size",
                                         "expert_model_parallel_size",
                                         "expert_tensor_parallel_size",
-                                        "pipeline_model_parallel_size"))
+                                        "pipeline_model_parallel_size",
+                                        "distributed_timeout_minutes"))
+        require(self.transformer_impl in TRANSFORMER_IMPLS,
+                f"{p}.transformer_impl={self.transformer_impl!r} (--transformer-impl): must be "
+                f"one of {list(TRANSFORMER_IMPLS)}")
+        require(self.transformer_impl != "transformer_engine" or transformer_engine_importable(),
+                "--transformer-impl transformer_engine: Transformer Engine is not installed "
+                "here (no module named transformer_engine); use --transformer-impl local (the "
+                "default) or a Transformer Engine image such as NGC PyTorch (docs/gpu.md)")
         require(self.pipeline_model_parallel_size == 1,
                 f"{p}.pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
                 "pipeline parallelism is not supported yet")

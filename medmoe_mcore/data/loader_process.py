@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.util
 import pickle
+import signal
 import traceback
 
 # imported once by the forkserver, so that a helper starts in well under a second
@@ -40,6 +41,14 @@ def _picklable(error: BaseException) -> BaseException:
 def _serve(conn, factory, args) -> None:
     """The helper: build the loader, then answer (method, args) calls until told to close or
     the pipe closes."""
+    # The rank owns this process's life (close, or the pipe's end). A signal meant for the job
+    # (Slurm's SIGTERM to every process of the step, a terminal's SIGINT) is the rank's to act
+    # on, and the rank still reads micro-batches and this loader's state until it has saved:
+    # the helper ignores both, and blocks them for the energon workers it forks (they inherit
+    # the mask; torch installs a SIGTERM handler in its workers that would end them).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         loader = factory(*args)
     except BaseException as e:  # noqa: BLE001 - every failure goes back to the rank

@@ -25,8 +25,9 @@ from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.inference.config import GenerationConfig
 from medmoe_mcore.models.medmoe import MedMoEModel, splice_images
 from medmoe_mcore.models.moe.modality_router import ModalityRouter
+from medmoe_mcore.models.specs.backends import announce
 from medmoe_mcore.models.transformer_config import DTYPES
-from medmoe_mcore.runtime.parallel import device
+from medmoe_mcore.runtime.parallel import device, log
 
 
 def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
@@ -42,6 +43,7 @@ def load_for_inference(load_root, parallel: ParallelConfig, bf16: bool = False):
     if cfg.moe is not None and cfg.moe.routing_granularity == "sample":
         raise ConfigError("moe.routing_granularity='sample' cannot decode with a KV cache: "
                           "the sample's mean hidden state changes with every new token")
+    log(announce(cfg.parallel.transformer_impl))
     model = MedMoEModel(cfg, parallel_output=False).to(device())
     store.load_into(model, folder)
     _cast_except_router(model, DTYPES[cfg.params_dtype])

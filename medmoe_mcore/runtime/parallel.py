@@ -5,6 +5,7 @@ overrides device detection."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,8 +46,11 @@ def initialize(parallel: ParallelConfig, seed: int = DEFAULT_SEED) -> None:
         # torchrun sets MASTER_ADDR/PORT; a lone process gets a free port without writing it
         # into os.environ (child processes would inherit it and collide).
         init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        # a stalled rank ends the run after this long instead of hanging it (Megatron-LM's
+        # --distributed-timeout-minutes); the first initialize of a process sets it
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method=init, rank=rank,
-                                world_size=world)
+                                world_size=world, timeout=timedelta(
+                                    minutes=parallel.distributed_timeout_minutes))
     if not on_gpu:
         cpu_runtime.announce(is_rank0())
     _say_once(quiet.te_missing_note())
@@ -61,6 +65,7 @@ def initialize(parallel: ParallelConfig, seed: int = DEFAULT_SEED) -> None:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         expert_model_parallel_size=parallel.expert_model_parallel_size,
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)
 

@@ -32,6 +32,6 @@ def te_missing_note() -> str | None:
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
-        return ("[medmoe] Transformer Engine and apex are not installed: Megatron-Core's local "
-                "(PyTorch) modules are used")
+        return ("[medmoe] Transformer Engine and apex are not installed: --transformer-impl "
+                "local only (Megatron-Core's PyTorch modules and fallbacks)")
     return None

@@ -10,6 +10,7 @@ from medmoe_mcore.config.fields import ConfigError, option
 from medmoe_mcore.conventions import DEFAULT_SEED
 from medmoe_mcore.data.encoding import TEMPLATES
 from medmoe_mcore.runtime.parallel import use_cuda
+from medmoe_mcore.training.exits import EXIT_SIGNALS
 
 STAGES = (1, 2, 3)
 
@@ -92,6 +93,15 @@ class TrainConfig:
     save_interval: Optional[int] = option(None, "save every N iterations (and at the end)")
     exit_interval: Optional[int] = option(None, "stop (after saving) at this iteration",
                                           pipeline=False)
+    exit_signal_handler: bool = option(
+        False, "on the --exit-signal (and SIGINT) every rank finishes its iteration, a "
+        "checkpoint is saved to --save and the run exits 0 (Slurm sends SIGTERM before a job's "
+        "time limit)")
+    exit_signal: Optional[str] = option(None, "the signal --exit-signal-handler catches "
+                                        "(default SIGTERM)", choices=EXIT_SIGNALS)
+    exit_duration_in_mins: Optional[float] = option(
+        None, "save and exit 0 once the process has run this many minutes (wall clock, checked "
+        "after every iteration; leave the time a save takes before the allocation ends)")
     log_interval: int = option(10, "iterations per log line and TensorBoard point")
     check_for_nan_in_loss_and_grad: bool = option(
         True, "stop after --max-nan-iterations consecutive iterations whose loss or gradients "
@@ -156,6 +166,18 @@ class TrainConfig:
                                                  ("--finetune", self.finetune)) if given]
         if without_load and self.load is None:
             raise ConfigError(f"{', '.join(without_load)} without --load")
+        if self.exit_signal is not None and not self.exit_signal_handler:
+            raise ConfigError(f"--exit-signal {self.exit_signal} without --exit-signal-handler: "
+                              "no handler would catch it")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ConfigError(f"--exit-duration-in-mins {self.exit_duration_in_mins}: must be "
+                              "more than 0")
+        early = [f for f, on in (("--exit-signal-handler", self.exit_signal_handler),
+                                 ("--exit-duration-in-mins",
+                                  self.exit_duration_in_mins is not None)) if on]
+        if early and self.save is None:
+            raise ConfigError(f"{', '.join(early)} without --save: the run would stop without "
+                              "a checkpoint of its work")
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError("--override-opt_param-scheduler and "
                               "--use-checkpoint-opt_param-scheduler: choose one")

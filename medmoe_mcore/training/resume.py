@@ -168,7 +168,7 @@ class RunCheckpoint:
         template = _state(setup, Progress(), loading=True, with_rng=with_rng,
                           data_length=data_length, with_optimizer=t.load_optim)
         state = store.load_sharded(template, folder)
-        setup.model.load_state_dict(state["model"], strict=True)
+        store.load_weights(setup.model, state["model"], folder)
         if t.load_optim:
             setup.optimizer.load_state_dict(state["optimizer"])
         setup.scheduler.load_state_dict(state["scheduler"])
@@ -204,7 +204,7 @@ class RunCheckpoint:
 def _state(setup, progress: Progress, loading: bool, with_rng: bool = True,
            data_state: bytes | None = None, data_length: int | None = None,
            with_optimizer: bool = True) -> dict:
-    model_sd = setup.model.sharded_state_dict()
+    model_sd = store.portable(setup.model.sharded_state_dict())
     state = {"model": model_sd,
              "scheduler": setup.scheduler.state_dict(),
              "iteration": progress.iteration, "consumed_samples": progress.consumed_samples,

@@ -16,6 +16,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from medmoe_mcore.checkpoint import store
 from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.models.medmoe import build_model
+from medmoe_mcore.models.specs.backends import announce
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.training.config import TrainConfig
 from medmoe_mcore.training.freezing import apply_stage
@@ -41,6 +42,7 @@ class TrainingSetup:
 
 def stage_model(cfg: ModelConfig, train: TrainConfig) -> tuple[torch.nn.Module, list[str]]:
     """The model on this rank's device with the stage's trainable set (names returned)."""
+    parallel.log(announce(cfg.parallel.transformer_impl))
     model = build_model(cfg).to(parallel.device())
     trainable = apply_stage(model, train.stage, train.train_projector,
                             cfg.moe is not None and cfg.moe.router_type == "learned",

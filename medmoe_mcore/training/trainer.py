@@ -25,12 +25,22 @@ from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
 from medmoe_mcore.training import setup as training_setup
 from medmoe_mcore.training.config import TrainConfig
+from medmoe_mcore.training.exits import ExitConditions
 from medmoe_mcore.training.metrics import TrainingMetrics
 from medmoe_mcore.training.resume import RunCheckpoint, rng_state, set_rng_state
 
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on without losing or corrupting work (said with the iteration)."""
+
+
+class RunExited(Exception):
+    """The run stopped early as asked (a signal, the duration; training/exits.py), its
+    checkpoint saved: not an error. Carries the reason and the losses of the iterations run."""
+
+    def __init__(self, reason: str, losses: list[float]):
+        super().__init__(reason)
+        self.reason, self.losses = reason, losses
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -56,6 +66,10 @@ class Trainer:
         self.dp = parallel_state.get_data_parallel_world_size()
         train.validate(self.dp)
         cfg.validate()
+        # caught from here on: a signal while the model is built or loaded stops the run after
+        # its first iteration (with a checkpoint), not halfway through the set-up
+        self.exits = ExitConditions(train.exit_signal_handler, train.exit_signal,
+                                    train.exit_duration_in_mins)
         # the data is resolved and every dataset checked before the model is built
         blend = data_blend(train.data_path)
         encoder = MedMoETaskEncoder(
@@ -224,16 +238,20 @@ class Trainer:
         """The stage's iterations; the loaders and the logs are closed however it ends (a
         stopped run keeps its TensorBoard points)."""
         try:
-            self._iterate()
+            exited = self._iterate()
             self._report_data()
         finally:
+            self.exits.close()
             self.data.close()
             if self.valid is not None:
                 self.valid.close()
             self.metrics.close()
+        if exited:
+            raise RunExited(exited, self.losses)
         return self.losses
 
-    def _iterate(self) -> None:
+    def _iterate(self) -> str | None:
+        """The iterations; the reason the run stopped early as asked, if it did."""
         t = self.train
         saved, non_finite = False, []
         self.metrics.start_window()
@@ -269,6 +287,13 @@ class Trainer:
                     self.save()
                 log(f"exiting at iteration {it} (--exit-interval)")
                 break
+            reason = self.exits.check()
+            if reason:
+                if not saved:
+                    self.save()
+                log(f"exiting at iteration {it}: {reason}; the checkpoint in {t.save} resumes "
+                    "the run (--load)")
+                return reason
         else:  # (a resumed run that had nothing left to do saves nothing)
             if t.save and not saved and self.iteration > self.checkpoint.start_iteration:
                 self.save()

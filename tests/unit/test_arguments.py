@@ -116,3 +116,29 @@ def test_bf16_on_cpu_is_refused_before_anything_runs(tmp_path, monkeypatch, caps
                             "--data-path", "d", "--train-iters", "4", "--lr", "1e-3",
                             "--bf16"]) == 2
     assert "--bf16: Megatron's mixed-precision optimizer needs CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--exit-signal", "SIGUSR1"], "--exit-signal SIGUSR1 without --exit-signal-handler"),
+    (["--exit-signal-handler"], "--exit-signal-handler without --save"),
+    (["--exit-duration-in-mins", "30"], "--exit-duration-in-mins without --save"),
+    (["--exit-duration-in-mins", "0", "--save", "x"], "--exit-duration-in-mins 0.0: must be"),
+])
+def test_early_exit_flags_refused_when_they_cannot_work(flags, message, tmp_path):
+    from medmoe_mcore.training.arguments import given
+    from medmoe_mcore.training.config import TrainConfig
+
+    args = _example().parser().parse_args(
+        ["--stage", "2", "--data-path", "d", "--train-iters", "2", "--lr", "1e-3",
+         "--pretrained-checkpoint", "p", *flags])
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**given(args, TrainConfig)).validate(dp=1)
+
+
+def test_cluster_flags_parse_with_megatron_names():
+    args = _example().parser().parse_args(
+        ["--exit-signal-handler", "--exit-signal", "SIGUSR2", "--exit-duration-in-mins", "5",
+         "--distributed-timeout-minutes", "3", "--transformer-impl", "local"])
+    assert (args.exit_signal_handler, args.exit_signal, args.exit_duration_in_mins,
+            args.distributed_timeout_minutes, args.transformer_impl) == \
+        (True, "SIGUSR2", 5.0, 3, "local")

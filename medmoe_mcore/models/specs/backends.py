@@ -1,6 +1,8 @@
-"""The module classes a layer spec is built from: the local (pure PyTorch) backend, or
-Transformer Engine's when it is importable (GPU/NGC). Un-fused TE modules keep the local
-parameter names, so one conversion table serves both."""
+"""The module classes a layer spec is built from, chosen by `--transformer-impl` (Megatron-LM's
+flag and values): `local` (pure PyTorch, the default everywhere) or `transformer_engine`
+(refused where TE is not importable). Un-fused TE modules keep the local parameter names, so
+one conversion table serves both, and checkpoints never carry backend-specific state
+(checkpoint/store.py): a checkpoint loads into either backend."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from dataclasses import dataclass
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.models.moe.experts import LeanSequentialMLP
-
 from medmoe_mcore.models.specs.layers import ExpertRowParallelLinear
 from medmoe_mcore.models.specs.norm import LayerNorm
 from medmoe_mcore.models.specs.sdpa import SDPAttention
@@ -20,7 +22,8 @@ from medmoe_mcore.models.specs.sdpa import SDPAttention
 class Backend:
     """The module classes one backend provides; a spec is built from exactly these."""
 
-    name: str
+    name: str  # the --transformer-impl value
+    description: str  # what runs, said in the start-up log
     norm: type
     column_linear: type
     row_linear: type
@@ -33,8 +36,10 @@ class Backend:
 # experts: the routed experts' compute, the routing weight applied after fc2 (moe/experts.py)
 # core attention: torch's SDPA kernels (same results as Megatron's unfused DotProductAttention,
 # tests/unit/test_sdpa.py), without its [b, heads, s, s] score tensor
-LOCAL = Backend("local", LayerNorm, ColumnParallelLinear, RowParallelLinear, SDPAttention,
-                ColumnParallelLinear, ExpertRowParallelLinear, LeanSequentialMLP)
+LOCAL = Backend("local", "Megatron-Core's local (PyTorch) modules, core attention on torch "
+                "scaled_dot_product_attention", LayerNorm, ColumnParallelLinear,
+                RowParallelLinear, SDPAttention, ColumnParallelLinear, ExpertRowParallelLinear,
+                LeanSequentialMLP)
 
 
 def transformer_engine_backend() -> Backend | None:
@@ -49,10 +54,25 @@ def transformer_engine_backend() -> Backend | None:
         import transformer_engine  # noqa: F401
     except ImportError:
         return None
-    return Backend("te", TENorm, TEColumnParallelLinear, TERowParallelLinear,
-                   TEDotProductAttention, TEColumnParallelLinear, TERowParallelLinear,
-                   SequentialMLP)
+    return Backend("transformer_engine", "Transformer Engine modules, core attention on TE's "
+                   "DotProductAttention (flash / fused kernels)", TENorm, TEColumnParallelLinear,
+                   TERowParallelLinear, TEDotProductAttention, TEColumnParallelLinear,
+                   TERowParallelLinear, SequentialMLP)
 
 
-def default_backend() -> Backend:
-    return transformer_engine_backend() or LOCAL
+def backend_for(transformer_impl: str) -> Backend:
+    """The backend of a `--transformer-impl` value; TE where it is not importable is refused
+    naming the flag (ParallelConfig.validate says the same before anything is built)."""
+    if transformer_impl == LOCAL.name:
+        return LOCAL
+    te = transformer_engine_backend() if transformer_impl == "transformer_engine" else None
+    if te is None:
+        raise ConfigError(f"--transformer-impl {transformer_impl}: not available here (choose "
+                          f"'local', or install Transformer Engine for 'transformer_engine')")
+    return te
+
+
+def announce(transformer_impl: str) -> str:
+    """The start-up log line: which backend runs, and its attention kernel."""
+    backend = backend_for(transformer_impl)
+    return f"--transformer-impl {backend.name}: {backend.description}"
