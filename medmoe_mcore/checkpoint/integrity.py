@@ -50,13 +50,20 @@ def _gathered(mine: dict) -> dict:
     return {k: v for part in everyone for k, v in part.items()}
 
 
-def record(folder: str | os.PathLike) -> dict:
-    """Collective: write `folder/checksums.json` (rank 0) for every file now in `folder`."""
+def entry(path: Path) -> dict:
+    """What the record keeps of one file."""
+    return {"size": path.stat().st_size, ALGORITHM: _digest(path)}
+
+
+def record(folder: str | os.PathLike, known: dict | None = None) -> dict:
+    """Collective: write `folder/checksums.json` (rank 0) for every file now in `folder`.
+    `known`: entries of this rank's files computed where they were written (an asynchronous
+    save's background writer); every other file is hashed here, each rank a share."""
     folder = Path(folder)
     names = _files(folder)
-    mine = {n: {"size": (folder / n).stat().st_size, ALGORITHM: _digest(folder / n)}
-            for n in _my_share(names)}
-    files = _gathered(mine)
+    known = _gathered(known or {})
+    mine = {n: entry(folder / n) for n in _my_share([n for n in names if n not in known])}
+    files = {**known, **_gathered(mine)}
     manifest = {"algorithm": ALGORITHM, "files": {n: files[n] for n in names}}
     if not dist.is_initialized() or dist.get_rank() == 0:
         tmp = folder / f"{MANIFEST}.tmp-{os.getpid()}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -182,14 +183,20 @@ def check_can_release(root: str | os.PathLike, overwrite: bool) -> None:
                           "folder, or --overwrite to replace it whole")
 
 
-def save(sharded_state_dict: dict, root: str | os.PathLike, cfg: ModelConfig,
-         iteration: int | None = None, extra_files: dict[str, str] | None = None,
-         extra_dirs: dict[str, str | os.PathLike] | None = None,
-         overwrite: bool = False) -> Path:
-    """Collective: every rank passes its sharded state dict. Returns the final folder. A
-    training save (`iteration`) is refused where it would replace an iteration or move the
-    tracker back; a release into a folder holding a checkpoint is refused unless `overwrite`
-    (then the whole folder is replaced once the new one is complete)."""
+@dataclass(frozen=True)
+class SaveTarget:
+    """Where a save is written (`tmp`) and what it becomes once complete."""
+
+    root: Path
+    target: Path  # the root, or `root.new` while a release replaces a folder
+    final: Path
+    tmp: Path
+    replacing: bool
+
+
+def begin_save(root: str | os.PathLike, iteration: int | None = None,
+               overwrite: bool = False) -> SaveTarget:
+    """Collective: the checks of `save`, then its empty temporary folder."""
     root = Path(root)
     replacing = iteration is None and root.exists() and _holds_checkpoint(root)
     if iteration is None:
@@ -207,26 +214,49 @@ def save(sharded_state_dict: dict, root: str | os.PathLike, cfg: ModelConfig,
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dist_checkpointing.save(portable(sharded_state_dict), str(tmp))
+    return SaveTarget(root, target, final, tmp, replacing)
+
+
+def complete_save(to: SaveTarget, cfg: ModelConfig, iteration: int | None = None,
+                  extra_files: dict[str, str] | None = None,
+                  extra_dirs: dict[str, str | os.PathLike] | None = None,
+                  known_checksums: dict | None = None) -> Path:
+    """Collective, once every rank's shards are in `to.tmp`: the config and carried files,
+    the checksum record, then the folder renamed and the tracker moved (last, atomically).
+    `known_checksums`: this rank's entries computed where its files were written."""
     _barrier()
     if _rank() == 0:
-        (tmp / CONFIG).write_text(cfg.to_json())
+        (to.tmp / CONFIG).write_text(cfg.to_json())
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+            (to.tmp / name).write_text(text)
         for name, src in (extra_dirs or {}).items():
-            shutil.copytree(src, tmp / name)
+            shutil.copytree(src, to.tmp / name)
     _barrier()
-    integrity.record(tmp)
+    integrity.record(to.tmp, known_checksums)
     if _rank() == 0:
-        os.replace(tmp, final)
-        _write_atomic(target / TRACKER, final.name if iteration is None else str(iteration))
-        if replacing:  # the old folder moves aside only now, then goes
-            aside = root.with_name(f"{root.name}.old-{os.getpid()}")
-            os.replace(root, aside)
-            os.replace(target, root)
+        os.replace(to.tmp, to.final)
+        _write_atomic(to.target / TRACKER, to.final.name if iteration is None else str(iteration))
+        if to.replacing:  # the old folder moves aside only now, then goes
+            aside = to.root.with_name(f"{to.root.name}.old-{os.getpid()}")
+            os.replace(to.root, aside)
+            os.replace(to.target, to.root)
             shutil.rmtree(aside)
     _barrier()
-    return root / final.name
+    return to.root / to.final.name
+
+
+def save(sharded_state_dict: dict, root: str | os.PathLike, cfg: ModelConfig,
+         iteration: int | None = None, extra_files: dict[str, str] | None = None,
+         extra_dirs: dict[str, str | os.PathLike] | None = None,
+         overwrite: bool = False) -> Path:
+    """Collective: every rank passes its sharded state dict. Returns the final folder. A
+    training save (`iteration`) is refused where it would replace an iteration or move the
+    tracker back; a release into a folder holding a checkpoint is refused unless `overwrite`
+    (then the whole folder is replaced once the new one is complete). Asynchronous saves:
+    checkpoint/async_save.py."""
+    to = begin_save(root, iteration, overwrite)
+    dist_checkpointing.save(portable(sharded_state_dict), str(to.tmp))
+    return complete_save(to, cfg, iteration, extra_files, extra_dirs)
 
 
 def verify_files(folder: Path) -> None:

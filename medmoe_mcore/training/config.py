@@ -91,6 +91,10 @@ class TrainConfig:
                                                   "(the previous stage's checkpoint)",
                                                   pipeline=False)
     save_interval: Optional[int] = option(None, "save every N iterations (and at the end)")
+    async_save: bool = option(
+        False, "write checkpoints in a background process while training goes on (Megatron-"
+        "Core's asynchronous dist-checkpointing); a checkpoint becomes the latest once every "
+        "rank's files and checksums are complete")
     exit_interval: Optional[int] = option(None, "stop (after saving) at this iteration",
                                           pipeline=False)
     exit_signal_handler: bool = option(

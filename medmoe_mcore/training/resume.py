@@ -28,6 +28,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from medmoe_mcore.checkpoint import store
+from medmoe_mcore.checkpoint.async_save import AsyncSaver
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.runtime import parallel
@@ -93,6 +94,7 @@ class RunCheckpoint:
 
     def __init__(self, cfg: ModelConfig, train: TrainConfig, data_layout: dict):
         self.cfg, self.train, self.data_layout = cfg, train, data_layout
+        self.saver = AsyncSaver() if train.async_save else None
         start = starting_point(train)
         if start.note:
             log(start.note)
@@ -190,15 +192,25 @@ class RunCheckpoint:
         return progress
 
     def save(self, setup, progress: Progress, data) -> Path:
+        """Collective: a checkpoint of now; with --async-save its files are written in the
+        background and it becomes the latest at `finish_saves` (the folder it will be)."""
         files, dirs = store.carried(self.source)
         state = _state(setup, progress, loading=False, data_state=data.state_bytes())
         state["data_layout"] = self.data_layout
-        folder = store.save(state, self.train.save,
-                                    self.cfg, iteration=progress.iteration, extra_files=files,
-                                    extra_dirs=dirs)
+        if self.saver is not None:  # carried files keep coming from the complete source
+            return self.saver.save(state, self.train.save, self.cfg, progress.iteration,
+                                   files, dirs)
+        folder = store.save(state, self.train.save, self.cfg, iteration=progress.iteration,
+                            extra_files=files, extra_dirs=dirs)
         self.source = folder
         log(f"saved checkpoint at iteration {progress.iteration} to {folder}")
         return folder
+
+    def finish_saves(self, wait: bool = False) -> None:
+        """Collective: background saves whose files are written become complete (all of
+        them, waiting, with `wait`); nothing to do for synchronous saves."""
+        if self.saver is not None:
+            self.saver.finish(wait)
 
 
 def _state(setup, progress: Progress, loading: bool, with_rng: bool = True,

@@ -239,6 +239,7 @@ class Trainer:
         stopped run keeps its TensorBoard points)."""
         try:
             exited = self._iterate()
+            self.checkpoint.finish_saves(wait=True)  # every save complete before the end
             self._report_data()
         finally:
             self.exits.close()
@@ -282,6 +283,7 @@ class Trainer:
             saved = bool(t.save and t.save_interval and it % t.save_interval == 0)
             if saved:
                 self.save()
+            self.checkpoint.finish_saves()  # background saves whose files are written
             if t.exit_interval and it % t.exit_interval == 0:
                 if t.save and not saved:  # exiting never loses the work done
                     self.save()

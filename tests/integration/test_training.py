@@ -114,13 +114,14 @@ def test_stage3_checkpoint_reshards_tp_ep(tmp_path, workspace):
     assert "iteration 2" in log and "started afresh: RNG (other world size), data order" in log
 
 
-def test_killed_mid_save_keeps_previous_checkpoint(tmp_path, workspace, single_rank):
+@pytest.mark.parametrize("mode", [(), ("--async-save",)], ids=["sync", "async"])
+def test_killed_mid_save_keeps_previous_checkpoint(tmp_path, workspace, single_rank, mode):
     from medmoe_mcore.checkpoint import store
     from medmoe_mcore.models.medmoe import MedMoEModel
 
     r = run_tool("tests/integration/crash_in_save.py", "--init", str(workspace["init"]),
                  "--data-path", str(workspace["shards"]["stage2"]), "--save",
-                 str(tmp_path / "ck"), nproc=2)
+                 str(tmp_path / "ck"), *mode, nproc=2)
     assert r.returncode != 0
     root = tmp_path / "ck"
     assert (root / store.TRACKER).read_text().strip() == "2"
