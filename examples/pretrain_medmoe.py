@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     import json
 
     from medmoe_mcore.config.fields import ConfigError
-    from medmoe_mcore.runtime.parallel import log
+    from medmoe_mcore.runtime.parallel import is_rank0, log
     from medmoe_mcore.training.trainer import RunExited, TrainingStopped
 
     args = parser().parse_args(argv)
@@ -197,8 +197,9 @@ def main(argv=None) -> int:
             pipeline(args)
         else:
             log(json.dumps({"losses": stage_run(args)}))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:  # the same refusal on every rank: said once
+        if is_rank0():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"error: training stopped: {e}", file=sys.stderr)

@@ -11,6 +11,16 @@ STABLELM = dict(vocab_size=997, hidden_size=48, num_hidden_layers=3, num_attenti
                 use_qkv_bias=True, max_position_embeddings=128)
 
 
+def add_tokenizer(folder, vocab_size: int = 1000):
+    """A small byte-level BPE (with <image> and EOS) saved into an HF folder, as real model
+    folders carry one; the importer refuses a folder without a readable tokenizer."""
+    from medmoe_mcore.data.tokenizer import train_bpe
+
+    words = "the chest x-ray shows no acute findings in the left lung and a normal heart size"
+    train_bpe([words, words.upper(), "yes no organ lesion ct mri"], folder, vocab_size)
+    return folder
+
+
 def build(family: str, folder, seed: int = 0, **overrides):
     from transformers import PhiConfig, PhiForCausalLM, StableLmConfig, StableLmForCausalLM
 
@@ -23,7 +33,7 @@ def build(family: str, folder, seed: int = 0, **overrides):
         for p in model.parameters():  # non-trivial norms and biases, not HF's init
             p.normal_(0, 0.1)
     model.save_pretrained(str(folder))
-    return folder
+    return add_tokenizer(folder)
 
 
 # CLIP of a valid small shape: 56 px / patch 14 = 16 patches, 3 layers (feature layer -2 runs 2).
@@ -60,4 +70,4 @@ def build_llava(family: str, folder, seed: int = 0, **text_overrides):
     model = LlavaForConditionalGeneration(config)
     _randomise(model, seed)
     model.save_pretrained(str(folder))
-    return folder
+    return add_tokenizer(folder)

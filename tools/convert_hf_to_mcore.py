@@ -44,6 +44,9 @@ def main(argv=None):
                    help="replace a --save folder that holds a checkpoint (a training run "
                         "included) whole, once the new one is complete; without it such a "
                         "folder is refused")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="import without the folder's tokenizer (by default it must be present, "
+                        "readable and fit the embedding); later steps then take --tokenizer")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -52,6 +55,7 @@ def main(argv=None):
     from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.conversion.assemble import assemble
     from medmoe_mcore.conversion.engine import ConversionError
+    from medmoe_mcore.conversion.hf_files import NO_TOKENIZER
     from medmoe_mcore.conversion.language import import_hf
     from medmoe_mcore.conversion.llava import import_multimodal, is_multimodal
     from medmoe_mcore.runtime import parallel
@@ -69,7 +73,8 @@ def main(argv=None):
             folder = import_multimodal(args.hf_dir, args.save, params_dtype=args.params_dtype,
                                        vision_hf_dir=args.vision_hf_dir, show_progress=progress,
                                        report=report, overwrite=args.overwrite,
-                                       peft_adapter_dir=args.peft_adapter_dir)
+                                       peft_adapter_dir=args.peft_adapter_dir,
+                                       tokenizer=not args.no_tokenizer)
         elif args.vision_hf_dir:
             folder = assemble(args.vision_hf_dir, args.hf_dir, args.save,
                               projector_path=args.projector, image_token_id=args.image_token_id,
@@ -77,13 +82,16 @@ def main(argv=None):
                               params_dtype=args.params_dtype,
                               lm_head_bias=not args.no_lm_head_bias, seed=args.seed,
                               show_progress=progress, report=report,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, tokenizer=not args.no_tokenizer)
         else:
             folder = import_hf(args.hf_dir, args.save, params_dtype=args.params_dtype,
-                               show_progress=progress, overwrite=args.overwrite)
+                               show_progress=progress, overwrite=args.overwrite,
+                               tokenizer=not args.no_tokenizer)
     except (ConversionError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.no_tokenizer:
+        report.append(NO_TOKENIZER)
     for line in report:
         print(f"  {line}")
     print(f"saved Megatron checkpoint: {folder}")

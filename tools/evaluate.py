@@ -71,10 +71,13 @@ def score(args) -> int:
 
     try:
         report = evaluate_predictions(args.gold, args.predictions, args.allow_missing)
-    except (ConfigError, FileNotFoundError, json.JSONDecodeError) as e:
+    except (ConfigError, OSError) as e:  # OSError names its file
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(table(report))
+    if report["unreadable_predictions"]:
+        print(f"unreadable prediction records left out (--allow-missing), by reason: "
+              f"{report['unreadable_predictions']}")
     if report["num_missing"]:
         print(f"{report['num_missing']} question(s) without a prediction were left out")
     if args.report:

@@ -9,7 +9,9 @@ tracker file moves last (atomically), so an interrupted save never replaces a go
 A save never replaces an existing iteration folder and never moves the tracker backwards; a
 release (conversion) into a folder that holds any checkpoint is refused unless `overwrite`,
 which replaces the folder whole. Every save records each file's size and SHA-256
-(integrity.py); loading verifies them first.
+(integrity.py); loading verifies them first. One writer per folder (lock.py): a training run
+holds its --save folder's lock for the whole run, a conversion for its save, and each save's
+temporary folder is named uniquely, so two writers can never mix their files.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from medmoe_mcore.checkpoint import integrity
+from medmoe_mcore.checkpoint.lock import LOCK, FolderLock, refuse_if_held
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.runtime.parallel import log
@@ -49,6 +52,15 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast(value):
+    """Rank 0's `value` on every rank (itself where there are no process groups)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -110,10 +122,10 @@ def resolve(root: str | os.PathLike, step: int | None = None) -> Path:
         raise ConfigError(f"{root}: no {TRACKER}, but iteration folders "
                           f"{tag_for(found[0])} .. {tag_for(found[-1])} (newest {found[-1]}); "
                           f"pass --ckpt-step {found[-1]} to use the newest (or another)")
-    entries = list(root.iterdir())
+    entries = [p for p in root.iterdir() if p.name != LOCK]
     if not entries:
         raise NoCheckpoint(f"{root} is empty")
-    if all(p.name.endswith(".tmp") for p in entries):
+    if all(".tmp" in p.name for p in entries):
         raise NoCheckpoint(f"{root} holds only an interrupted save ({_listing(root)})")
     if (root / "config.json").exists() or any(root.glob("*.safetensors")):
         raise ConfigError(f"{root} holds a Hugging Face model ({_listing(root)}), not a "
@@ -169,9 +181,14 @@ def _holds_checkpoint(root: Path) -> bool:
 
 
 def check_can_release(root: str | os.PathLike, overwrite: bool) -> None:
-    """A conversion may write its release into `root`: refused where `root` holds any
-    checkpoint (a training run included), unless `overwrite` (called before converting)."""
-    root = Path(root)
+    """A conversion may write its release into `root`: refused where a live process owns the
+    folder (lock.py), or where it holds any checkpoint (a training run included) unless
+    `overwrite` (called before converting)."""
+    refuse_if_held(root)
+    _check_release_target(Path(root), overwrite)
+
+
+def _check_release_target(root: Path, overwrite: bool) -> None:
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--save {root}: a file, not a folder")
     if root.exists() and _holds_checkpoint(root) and not overwrite:
@@ -192,6 +209,7 @@ class SaveTarget:
     final: Path
     tmp: Path
     replacing: bool
+    lock: FolderLock | None = None  # a release's, held until the save completes
 
 
 def begin_save(root: str | os.PathLike, iteration: int | None = None,
@@ -199,22 +217,27 @@ def begin_save(root: str | os.PathLike, iteration: int | None = None,
     """Collective: the checks of `save`, then its empty temporary folder."""
     root = Path(root)
     replacing = iteration is None and root.exists() and _holds_checkpoint(root)
+    lock = None
     if iteration is None:
-        check_can_release(root, overwrite)
+        _check_release_target(root, overwrite)
+        if _rank() == 0:  # a training run holds its folder's lock already (resume.py)
+            lock = FolderLock(root, "a conversion's save").acquire()
+            if lock.warning:
+                log(lock.warning)
     else:
         check_can_save(root, iteration)
     _barrier()  # every rank checked the same folder before anyone writes
     target = root.with_name(f"{root.name}.new") if replacing else root
     final = target / tag_for(iteration)
-    tmp = target / f"{final.name}.tmp"
+    # unique per save: two writers can never share a temporary folder
+    tmp = target / f"{final.name}.tmp-{broadcast(os.urandom(6).hex())}"
     if _rank() == 0:
         if replacing:
             shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    return SaveTarget(root, target, final, tmp, replacing)
+    return SaveTarget(root, target, final, tmp, replacing, lock)
 
 
 def complete_save(to: SaveTarget, cfg: ModelConfig, iteration: int | None = None,
@@ -241,6 +264,8 @@ def complete_save(to: SaveTarget, cfg: ModelConfig, iteration: int | None = None
             os.replace(to.root, aside)
             os.replace(to.target, to.root)
             shutil.rmtree(aside)
+    if to.lock is not None:
+        to.lock.release()
     _barrier()
     return to.root / to.final.name
 
@@ -327,6 +352,16 @@ def load_sharded(template: dict, folder: Path) -> dict:
         # BaseException): say where
         raise ConfigError(f"{folder}: cannot read the checkpoint ({_reason(e)}); "
                           f"a shard may be truncated or corrupt (files: {_listing(folder)})"
+                          ) from e
+
+
+def load_common(folder: Path) -> dict:
+    """The checkpoint's common state (iteration, schedule, ...), a failure named like
+    `load_sharded`'s (an unsafe pickle inside is refused by torch's weights-only reader)."""
+    try:
+        return dist_checkpointing.load_common_state_dict(str(folder))
+    except (Exception, CheckpointException) as e:
+        raise ConfigError(f"{folder}: cannot read the checkpoint's common state ({_reason(e)})"
                           ) from e
 
 

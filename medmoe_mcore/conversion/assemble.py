@@ -8,19 +8,19 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from medmoe_mcore.checkpoint import store
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.conventions import DEFAULT_SEED, IMAGE_SENTINEL_ID
-from medmoe_mcore.conversion.engine import ConversionError, plan
+from medmoe_mcore.conversion.engine import ConversionError
 from medmoe_mcore.conversion.hf_config import language_config_from_hf, moe_config_from_hf
-from medmoe_mcore.conversion.hf_files import read_hf_config
+from medmoe_mcore.conversion.hf_files import check_tokenizer, read_hf_config
 from medmoe_mcore.conversion.llava import (clip_config, fill, multimodal_table, save_multimodal,
                                            split_clip)
-from medmoe_mcore.conversion.safetensors_io import SafetensorsDir
+from medmoe_mcore.conversion.preflight import checked_plan
+from medmoe_mcore.conversion.safetensors_io import SafetensorsDir, read_file
 from medmoe_mcore.conversion.tables.vision import Layout, detect_clip_root, vision_config_from_hf
-from medmoe_mcore.conversion.target_model import conversion_model, storage_dtype, weights
+from medmoe_mcore.conversion.target_model import conversion_model, storage_dtype
 from medmoe_mcore.models.transformer_config import DTYPES
 
 
@@ -30,7 +30,7 @@ def _projector_tensors(path) -> dict[str, torch.Tensor]:
     pattern = re.compile(r"(?:.*?(?:mm_projector|multi_modal_projector)\.)?"
                          r"(0|2|linear_1|linear_2)\.(weight|bias)\Z")
     out, unknown = {}, []
-    for key, tensor in load_file(str(path)).items():
+    for key, tensor in read_file(path).items():
         m = pattern.match(key)
         if m:
             out[f"{names[m.group(1)]}.{m.group(2)}"] = tensor
@@ -47,7 +47,7 @@ def assemble(vision_hf_dir, language_hf_dir, save_root, projector_path=None,
              image_token_id: int = IMAGE_SENTINEL_ID, vision_feature_layer: int = -2,
              params_dtype: str | None = None, lm_head_bias: bool = True, seed: int = DEFAULT_SEED,
              show_progress=True, report: list[str] | None = None,
-             overwrite: bool = False) -> Path:
+             overwrite: bool = False, tokenizer: bool = True) -> Path:
     """Stage-1 starting point from public parts: CLIP + Phi-2/StableLM (+ projector file, else
     freshly initialised like Megatron: normal(0, 0.02) weights, zero biases)."""
     store.check_can_release(save_root, overwrite)
@@ -58,6 +58,8 @@ def assemble(vision_hf_dir, language_hf_dir, save_root, projector_path=None,
     if lm.output_layer_bias and not lm_head_bias:
         lm = dataclasses.replace(lm, output_layer_bias=False)
         report.append("dropped lm_head.bias (as the authors' LlavaPhi; HF LLaVA has none)")
+    if tokenizer:
+        check_tokenizer(language_hf_dir, lm.vocab_size)
     vision = vision_config_from_hf(clip_config(vision_hf_dir), vision_feature_layer,
                                    image_token_id)
     dtype = params_dtype or storage_dtype(lm_src)
@@ -69,17 +71,21 @@ def assemble(vision_hf_dir, language_hf_dir, save_root, projector_path=None,
                                               ("linear_2.", "proj/linear_2.")),
                     "lm/model.", "lm/lm_head.")
     clip_keys, aside_keys, _ = split_clip(clip_src.keys(), root, vision, report)
-    sources = {"clip/" + k: (clip_src.get, k) for k in clip_keys}
-    sources.update({"lm/" + k: (lm_src.get, k) for k in lm_src.keys()
+    # key -> (read, shape on the meta device, name in its file)
+    sources = {"clip/" + k: (clip_src.get, clip_src.meta, k) for k in clip_keys}
+    sources.update({"lm/" + k: (lm_src.get, lm_src.meta, k) for k in lm_src.keys()
                     if lm_head_bias or k != "lm_head.bias"})
     projector = _projector_tensors(projector_path) if projector_path else None
     if projector is not None:
-        sources.update({"proj/" + k: (projector.__getitem__, k) for k in projector})
+        sources.update({"proj/" + k: (projector.__getitem__,
+                                      lambda k: projector[k].to("meta"), k) for k in projector})
+    groups = checked_plan(
+        cfg, multimodal_table(cfg, layout), sources,
+        lambda k: sources[k][1](sources[k][2]),
+        f"{vision_hf_dir} + {language_hf_dir}",
+        keep=lambda k: projector is not None or not k.startswith("projector."))
     model = conversion_model(cfg)
-    expected = [k for k in weights(model) if projector is not None
-                or not k.startswith("projector.")]
-    groups = plan(multimodal_table(cfg, layout), sources, expected, to_megatron=True)
-    fill(model, groups, lambda k: sources[k][0](sources[k][1]), DTYPES[params_dtype]
+    fill(model, groups, lambda k: sources[k][0](sources[k][2]), DTYPES[params_dtype]
           if params_dtype else None, show_progress, "parts -> Megatron")
     if projector is None:
         gen = torch.Generator().manual_seed(seed)
@@ -95,6 +101,6 @@ def assemble(vision_hf_dir, language_hf_dir, save_root, projector_path=None,
     hf_cfg = {"text_config": text, "vision_config": clip_config(vision_hf_dir)}
     return save_multimodal(model, cfg, save_root, hf_cfg,
                  {k: clip_src.get(v) for k, v in aside_keys.items()},
-                 tokenizer_dir=language_hf_dir, overwrite=overwrite)
+                 tokenizer_dir=language_hf_dir if tokenizer else None, overwrite=overwrite)
 
 

@@ -94,6 +94,38 @@ def hf_config_object(hf_cfg: dict):
     return AutoConfig.for_model(hf_cfg["model_type"], **fields)
 
 
+NO_TOKENIZER = ("imported without a tokenizer (--no-tokenizer): training, generation, "
+                "evaluation, data preparation and release export will each need --tokenizer")
+
+
+def check_tokenizer(src: str | os.PathLike, vocab_size: int) -> list[str]:
+    """The tokenizer files of an HF folder, proven readable before they are copied: present,
+    loaded by `tokenizers`/`transformers` as training will load them (`<image>` and EOS
+    added), and no id past the embedding's `vocab_size` rows. Returns the names."""
+    from medmoe_mcore.data.tokenizer import Tokenizer
+
+    src = Path(src)
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if not names:
+        raise ConfigError(f"{src}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                          "pass --no-tokenizer to import the weights alone")
+    try:
+        if (src / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as RawTokenizer
+
+            RawTokenizer.from_file(str(src / "tokenizer.json"))
+        tok = Tokenizer(src)
+    except Exception as e:  # noqa: BLE001 - any failure of a third-party parser is named
+        raise ConfigError(f"{src}: tokenizer files {names} cannot be read "
+                          f"({type(e).__name__}: {str(e)[:300]}); fix or remove them and "
+                          "pass --no-tokenizer") from None
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(f"{src}: the tokenizer has {tok.vocab_size} tokens (with <image> and "
+                          f"EOS), the embedding {vocab_size} rows (config.json vocab_size): "
+                          "ids past the embedding cannot be looked up")
+    return names
+
+
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copy the tokenizer files of `src` (an HF folder or a checkpoint's tokenizer/) into
     `dst`; returns the names copied."""

@@ -15,7 +15,9 @@ from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.conversion.engine import convert, plan
 from medmoe_mcore.conversion.hf_config import (hf_config_from_language, language_config_from_hf,
                                                moe_config_from_hf)
-from medmoe_mcore.conversion.hf_files import copy_tokenizer, hf_config_object, read_hf_config
+from medmoe_mcore.conversion.hf_files import (check_tokenizer, copy_tokenizer, hf_config_object,
+                                             read_hf_config)
+from medmoe_mcore.conversion.preflight import checked_plan
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
 from medmoe_mcore.conversion.target_model import (conversion_model, fill_parameters, progress,
                                                   storage_dtype, weight_table, weights)
@@ -23,23 +25,26 @@ from medmoe_mcore.models.transformer_config import DTYPES
 
 
 def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=True,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, tokenizer: bool = True) -> Path:
     """HF Phi/StableLM folder -> Megatron dist checkpoint (loadable at any TP); a `save_root`
-    holding a checkpoint is refused before any work unless `overwrite`."""
+    holding a checkpoint is refused before any work unless `overwrite`. `tokenizer`: the
+    folder's tokenizer is checked and carried (else none is)."""
     store.check_can_release(save_root, overwrite)
     hf_cfg = read_hf_config(hf_dir)
     lm = language_config_from_hf(hf_cfg)
     moe = moe_config_from_hf(hf_cfg)
+    if tokenizer:
+        check_tokenizer(hf_dir, lm.vocab_size)
     src = SafetensorsDir(hf_dir)
     cast = DTYPES[params_dtype] if params_dtype else None
     cfg = ModelConfig(language=lm, moe=moe,
                       params_dtype=params_dtype or storage_dtype(src)).validate()
+    groups = checked_plan(cfg, weight_table(cfg), src.keys(), src.meta, str(hf_dir))
     model = conversion_model(cfg)
-    groups = plan(weight_table(cfg), src.keys(), weights(model).keys(), to_megatron=True)
     fill_parameters(model, convert(groups, src.get, lm, to_megatron=True), cast,
                     progress(len(groups), "HF -> Megatron", show_progress))
     with tempfile.TemporaryDirectory() as tok:
-        copied = copy_tokenizer(hf_dir, tok)
+        copied = copy_tokenizer(hf_dir, tok) if tokenizer else []
         return store.save(
             model.sharded_state_dict(), save_root, cfg,
             extra_files={store.HF_CONFIG: json.dumps(hf_cfg, indent=2)},

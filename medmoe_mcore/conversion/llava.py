@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from medmoe_mcore.checkpoint import store
 from medmoe_mcore.checkpoint.store import PASSTHROUGH
@@ -29,10 +29,13 @@ from medmoe_mcore.conventions import IMAGE_SENTINEL_ID
 from medmoe_mcore.conversion.engine import convert, plan
 from medmoe_mcore.conversion.hf_config import (hf_config_from_language, language_config_from_hf,
                                                moe_config_from_hf)
-from medmoe_mcore.conversion.hf_files import copy_tokenizer, raw_config, read_hf_config
+from medmoe_mcore.conversion.hf_files import (check_tokenizer, copy_tokenizer, raw_config,
+                                             read_hf_config)
 from medmoe_mcore.conversion.mappings import Scoped
 from medmoe_mcore.conversion.peft_adapter import lora_table, read_peft_adapter, targets_of
-from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
+from medmoe_mcore.conversion.preflight import checked_plan
+from medmoe_mcore.conversion.safetensors_io import (AtomicDir, SafetensorsDir, read_file,
+                                                     write_sharded)
 from medmoe_mcore.conversion.tables.language import FAMILIES
 from medmoe_mcore.conversion.tables.vision import (CLIP_WEIGHTS, LAYOUTS, PROJECTOR_WEIGHTS, Layout,
                                                    clip_config_from_vision, detect_layout,
@@ -168,12 +171,15 @@ def save_multimodal(model, cfg, save_root, hf_cfg, aside: dict, tokenizer_dir=No
 
 def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision_hf_dir=None,
                       show_progress=True, report: list[str] | None = None,
-                      overwrite: bool = False, peft_adapter_dir=None) -> Path:
+                      overwrite: bool = False, peft_adapter_dir=None,
+                      tokenizer: bool = True) -> Path:
     """HF LLaVA (or the authors' MoE-LLaVA) folder -> Megatron dist checkpoint; with a PEFT
     adapter folder (ours, conversion/peft_adapter.py) a LoRA checkpoint."""
     store.check_can_release(save_root, overwrite)
     report = [] if report is None else report
     cfg, layout, hf_cfg = read_multimodal_config(hf_dir, vision_hf_dir)
+    if tokenizer:
+        check_tokenizer(hf_dir, cfg.language.vocab_size)
     src = SafetensorsDir(hf_dir)
     cfg.params_dtype = params_dtype or storage_dtype(src)
     cfg.validate()
@@ -191,13 +197,15 @@ def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision
         report.append(f"LoRA adapter {peft_adapter_dir}: rank {lora.rank}, alpha "
                       f"{lora.alpha:g} on {', '.join(lora.target_modules)} "
                       f"({len(adapters)} tensors)")
+    meta_get = (lambda key: adapters[key].to("meta", DTYPES[cfg.params_dtype])  # noqa: E731
+                if peft_adapter_dir is not None and key in adapters else src.meta(key))
+    groups = checked_plan(cfg, table, keys, meta_get, str(hf_dir))
     model = conversion_model(cfg)
-    groups = plan(table, keys, weights(model).keys(), to_megatron=True)
     fill(model, groups, get, DTYPES[params_dtype] if params_dtype else None,
          show_progress, f"{layout.name} -> Megatron")
     report.insert(0, f"layout {layout.name}: {len(keys)} tensors converted")
     return save_multimodal(model, cfg, save_root, hf_cfg, {k: src.get(v) for k, v in aside_keys.items()},
-                 tokenizer_dir=hf_dir, overwrite=overwrite)
+                 tokenizer_dir=hf_dir if tokenizer else None, overwrite=overwrite)
 
 
 def llava_config(cfg: ModelConfig, base: dict | None, drop_lm_head_bias: bool = False) -> dict:
@@ -240,7 +248,7 @@ def kept_aside(folder: Path, cfg: ModelConfig) -> dict:
     that run are written (`cfg` is changed so) plus an identity post_layernorm (never run)."""
     aside_file = folder / PASSTHROUGH / PASSTHROUGH_FILE
     if aside_file.exists():
-        return load_file(str(aside_file))
+        return read_file(aside_file)
     cfg.vision.source_num_layers = None
     h, dtype = cfg.vision.hidden_size, DTYPES[cfg.params_dtype]
     return {"post_layernorm.weight": torch.ones(h, dtype=dtype),

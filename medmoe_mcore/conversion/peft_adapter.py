@@ -28,6 +28,7 @@ from medmoe_mcore.config.lora import LORA_TARGETS, LoRAConfig
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.conversion.engine import ConversionError, convert, plan
 from medmoe_mcore.conversion.mappings import Mapping
+from medmoe_mcore.conversion.safetensors_io import read_file
 from medmoe_mcore.models.moe import names
 
 PEFT_PREFIX = "base_model.model."  # PeftModel's name for the wrapped model
@@ -54,7 +55,7 @@ class LoRAFactor(Mapping):
     def to_megatron(self, tensors, cfg):
         if self.factor == "b":
             return self.weight.to_megatron(tensors, cfg)
-        if any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
+        if not tensors[0].is_meta and any(not torch.equal(t, tensors[0]) for t in tensors[1:]):
             raise ConversionError(
                 f"{self.megatron}: the adapter's {', '.join(self.hf)} have different lora_A "
                 "(trained apart, e.g. by PEFT on the HF model), but Megatron's fused layer holds "
@@ -110,13 +111,18 @@ UNSUPPORTED = (("use_rslora", False), ("use_dora", False), ("bias", "none"),
 
 def read_peft_adapter(folder: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """(the LoRA shape, targets still unset; tensors by HF key without PEFT's prefix)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / name).is_file():
             raise ConfigError(f"--peft-adapter-dir {folder}: no {name}")
-    raw = json.loads((folder / ADAPTER_CONFIG).read_text())
+    try:
+        raw = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{folder / ADAPTER_CONFIG}: not valid JSON ({str(e)[:200]})") \
+            from None
+    if not isinstance(raw, dict) or not all(k in raw for k in ("r", "lora_alpha")):
+        raise ConfigError(f"{folder / ADAPTER_CONFIG}: a JSON object with r and lora_alpha "
+                          "is needed")
     if raw.get("peft_type") != "LORA":
         raise ConfigError(f"{folder / ADAPTER_CONFIG}: peft_type={raw.get('peft_type')!r}, "
                           "only LORA adapters import")
@@ -126,7 +132,7 @@ def read_peft_adapter(folder: Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]
         raise ConfigError(f"{folder / ADAPTER_CONFIG}: {', '.join(bad)}: not a Megatron "
                           "adapter (merge it with PEFT's merge_and_unload() and import the "
                           "merged model)")
-    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    tensors = read_file(folder / ADAPTER_WEIGHTS)
     foreign = sorted(k for k in tensors if not k.startswith(PEFT_PREFIX))
     if foreign:
         raise ConversionError(f"{folder / ADAPTER_WEIGHTS}: keys outside {PEFT_PREFIX!r}: "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import shutil
@@ -12,8 +13,10 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from medmoe_mcore.checkpoint.lock import refuse_if_held
 from medmoe_mcore.config.fields import ConfigError
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -27,38 +30,99 @@ class CorruptFile(ConfigError):
     """A safetensors file or index that cannot be what it claims (named, before any read)."""
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(tensor entries, data start) of one file, checked against the file's size: a
-    truncated or corrupt file is named here instead of failing later in a reshape."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptFile(f"{path}: truncated ({size} bytes, no safetensors header)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise CorruptFile(f"{path}: truncated or not safetensors (header of {header_len} "
-                              f"bytes claimed, file is {size})")
-        try:
-            header = json.loads(f.read(header_len))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptFile(f"{path}: corrupt safetensors header ({e})") from None
+# The format's own limit (the `safetensors` library refuses larger headers).
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _parse_header(path: Path, f, size: int) -> tuple[dict, int]:
+    """(header JSON object, data start), its length sane and its JSON's depth bounded."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise CorruptFile(f"{path}: truncated ({size} bytes, no safetensors header)")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > min(size - 8, MAX_HEADER_BYTES):
+        raise CorruptFile(f"{path}: truncated or not safetensors (header of {header_len} bytes "
+                          f"claimed, file is {size}, the format allows {MAX_HEADER_BYTES})")
+    try:
+        header = json.loads(f.read(header_len))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CorruptFile(f"{path}: corrupt safetensors header ({type(e).__name__}: "
+                          f"{str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise CorruptFile(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    data = size - 8 - header_len
-    for key, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-            known = info["dtype"] in _DTYPES
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFile(f"{path}: tensor {key!r}: corrupt header entry") from None
-        if not known:
-            raise CorruptFile(f"{path}: tensor {key!r}: unknown dtype {info['dtype']!r}")
-        if not 0 <= start <= end <= data:
-            raise CorruptFile(f"{path}: truncated: tensor {key!r} ends at byte {end} of the "
-                              f"data, which has {data}")
     return header, 8 + header_len
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(path: Path, key: str, info) -> tuple[int, int]:
+    """(start, end) of one tensor entry whose dtype, shape and byte length agree."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise CorruptFile(f"{path}: tensor {key!r}: a header entry needs exactly dtype, shape "
+                          f"and data_offsets, found {info!r:.200}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise CorruptFile(f"{path}: tensor {key!r}: unknown dtype {dtype!r:.50} (known: "
+                          f"{', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(n) for n in shape):
+        raise CorruptFile(f"{path}: tensor {key!r}: shape {shape!r:.200} is not a list of "
+                          "non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+            and offsets[0] <= offsets[1]):
+        raise CorruptFile(f"{path}: tensor {key!r}: data_offsets {offsets!r:.200} are not "
+                          "[start, end] with 0 <= start <= end")
+    start, end = offsets
+    need = math.prod(shape) * _DTYPES[dtype].itemsize
+    if end - start != need:
+        raise CorruptFile(f"{path}: tensor {key!r}: {dtype} {shape} needs {need} bytes, its "
+                          f"data_offsets [{start}, {end}] hold {end - start}")
+    return start, end
+
+
+def _check_layout(path: Path, spans: list[tuple[int, int, str]], data: int) -> None:
+    """Tensors tile the data section exactly: no overlap, no hole, nothing past the end."""
+    at, last = 0, None
+    for start, end, key in sorted(spans):
+        if start < at:
+            raise CorruptFile(f"{path}: tensor {key!r} (bytes {start}-{end}) overlaps tensor "
+                              f"{last!r} (which ends at byte {at})")
+        if start > at:
+            raise CorruptFile(f"{path}: bytes {at}-{start} of the data belong to no tensor "
+                              f"(a hole before tensor {key!r})")
+        at, last = end, key
+    if at > data:
+        raise CorruptFile(f"{path}: truncated: tensor {last!r} ends at byte {at} of the data, "
+                          f"which has {data}")
+    if at < data:
+        raise CorruptFile(f"{path}: bytes {at}-{data} of the data belong to no tensor")
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, data start) of one file, checked by the format's rules (those of the
+    `safetensors` library, which reads it once more as a second opinion) and named here, file
+    and tensor, instead of failing later in a reshape or silently aliasing two weights."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header, base = _parse_header(path, f, size)
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptFile(f"{path}: __metadata__ must map strings to strings")
+    spans = [(*_check_entry(path, key, info), key) for key, info in header.items()]
+    _check_layout(path, spans, size - base)
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise CorruptFile(f"{path}: refused by the safetensors library ({e})") from None
+    return header, base
+
+
+def read_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of one small safetensors file (a projector, an adapter), checked first."""
+    _read_header(Path(path))
+    return load_file(str(path))
 
 
 class SafetensorsDir:
@@ -109,6 +173,11 @@ class SafetensorsDir:
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(buf, dtype=dtype).view(info["shape"])
 
+    def meta(self, key: str) -> torch.Tensor:
+        """The tensor's shape and dtype on the meta device (nothing read)."""
+        _, info, _ = self._entries[key]
+        return torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]], device="meta")
+
     def dtypes(self) -> dict[str, torch.dtype]:
         return {k: _DTYPES[info["dtype"]] for k, (_, info, _) in self._entries.items()}
 
@@ -158,6 +227,7 @@ class AtomicDir:
 
     def __init__(self, target: str | os.PathLike, overwrite: bool = False):
         self.target = Path(target)
+        refuse_if_held(self.target)  # a training run's or another converter's folder
         self.tmp = self.target.with_name(f"{self.target.name}.tmp-{os.getpid()}")
         if self.target.exists() and any(self.target.iterdir()) and not overwrite:
             raise FileExistsError(f"{self.target} exists and is not empty")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from medmoe_mcore.config.fields import ConfigError
@@ -30,9 +31,21 @@ def weight_table(cfg: ModelConfig):
     return family.moe_weights if cfg.moe is not None else family.weights
 
 
-def conversion_model(cfg: ModelConfig) -> torch.nn.Module:
+class _OnMeta(TorchFunctionMode):
+    """Every tensor created on the meta device, whatever device Megatron asks for: a model's
+    shapes and size without a byte allocated."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def conversion_model(cfg: ModelConfig, meta: bool = False) -> torch.nn.Module:
     """The model a conversion fills: local backend, parameters left uninitialised (every one
-    is swapped for a converted tensor), in the process groups the entry point made at TP=1."""
+    is swapped for a converted tensor), in the process groups the entry point made at TP=1.
+    `meta`: on the meta device (shapes only), for the checks made before allocating."""
     if not parallel_state.model_parallel_is_initialized():
         raise ConfigError("conversion needs Megatron's process groups: initialise them first "
                           "(runtime.parallel.initialize(ParallelConfig()))")
@@ -41,6 +54,9 @@ def conversion_model(cfg: ModelConfig) -> torch.nn.Module:
     if layout != (1, 1):
         raise ConfigError(f"conversion runs at TP=1/EP=1 (the result loads at any layout); "
                           f"the process groups have TP={layout[0]}, EP={layout[1]}")
+    if meta:
+        with torch.device("meta"), _OnMeta():
+            return build_model(cfg, backend=LOCAL, perform_initialization=False)
     return build_model(cfg, backend=LOCAL, perform_initialization=False)
 
 

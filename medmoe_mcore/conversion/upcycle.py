@@ -21,10 +21,12 @@ from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig, MoEConfig, ParallelConfig
 from medmoe_mcore.conversion.engine import convert, plan
 from medmoe_mcore.conversion.mappings import Direct, Replicate
+from medmoe_mcore.conversion.preflight import require_fits
 from medmoe_mcore.conversion.target_model import conversion_model, weights
 from medmoe_mcore.models.medmoe import build_model
 from medmoe_mcore.models.moe import names
 from medmoe_mcore.models.specs.backends import LOCAL
+from medmoe_mcore.models.transformer_config import DTYPES
 from medmoe_mcore.router import file as router_file
 
 # "<prefix>decoder.layers.{i}.mlp.<rest>": a dense FFN tensor and its layer index.
@@ -50,6 +52,18 @@ def upcycle_table(dense_keys, moe: MoEConfig, num_layers: int):
     return table
 
 
+def _upcycling_bytes(dense_cfg: ModelConfig, moe: MoEConfig) -> int:
+    """The dense model plus the MoE model it becomes, counted on the meta device (before a
+    user's expert count can allocate anything)."""
+    shapes = weights(conversion_model(dense_cfg, meta=True))
+    is_moe, copies = moe.moe_layers(dense_cfg.language.num_layers), moe.num_experts + moe.meta_expert
+    numel = 0
+    for key, t in shapes.items():
+        m = _FFN.fullmatch(key)
+        numel += t.numel() * (1 + (copies if m is not None and is_moe[int(m["i"])] else 1))
+    return numel * DTYPES[dense_cfg.params_dtype].itemsize
+
+
 def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None,
             overwrite: bool = False) -> Path:
     store.check_can_release(save_root, overwrite)
@@ -73,6 +87,9 @@ def upcycle(dense_root, save_root, moe: MoEConfig, router_path=None,
     cfg = ModelConfig(language=lm, moe=moe, vision=dense_cfg.vision,
                       params_dtype=dense_cfg.params_dtype).validate()
 
+    require_fits(_upcycling_bytes(dense_cfg, moe), str(save_root),
+                 f"--num-experts {moe.num_experts}: holding the dense checkpoint and its "
+                 "Med-MoE upcycling")
     dense = conversion_model(dense_cfg)
     store.load_into(dense, folder)
     source = weights(dense)

@@ -59,7 +59,9 @@ def test_questions(path, image_folder=None, prompt_style: str = "authors"
     for r, image_bytes in pairs:
         qid = str(r.get("id", r.get("question_id")))
         turns = r.get("conversations", r.get("conversatons")) or []
-        text = turns[0].get("value") if turns else r.get("question", r.get("text"))
+        first = turns[0] if isinstance(turns, list) and turns else None
+        text = first.get("value") if isinstance(first, dict) else r.get("question",
+                                                                        r.get("text"))
         if not isinstance(text, str) or not r.get("image"):
             problems.append(f"id {qid}: needs a question and an image")
             continue

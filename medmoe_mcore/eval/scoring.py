@@ -17,66 +17,136 @@ from pathlib import Path
 
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.eval.classification import classification_report
-from medmoe_mcore.eval.metrics import BLEU_WEIGHTS, closed_scores, open_scores
+from medmoe_mcore.eval.metrics import BLEU_FIGURES, closed_scores, open_scores
 
 ANSWER_TYPES = {"open": "open", "closed": "closed", "close": "closed"}
 # Overall figures (percentages) and the per-question score each averages.
 OPEN_FIGURES = {"open_recall": "recall", "open_precision": "precision", "open_f1": "f1",
-                "open_exact_match": "exact_match", **{b: b for b in BLEU_WEIGHTS}}
+                "open_exact_match": "exact_match", **{b: b for b in BLEU_FIGURES}}
 CLOSED_FIGURES = {"closed_accuracy": "correct", "closed_strict_accuracy": "strict"}
 
 
-def read_records(path) -> list[dict]:
-    """A JSON list or JSON lines; a bad line is named."""
-    text = Path(path).read_text()
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
+def _decoded_lines(path: Path, data: bytes, skipped: Counter | None):
+    """(line number, text) of each non-blank line; a line of bad UTF-8 is named (or skipped)."""
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            _problem(f"{path}:{n}: not UTF-8 (byte {e.start + 1} of the line)", "not_utf8",
+                     skipped)
+            continue
         if line.strip():
+            yield n, line
+
+
+def _problem(message: str, reason: str, skipped: Counter | None) -> None:
+    """Stop on an unreadable record, or count it by reason where records may be skipped."""
+    if skipped is None:
+        raise ConfigError(message)
+    skipped[reason] += 1
+
+
+def read_records(path, skipped: Counter | None = None) -> list[dict]:
+    """The objects of a JSON list or JSON lines file. A record that cannot be read (bad UTF-8,
+    not JSON, not an object) stops the read naming the file and line, or, given `skipped`, is
+    counted there by reason and left out (a JSON list is all or nothing)."""
+    path = Path(path)
+    data = path.read_bytes()
+    if data.lstrip()[:1] == b"[":
+        try:
+            records = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ConfigError(f"{path}:{line}: not UTF-8") from None
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"{path}: not a JSON list ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+        numbered = list(enumerate(records if isinstance(records, list) else [records], 1))
+        where = "record"
+    else:
+        numbered, where = [], "line"
+        for n, line in _decoded_lines(path, data, skipped):
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{n}: not JSON ({e})") from None
+                numbered.append((n, json.loads(line)))
+            except (ValueError, RecursionError) as e:
+                _problem(f"{path}:{n}: not JSON ({type(e).__name__}: {str(e)[:200]})",
+                         "not_json", skipped)
+    out = []
+    for n, record in numbered:
+        if isinstance(record, dict):
+            out.append(record)
+        else:
+            _problem(f"{path} {where} {n}: a {type(record).__name__}, not a JSON object",
+                     "not_an_object", skipped)
     return out
+
+
+def _id(record: dict):
+    """The record's question id as a string, None when absent or not a string/integer."""
+    qid = record.get("id", record.get("question_id"))
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        return None
+    return str(qid)
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _answer(record: dict) -> str | None:
+    """`answer`, else the first assistant turn of `conversations`."""
+    if "answer" in record:
+        return _text(record["answer"])
+    turns = record.get("conversations")
+    if isinstance(turns, list) and len(turns) > 1 and isinstance(turns[1], dict):
+        return _text(turns[1].get("value"))
+    return None
 
 
 def gold_items(path, records: list[dict] | None = None) -> dict[str, dict]:
     """id -> {answer, answer_type, modality, dataset, labels} of the file's records (or of
-    `records` read from `path`); duplicates and gaps are refused."""
+    `records` read from `path`); unreadable records, duplicates and gaps are refused."""
     items, problems = {}, []
     for n, r in enumerate(read_records(path) if records is None else records, 1):
-        qid = r.get("id", r.get("question_id"))
-        answer = r.get("answer")
-        if answer is None and isinstance(r.get("conversations"), list):
-            answer = next((t.get("value") for t in r["conversations"][1:2]), None)
+        qid, answer = _id(r), _answer(r)
         kind = ANSWER_TYPES.get(str(r.get("answer_type", "")).lower())
-        if isinstance(r.get("labels"), list):
+        labels = r.get("labels")
+        extras = [k for k in ("modality", "dataset") if r.get(k) is not None
+                  and not isinstance(r[k], str)]
+        if labels is not None:
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                problems.append(f"record {n}: labels must be a list of strings")
+                continue
             kind = "classification"
-            if answer not in r["labels"]:
+            if answer not in labels:
                 problems.append(f"record {n}: answer {answer!r} is not one of its labels")
                 continue
-        if qid is None or not isinstance(answer, str) or kind is None:
-            problems.append(f"record {n}: needs id, an answer and answer_type open/closed")
-        elif str(qid) in items:
+        if qid is None or answer is None or kind is None:
+            problems.append(f"record {n}: needs an id (string or integer), an answer string "
+                            "and answer_type open/closed")
+        elif extras:
+            problems.append(f"record {n}: {', '.join(extras)} must be strings")
+        elif qid in items:
             problems.append(f"record {n}: duplicate id {qid!r}")
         else:
-            items[str(qid)] = {"answer": answer, "answer_type": kind,
-                               "modality": r.get("modality") or "-",
-                               "dataset": r.get("dataset") or Path(path).stem,
-                               "labels": r.get("labels")}
+            items[qid] = {"answer": answer, "answer_type": kind,
+                          "modality": r.get("modality") or "-",
+                          "dataset": r.get("dataset") or Path(path).stem, "labels": labels}
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems[:10]))
     return items
 
 
-def prediction_items(path) -> dict[str, str]:
+def prediction_items(path, skipped: Counter | None = None) -> dict[str, str]:
+    """id -> prediction text (ours: `id`, `prediction`; LLaVA's: `question_id`, `text`).
+    Unreadable records stop the read, or with `skipped` are counted and left out."""
     out, duplicates = {}, []
-    for r in read_records(path):
-        qid = str(r.get("id", r.get("question_id")))
-        text = r.get("prediction", r.get("text"))
-        if not isinstance(text, str):
-            raise ConfigError(f"{path}: id {qid}: no 'prediction' (or 'text') string")
+    for n, r in enumerate(read_records(path, skipped), 1):
+        qid, text = _id(r), _text(r.get("prediction", r.get("text")))
+        if qid is None or text is None:
+            _problem(f"{path} record {n}: needs an id (string or integer) and a 'prediction' "
+                     "(or 'text') string", "no_id_or_prediction", skipped)
+            continue
         if qid in out:
             duplicates.append(qid)
         out[qid] = text
@@ -147,9 +217,11 @@ def score(joined: list) -> dict:
 
 def evaluate_predictions(gold_path, predictions_path, allow_missing: bool = False) -> dict:
     """The full report of a prediction file against a gold file, joined by id."""
-    joined, missing = join(gold_items(gold_path), prediction_items(predictions_path),
+    skipped = Counter() if allow_missing else None
+    joined, missing = join(gold_items(gold_path), prediction_items(predictions_path, skipped),
                            allow_missing)
-    return {**score(joined), "num_missing": len(missing), "missing_ids": missing}
+    return {**score(joined), "num_missing": len(missing), "missing_ids": missing,
+            "unreadable_predictions": dict(skipped or {})}
 
 
 def headline(report: dict) -> dict:

@@ -95,7 +95,10 @@ def device() -> torch.device:
 
 
 def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """Rank 0 of the process groups, or of the launch (torchrun's RANK) before they exist."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def log(msg: str) -> None:

@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from medmoe_mcore.checkpoint import store
 from medmoe_mcore.checkpoint.async_save import AsyncSaver
+from medmoe_mcore.checkpoint.lock import FolderLock, FolderLocked
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.runtime import parallel
@@ -88,6 +89,23 @@ _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr",
 # data-layout keys added after checkpoints were first saved, with the behaviour of those saves
 DATA_LAYOUT_BEFORE_KEYS = {"balanced_modality_batches": False}
 
+def _lock_save_folder(train: TrainConfig) -> FolderLock | None:
+    """Collective: rank 0 takes the --save folder's lock for the run (one run per folder), or
+    every rank refuses naming the holder, before any model is built."""
+    lock, refusal = None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = FolderLock(train.save, f"training run (stage {train.stage})").acquire()
+        except FolderLocked as e:
+            refusal = str(e)
+    refusal = store.broadcast(refusal)
+    if refusal is not None:
+        raise FolderLocked(f"--save {refusal}")
+    if lock is not None and lock.warning:
+        log(lock.warning)
+    return lock
+
+
 class RunCheckpoint:
     """`--load` resumes when it holds a checkpoint of the run; otherwise the stage starts from
     `--pretrained-checkpoint`'s weights. Later saves carry the source's extra files along."""
@@ -101,16 +119,22 @@ class RunCheckpoint:
         self.resuming, self.source = start.resuming, start.folder
         if train.verify_checkpoint:  # before anything of it is read
             store.verify_files(self.source)
-        self.common = dist_checkpointing.load_common_state_dict(str(self.source)) \
-            if self.resuming else {}
+        self.common = store.load_common(self.source) if self.resuming else {}
         self.start_iteration = int(self.common.get("iteration", 0))
         self.loads_data_state = self.resuming and train.load_data_state
         if self.loads_data_state:
             self._check_data_layout()
         if self.resuming:
             self._check_schedule()
+        self.lock = None
         if train.save:
+            self.lock = _lock_save_folder(train)
             store.check_can_save(train.save, self.start_iteration + 1)
+
+    def close(self) -> None:
+        """The run is over: its --save folder is free for another."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _check_schedule(self) -> None:
         """Megatron's scheduler silently keeps the checkpoint's schedule: refuse a difference

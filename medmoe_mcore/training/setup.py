@@ -14,6 +14,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from medmoe_mcore.checkpoint import store
+from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.models.medmoe import build_model
 from medmoe_mcore.models.specs.backends import announce
@@ -25,6 +26,11 @@ from medmoe_mcore.training.freezing import apply_stage
 def stage_config(source, par: ParallelConfig, train: TrainConfig) -> ModelConfig:
     """The checkpoint's model with this run's layout and precision choices."""
     cfg = store.read_config(source, par)
+    limit = cfg.language.max_position_embeddings
+    if train.seq_length > limit:  # as Megatron-LM's argument check
+        raise ConfigError(f"--seq-length {train.seq_length} exceeds the model's "
+                          f"max_position_embeddings {limit} ({source}): positions past it were "
+                          "never trained and HF exports declare the model's limit")
     if train.bf16:
         cfg.params_dtype = "bfloat16"
     cfg.recompute_granularity = train.recompute_granularity

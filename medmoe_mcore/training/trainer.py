@@ -242,6 +242,7 @@ class Trainer:
             self.checkpoint.finish_saves(wait=True)  # every save complete before the end
             self._report_data()
         finally:
+            self.checkpoint.close()
             self.exits.close()
             self.data.close()
             if self.valid is not None:

@@ -33,10 +33,38 @@ def test_open_scores_by_hand():
     assert s["precision"] == pytest.approx(2 / 4) and s["recall"] == pytest.approx(2 / 3)
     assert s["f1"] == pytest.approx(2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3))
     assert s["exact_match"] == pytest.approx(2 / 4)  # reference words found / prediction words
-    assert s["bleu_1"] == pytest.approx(0.5)  # 2 of 4 unigrams, no brevity penalty (4 > 3)
+    # BLEU-1 as the authors: raw lower-cased words, 2 of 5 match, no brevity penalty (5 > 3);
+    # ours on the normalised words (the article gone): 2 of 4
+    assert s["bleu_1"] == pytest.approx(2 / 5)
+    assert s["bleu_1_normalized"] == pytest.approx(2 / 4)
     empty = open_scores("two", "")
     assert all(v == 0.0 for v in empty.values())
     assert open_scores("two", "2")["recall"] == 1.0
+
+
+def _authors_bleu(gold: str, prediction: str) -> dict:
+    """BLEU as the authors' run_eval.py computes the paper's figures, written out: nltk's
+    sentence_bleu on the raw strings lower-cased and split on whitespace, smoothing method 1."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    weights = {"bleu_1": (1, 0, 0, 0), "bleu_2": (0, 1, 0, 0), "bleu_3": (0, 0, 1, 0)}
+    return {k: sentence_bleu([gold.lower().split()], prediction.lower().split(), weights=w,
+                             smoothing_function=SmoothingFunction().method1)
+            for k, w in weights.items()}
+
+
+@pytest.mark.parametrize("gold,prediction", [
+    ("Pleural effusion.", "There is a pleural effusion, on the left."),
+    ("left upper lobe", "The Left upper-lobe (LUL)!"),
+    ("2 nodules", "two nodules are seen in the right lung"),
+])
+def test_bleu_is_the_authors_and_normalised_bleu_is_extra(gold, prediction):
+    ours = open_scores(gold, prediction)
+    theirs = _authors_bleu(gold, prediction)
+    for key, value in theirs.items():
+        assert ours[key] == pytest.approx(value, abs=1e-12), key
+    # punctuation and number words make the normalised variant differ: both are reported
+    assert any(ours[k + "_normalized"] != pytest.approx(v) for k, v in theirs.items())
 
 
 def test_closed_scores_substring_and_strict():

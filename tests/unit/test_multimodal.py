@@ -87,7 +87,7 @@ def _as_authors_layout(llava_dir, out, clip_dir):
     text.update(model_type="llava_phi", mm_vision_select_layer=-2,
                 mm_projector_type="mlp2x_gelu", image_tower=str(clip_dir))
     (out / "config.json").write_text(json.dumps(text))
-    return out
+    return tiny_hf.add_tokenizer(out)
 
 
 def test_authors_layout_imports_to_the_same_model(tmp_path, single_rank):

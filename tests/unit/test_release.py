@@ -59,7 +59,7 @@ def _authors_moe(tmp_path, topk: int):
                          eval_capacity_factor=2.0, min_capacity=0, use_residual=False,
                          router_aux_loss_coef=0.01, train_modules=["fc1", "fc2", "wg"]))
     (out / "config.json").write_text(json.dumps(text))
-    return out, clip
+    return tiny_hf.add_tokenizer(out), clip
 
 
 @pytest.mark.parametrize("topk", [1, 2])
