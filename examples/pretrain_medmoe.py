@@ -59,6 +59,7 @@ def configs(args):
 def stage_run(args) -> list:
     """One stage: checks the flags against the checkpoint, then trains."""
     from medmoe_mcore.checkpoint import store
+    from medmoe_mcore.checkpoint.lock import refuse_if_held
     from medmoe_mcore.config.lora import LoRAConfig
     from medmoe_mcore.demo.pipeline import PipelineConfig
     from medmoe_mcore.training.arguments import (given, reconcile_lora, reconcile_with_checkpoint,
@@ -71,6 +72,8 @@ def stage_run(args) -> list:
     train, par, moe_given, _ = configs(args)
     train.validate(dp=1)  # names what is missing, before anything is read
     start = starting_point(train)  # or an error naming what --load holds
+    if train.save:
+        refuse_if_held(train.save)  # another run's folder: refused before anything starts
     source = start.folder
     cfg = stage_config(source, par, train)
     notes = reconcile_with_checkpoint(cfg, source, moe_given, getattr(args, "flavor", None))

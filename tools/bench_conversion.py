@@ -80,11 +80,12 @@ def run_step(step: str, src: str, dst: str, interval: float = 0.05) -> dict:
     code = ("import sys, time, json\n"
             "t = time.perf_counter()\n"
             f"from medmoe_mcore.conversion.language import {'import_hf' if step == 'import' else 'export_hf'} as f\n"
-            "from medmoe_mcore.config import ParallelConfig\n"
+            "from medmoe_mcore.config.model import ParallelConfig\n"
             "from medmoe_mcore.runtime import parallel\n"
             "parallel.initialize(ParallelConfig())\n"
             "t_import = time.perf_counter()\n"
-            f"f({src!r}, {dst!r}, show_progress=False)\n"
+            f"f({src!r}, {dst!r}, show_progress=False"
+            f"{', tokenizer=False' if step == 'import' else ''})\n"  # weights alone
             "print(json.dumps({'seconds': time.perf_counter() - t_import,\n"
             "  'startup_seconds': t_import - t}))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,

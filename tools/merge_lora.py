@@ -13,6 +13,7 @@ import sys
 
 def main(argv=None):
     from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.conversion.lora_merge import merge_checkpoint
     from medmoe_mcore.runtime import parallel
@@ -27,7 +28,7 @@ def main(argv=None):
     try:
         parallel.initialize(ParallelConfig())
         out = merge_checkpoint(args.load, args.save, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"merged checkpoint written to {out}")

@@ -15,6 +15,7 @@ import sys
 
 def main(argv=None):
     from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.config.model import MoEConfig, ParallelConfig
     from medmoe_mcore.conventions import DEFAULT_SEED
     from medmoe_mcore.conversion.upcycle import upcycle
@@ -36,7 +37,7 @@ def main(argv=None):
         moe = moe_config(given(args, MoEConfig), router_file=args.router is not None)
         parallel.initialize(ParallelConfig(), seed=args.seed)
         out = upcycle(args.load, args.save, moe, args.router, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, ConversionError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"MoE checkpoint written to {out}")

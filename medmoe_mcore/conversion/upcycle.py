@@ -56,7 +56,8 @@ def _upcycling_bytes(dense_cfg: ModelConfig, moe: MoEConfig) -> int:
     """The dense model plus the MoE model it becomes, counted on the meta device (before a
     user's expert count can allocate anything)."""
     shapes = weights(conversion_model(dense_cfg, meta=True))
-    is_moe, copies = moe.moe_layers(dense_cfg.language.num_layers), moe.num_experts + moe.meta_expert
+    is_moe = moe.moe_layers(dense_cfg.language.num_layers)
+    copies = moe.num_experts + moe.meta_expert
     numel = 0
     for key, t in shapes.items():
         m = _FFN.fullmatch(key)

@@ -81,3 +81,41 @@ def test_non_finite_training_stops_and_is_never_saved(tmp_path, workspace):
     assert not (tmp_path / "out").exists() or not any(
         p.name.startswith("iter_") and ".tmp" not in p.name
         for p in (tmp_path / "out").iterdir())
+
+
+def test_one_run_per_save_folder_and_a_dead_runs_lock_taken_over(tmp_path, workspace):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    stage2 = ("--stage", "2", "--data-path", workspace["shards"]["stage2"],
+              "--pretrained-checkpoint", workspace["init"])
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    first = subprocess.Popen([sys.executable, "examples/pretrain_medmoe.py", *COMMON,
+                              *map(str, stage2), "--train-iters", "100000", "--save", str(run),
+                              "--save-interval", "100000"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run / "medmoe.lock").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert (run / "medmoe.lock").exists(), "the first run never took the folder's lock"
+        start = time.time()
+        r = _run(*stage2, "--train-iters", "2", "--save", run)
+        assert r.returncode == 2 and f"is in use by training run (stage 2) (pid {first.pid} " \
+            in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
+        assert time.time() - start < 60 and not any(run.glob("iter_*"))
+    finally:
+        first.send_signal(signal.SIGKILL)  # no chance to release: the lock stays, stale
+        first.wait()
+    assert (run / "medmoe.lock").exists()
+    r = _run(*stage2, "--train-iters", "2", "--save", run)
+    assert r.returncode == 0 and "took over the lock of training run (stage 2)" in r.stdout, \
+        r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in run.iterdir()) == ["iter_0000002",
+                                                     "latest_checkpointed_iteration.txt"]

@@ -309,3 +309,9 @@ def test_peft_adapter_imports_back_bit_exact_and_refuses_what_megatron_cannot_ho
     with pytest.raises(ConfigError, match="use_rslora=True: not a Megatron adapter"):
         import_multimodal(tmp_path / "rel", tmp_path / "no", show_progress=False,
                           peft_adapter_dir=apart)
+    # a rank that disagrees with the adapter's tensors: named on the meta device, never built
+    (apart / "adapter_config.json").write_text(json.dumps({**config, "r": 10**6}))
+    with pytest.raises(ConversionError, match=r"check adapter_config.json r=1000000"):
+        import_multimodal(tmp_path / "rel", tmp_path / "no", show_progress=False,
+                          peft_adapter_dir=apart)
+    assert not (tmp_path / "no").exists()
