@@ -29,6 +29,15 @@ class FolderLocked(ConfigError):
     """Another live process owns the folder."""
 
 
+def _job() -> str | None:
+    """The launch this process belongs to (torchrun's run id and rendezvous address): the
+    ranks of one job share it, two live jobs never do (they cannot share a master port)."""
+    if "MASTER_PORT" not in os.environ:
+        return None
+    return (f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}|{os.environ.get('MASTER_ADDR', '')}:"
+            f"{os.environ['MASTER_PORT']}")
+
+
 def _start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (None where unreadable)."""
     try:
@@ -75,7 +84,7 @@ class FolderLock:
         self.folder, self.path = Path(folder), Path(folder) / LOCK
         self.token = uuid.uuid4().hex[:12]
         self.record = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "start_ticks": _start_ticks(os.getpid()), "what": what,
+                       "start_ticks": _start_ticks(os.getpid()), "job": _job(), "what": what,
                        "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": self.token}
         self.warning: str | None = None
         self.held = False
@@ -128,10 +137,13 @@ class FolderLock:
 
 
 def refuse_if_held(folder: str | os.PathLike) -> None:
-    """Refuse to write into a folder a live process owns (a stale lock is no refusal)."""
+    """Refuse to write into a folder a live process of another job owns (a stale lock, or one
+    of this process or of another rank of its job, is no refusal)."""
     path = Path(folder) / LOCK
     if path.exists():
         holder = _read(path)
-        if holder and _alive(holder) is not False and holder.get("pid") != os.getpid():
+        ours = holder.get("pid") == os.getpid() or (_job() is not None
+                                                    and holder.get("job") == _job())
+        if holder and not ours and _alive(holder) is not False:
             raise FolderLocked(f"{folder} is in use by {describe(holder)}: it is not written "
                                f"while that runs (if it is over, delete {path})")
