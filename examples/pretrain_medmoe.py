@@ -174,11 +174,12 @@ def refuse_stage_flags(args) -> None:
 
 def one_process_layout(par):
     """TP = EP = 1 (the pipeline's data, router and evaluation steps) with the run's own
-    backend and collective timeout."""
+    backend, experts' compute and collective timeout."""
     from medmoe_mcore.config.model import ParallelConfig
 
     return ParallelConfig(transformer_impl=par.transformer_impl,
-                          distributed_timeout_minutes=par.distributed_timeout_minutes)
+                          distributed_timeout_minutes=par.distributed_timeout_minutes,
+                          moe_grouped_gemm=par.moe_grouped_gemm)
 
 
 def timed_out(error: BaseException) -> bool:

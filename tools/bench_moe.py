@@ -7,7 +7,9 @@ expert; Megatron-Core MoELayer with the alltoall dispatcher, our lean experts) a
              einsums, plus the meta expert (left out, and said, when its [T, E, capacity]
              dispatch tensor would pass 1 GiB);
   megatron:  the same MoELayer with Megatron's own SequentialMLP experts (scale on the
-             [T, FFN] activation).
+             [T, FFN] activation);
+  grouped:   the same MoELayer with our grouped experts (--moe-grouped-gemm:
+             torch._grouped_mm, all local experts per product).
 
 Both MoE layers run as they train: inside Megatron's DistributedDataParallel (one rank),
 weight gradients into its float32 buffer; the dense FFNs are plain autograd (after the warm-up
@@ -77,6 +79,7 @@ def main(argv=None):
 
     from medmoe_mcore.config.flavors import PHI_BLOCK
     from medmoe_mcore.config.model import LanguageConfig, ModelConfig, MoEConfig, ParallelConfig
+    from medmoe_mcore.models.moe.experts import GroupedExperts
     from medmoe_mcore.models.moe.spec import moe_mlp_spec
     from medmoe_mcore.models.specs.backends import LOCAL
     from medmoe_mcore.models.transformer_config import language_transformer_config
@@ -108,9 +111,12 @@ def main(argv=None):
     moe = MoEConfig(num_experts=E, router_topk=k, layer_freq=1)
     config = language_transformer_config(ModelConfig(language=lm, moe=moe).validate())
     layers = {name: build_module(moe_mlp_spec(moe, backend), config=config, layer_number=1)
-              for name, backend in (("medmoe", LOCAL), ("megatron", dataclasses.replace(
-                  LOCAL, experts=SequentialMLP)))}
-    layers["megatron"].load_state_dict(layers["medmoe"].state_dict())
+              for name, backend in (
+                  ("medmoe", LOCAL),
+                  ("megatron", dataclasses.replace(LOCAL, experts=SequentialMLP)),
+                  ("grouped", dataclasses.replace(LOCAL, experts=GroupedExperts)))}
+    for name in ("megatron", "grouped"):
+        layers[name].load_state_dict(layers["medmoe"].state_dict())
     trained = {name: DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True), layer) for name, layer in layers.items()}
     ref_experts = [ffn_params() for _ in range(E)]
@@ -155,7 +161,9 @@ def main(argv=None):
         timings = {"medmoe": timed_against(lambda: run_layer(trained["medmoe"]), run_dense,
                                            args.repeats),
                    "megatron": timed_against(lambda: run_layer(trained["megatron"]),
-                                             run_dense, args.repeats)}
+                                             run_dense, args.repeats),
+                   "grouped": timed_against(lambda: run_layer(trained["grouped"]), run_dense,
+                                            args.repeats)}
         dispatch_gib = T * E * max(load) * 4 / 2 ** 30
         if dispatch_gib <= 1:
             timings["reference"] = timed_against(run_reference, run_dense, args.repeats)
@@ -166,10 +174,12 @@ def main(argv=None):
             "threads": torch.get_num_threads(),
             "medmoe_s": round(timings["medmoe"][0], 4),
             "megatron_sequential_mlp_s": round(timings["megatron"][0], 4),
+            "grouped_s": round(timings["grouped"][0], 4),
             "dense_k_plus_1_ffn_s": round(timings["medmoe"][1], 4),
             "deepspeed_style_s": None if ref is None else round(ref[0], 4),
             "medmoe_vs_dense": round(timings["medmoe"][2], 3),
             "megatron_vs_dense": round(timings["megatron"][2], 3),
+            "grouped_vs_dense": round(timings["grouped"][2], 3),
             "reference_vs_dense": None if ref is None else round(ref[2], 3),
             "reference_skipped": None if ref is not None else
             f"dispatch tensor {dispatch_gib:.1f} GiB",

@@ -268,6 +268,10 @@ class ParallelConfig:
     distributed_timeout_minutes: int = option(
         10, "a collective that does not complete within this many minutes ends the run with "
         "an error (a stalled or lost rank), never a hang")
+    moe_grouped_gemm: bool | None = option(
+        None, "compute all local experts at once with grouped GEMMs (torch._grouped_mm; the "
+        "same parameters and checkpoints as the sequential experts); unset: on with CUDA, off "
+        "on CPU, where the sequential experts are faster (docs/moe.md)")
 
     def validate(self, language: LanguageConfig) -> None:
         p = "parallel"

@@ -9,7 +9,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.models.lora.linears import initialize_adapters
 from medmoe_mcore.models.moe.expert_params import tag_expert_parameters
-from medmoe_mcore.models.specs.backends import Backend, backend_for
+from medmoe_mcore.models.specs.backends import Backend, run_backend
 from medmoe_mcore.models.specs.language import language_block_spec
 from medmoe_mcore.models.transformer_config import language_transformer_config
 
@@ -31,7 +31,7 @@ class LanguageModel(GPTModel):
         super().__init__(
             config=config,
             transformer_layer_spec=language_block_spec(
-                lm, backend or backend_for(cfg.parallel.transformer_impl), cfg.moe, cfg.lora),
+                lm, backend or run_backend(cfg.parallel), cfg.moe, cfg.lora),
             vocab_size=lm.padded_vocab_size,
             max_sequence_length=lm.max_position_embeddings,
             parallel_output=parallel_output,

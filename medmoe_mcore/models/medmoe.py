@@ -21,7 +21,7 @@ from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.conventions import IGNORE_INDEX
 from medmoe_mcore.models.language import LanguageModel
-from medmoe_mcore.models.specs.backends import Backend, backend_for
+from medmoe_mcore.models.specs.backends import Backend, run_backend
 from medmoe_mcore.models.specs.vision import projector_spec, vision_layer_spec
 from medmoe_mcore.models.transformer_config import (projector_transformer_config,
                                                     vision_transformer_config)
@@ -103,7 +103,7 @@ class MedMoEModel(MegatronModule):
         cfg.validate()
         if cfg.vision is None:
             raise ConfigError("vision: the multimodal model needs a vision config")
-        backend = backend or backend_for(cfg.parallel.transformer_impl)
+        backend = backend or run_backend(cfg.parallel)
         language = LanguageModel(cfg, backend, perform_initialization, parallel_output,
                                  scatter_embedding_sequence_parallel=False)
         super().__init__(config=language.config)

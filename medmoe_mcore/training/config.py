@@ -114,6 +114,15 @@ class TrainConfig:
     tensorboard_dir: Optional[str] = option(None, "TensorBoard logs (one subfolder per stage)")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over data-parallel "
                                              "ranks (Megatron's distributed optimizer)")
+    overlap_grad_reduce: bool = option(
+        False, "reduce gradients bucket by bucket while the backward pass still runs (Megatron "
+        "DDP's overlap)")
+    overlap_param_gather: bool = option(
+        False, "gather the distributed optimizer's updated parameters bucket by bucket during "
+        "the next forward pass (needs --use-distributed-optimizer)")
+    ddp_bucket_size: Optional[int] = option(
+        None, "parameters per gradient-reduction bucket (Megatron's default: max(40M, 1M x "
+        "data-parallel size) when overlapping, one bucket otherwise)")
     train_projector: bool = option(True, "stage 3 also trains the projector (the authors' "
                                    "name filter does)")
     bf16: bool = option(False, "train in bfloat16 (parameters and activations)")
@@ -170,6 +179,12 @@ class TrainConfig:
                                                  ("--finetune", self.finetune)) if given]
         if without_load and self.load is None:
             raise ConfigError(f"{', '.join(without_load)} without --load")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather without --use-distributed-optimizer: "
+                              "only the distributed optimizer gathers parameters")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ConfigError(f"--ddp-bucket-size {self.ddp_bucket_size}: must be a positive "
+                              "integer")
         if self.exit_signal is not None and not self.exit_signal_handler:
             raise ConfigError(f"--exit-signal {self.exit_signal} without --exit-signal-handler: "
                               "no handler would catch it")

@@ -5,6 +5,8 @@ the cosine schedule."""
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +64,9 @@ def wrap(model: torch.nn.Module, trainable: list[str], cfg: ModelConfig,
     ddp = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(
             use_distributed_optimizer=train.use_distributed_optimizer,
-            grad_reduce_in_fp32=True), model)
+            overlap_grad_reduce=train.overlap_grad_reduce,
+            overlap_param_gather=train.overlap_param_gather,
+            bucket_size=train.ddp_bucket_size, grad_reduce_in_fp32=True), model)
     model.config.no_sync_func = ddp.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(OptimizerConfig(
@@ -78,6 +82,22 @@ def wrap(model: torch.nn.Module, trainable: list[str], cfg: ModelConfig,
         use_checkpoint_opt_param_scheduler=train.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=train.override_opt_param_scheduler)
     return TrainingSetup(model, ddp, optimizer, scheduler, trainable)
+
+
+@contextlib.contextmanager
+def params_in_sync(ddp: DistributedDataParallel):
+    """Every parameter current on this rank while the block runs (a save, an evaluation):
+    with --overlap-param-gather the distributed optimizer's updated shards otherwise reach the
+    other ranks only during the next training forward pass (Megatron-LM's training loop does
+    the same around its saves and evaluations)."""
+    if not ddp.use_forward_hook:
+        yield
+        return
+    ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()
 
 
 def token_step(setup: TrainingSetup, tokens: torch.Tensor, positions: torch.Tensor):

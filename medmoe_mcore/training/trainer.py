@@ -134,7 +134,8 @@ class Trainer:
                 f"iteration {self.iteration}: not saving: parameters hold non-finite values "
                 f"({', '.join(bad[:3]) or 'on another rank'}); the last checkpoint stays "
                 "the latest")
-        return self.checkpoint.save(self.setup, self.progress, self.data)
+        with training_setup.params_in_sync(self.setup.ddp):
+            return self.checkpoint.save(self.setup, self.progress, self.data)
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -185,7 +186,7 @@ class Trainer:
         rng = rng_state()
         s.ddp.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), training_setup.params_in_sync(s.ddp):
                 micro = self.valid.micro_batches(iters * self._micro_per_step)
                 losses = [x for i in range(0, len(micro), self._micro_per_step)
                           for x in self._losses(micro[i:i + self._micro_per_step], True)]

@@ -87,6 +87,7 @@ def main():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--moe-grouped-gemm", action="store_true", help="the grouped experts")
     args = p.parse_args()
 
     from medmoe_mcore.checkpoint import store
@@ -96,7 +97,8 @@ def main():
     from medmoe_mcore.runtime import parallel
 
     par = ParallelConfig(tensor_model_parallel_size=args.tp, sequence_parallel=args.tp > 1,
-                         expert_model_parallel_size=args.ep)
+                         expert_model_parallel_size=args.ep,
+                         moe_grouped_gemm=args.moe_grouped_gemm)
     parallel.initialize(par, seed=3)
     results = {}
     for name in args.variants.split(","):

@@ -15,7 +15,8 @@ def test_bench_moe_reports_both_regimes_for_every_expert_count():
         (2, "balanced"), (2, "skewed"), (4, "balanced"), (4, "skewed")]
     for line in lines:
         assert sum(line["tokens_per_expert_max_mean"]) > 0
-        for key in ("medmoe_vs_dense", "megatron_vs_dense", "reference_vs_dense"):
+        for key in ("medmoe_vs_dense", "megatron_vs_dense", "grouped_vs_dense",
+                    "reference_vs_dense"):
             assert line[key] > 0, (key, line)
     # skewed: one modality, so (nearly) every token picks the same top-k experts
     assert lines[3]["tokens_per_expert_max_mean"][0] == 64

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from medmoe_mcore.checkpoint import store
 from medmoe_mcore.conversion.engine import ConversionError
 from medmoe_mcore.conversion.language import export_hf, import_hf
+from tests import tiny_hf
 from tests.conftest import run_tool
 
 AUTHORS_MOE_KEYS = ("moe_enable", "moe_mode", "moe_layers_idx", "ep_size", "top_k_experts",
@@ -70,6 +71,7 @@ def _authors_folder(ours, folder):
     tensors = {k: v for k, v in load_file(ours / "model.safetensors").items()
                if k != "lm_head.bias"}
     save_file(tensors, folder / "model.safetensors")
+    tiny_hf.add_tokenizer(folder)
     return tensors
 
 

@@ -33,15 +33,24 @@ def reference(tmp_path_factory):
     return root, _merged(root / "ref")
 
 
-@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 1), (2, 2)])
-def test_moe_layouts_equal_tp1_ep1(reference, tp, ep):
+# The grouped experts (--moe-grouped-gemm) against the sequential TP1/EP1 reference, at EP2
+# and TP2+SP x EP2 (LoRA variants run the sequential path there, so they are left out).
+GROUPED = ("phi_e4_top2_token,stablelm_e4_top1_sample,phi_e6_top2_sample,"
+           "stablelm_e2_top1_token,phi_e4_top1_allgather,phi_e4_learned_top2")
+
+
+@pytest.mark.parametrize("tp,ep,grouped", [(1, 2, False), (2, 1, False), (2, 2, False),
+                                           (1, 2, True), (2, 2, True)])
+def test_moe_layouts_equal_tp1_ep1(reference, tp, ep, grouped):
     root, ref = reference
-    prefix = root / f"tp{tp}ep{ep}"
+    prefix = root / f"tp{tp}ep{ep}{'grouped' if grouped else ''}"
+    extra = ("--moe-grouped-gemm", "--variants", GROUPED) if grouped else ()
     _ok(run_tool(SCRIPT, "--load", str(root / "ckpt"), "--tp", str(tp), "--ep", str(ep),
-                 "--out", str(prefix), nproc=tp * ep, timeout=600))
+                 "--out", str(prefix), *extra, nproc=tp * ep, timeout=600))
     got = _merged(prefix)
     data_parallel = ep > 1  # world = TP x EP here, so DP = EP
-    for variant, r in ref.items():
+    assert set(got) == (set(GROUPED.split(",")) if grouped else set(ref))
+    for variant, r in ((v, ref[v]) for v in got):
         assert torch.allclose(r["loss"], got[variant]["loss"], atol=1e-5), variant
         if variant.startswith("phi_e4_learned") and data_parallel:
             # The load-balancing loss is a nonlinear function of each rank's micro-batch

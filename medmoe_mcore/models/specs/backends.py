@@ -6,13 +6,15 @@ one conversion table serves both, and checkpoints never carry backend-specific s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from medmoe_mcore.config.fields import ConfigError
-from medmoe_mcore.models.moe.experts import LeanSequentialMLP
+from medmoe_mcore.config.model import ParallelConfig
+from medmoe_mcore.models.moe.experts import GroupedExperts, LeanSequentialMLP
 from medmoe_mcore.models.specs.layers import ExpertRowParallelLinear
 from medmoe_mcore.models.specs.norm import LayerNorm
 from medmoe_mcore.models.specs.sdpa import SDPAttention
@@ -31,6 +33,7 @@ class Backend:
     expert_column_linear: type
     expert_row_linear: type
     experts: type
+    grouped_experts: type | None = None  # --moe-grouped-gemm's experts (same parameters)
 
 
 # experts: the routed experts' compute, the routing weight applied after fc2 (moe/experts.py)
@@ -39,7 +42,11 @@ class Backend:
 LOCAL = Backend("local", "Megatron-Core's local (PyTorch) modules, core attention on torch "
                 "scaled_dot_product_attention", LayerNorm, ColumnParallelLinear,
                 RowParallelLinear, SDPAttention, ColumnParallelLinear, ExpertRowParallelLinear,
-                LeanSequentialMLP)
+                LeanSequentialMLP, GroupedExperts)
+# --moe-grouped-gemm's default per device (measured: docs/benchmarks.md, "MoE layer against its
+# dense FFNs"): torch's grouped GEMM is the Hopper fast path; on CPU the sequential experts'
+# weight-left MKL products are faster.
+GROUPED_BY_DEFAULT = {"cuda": True, "cpu": False}
 
 
 def transformer_engine_backend() -> Backend | None:
@@ -70,6 +77,24 @@ def backend_for(transformer_impl: str) -> Backend:
         raise ConfigError(f"--transformer-impl {transformer_impl}: not available here (choose "
                           f"'local', or install Transformer Engine for 'transformer_engine')")
     return te
+
+
+def run_backend(parallel: ParallelConfig) -> Backend:
+    """The backend of a run: `--transformer-impl`'s, with the grouped experts when
+    `--moe-grouped-gemm` is on (unset: the default of the device the run uses)."""
+    from medmoe_mcore.runtime.parallel import device
+
+    backend = backend_for(parallel.transformer_impl)
+    grouped = parallel.moe_grouped_gemm
+    if grouped is None:
+        grouped = GROUPED_BY_DEFAULT[device().type]
+    if not grouped:
+        return backend
+    if backend.grouped_experts is None:
+        raise ConfigError(f"--moe-grouped-gemm with --transformer-impl {backend.name}: not "
+                          "available (Transformer Engine's grouped experts keep other "
+                          "checkpoint keys); use --transformer-impl local")
+    return dataclasses.replace(backend, experts=backend.grouped_experts)
 
 
 def announce(transformer_impl: str) -> str:
