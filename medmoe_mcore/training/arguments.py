@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -35,11 +36,12 @@ def flag_of(cls, name: str) -> str:
 def _kind(hint) -> tuple[Any, tuple | None]:
     """(argparse type or 'bool', choices) of a field's annotation."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # Optional[X] or X | None
+    if union and len(args) == 1:
         return _kind(args[0])  # Optional[X]
     if typing.get_origin(hint) is typing.Literal:
         return type(args[0]), tuple(args)
-    if typing.get_origin(hint) is typing.Union:  # Union[int, list]: the layer-freq syntax
+    if union:  # Union[int, list]: the layer-freq syntax
         return layer_freq, None
     if typing.get_origin(hint) is list:  # list[X]: one or more values
         return ("list", typing.get_args(hint)[0]), None
