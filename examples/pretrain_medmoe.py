@@ -174,12 +174,12 @@ def refuse_stage_flags(args) -> None:
 
 def one_process_layout(par):
     """TP = EP = 1 (the pipeline's data, router and evaluation steps) with the run's own
-    backend, experts' compute and collective timeout."""
-    from medmoe_mcore.config.model import ParallelConfig
+    backend, kernels and collective timeout."""
+    import dataclasses
 
-    return ParallelConfig(transformer_impl=par.transformer_impl,
-                          distributed_timeout_minutes=par.distributed_timeout_minutes,
-                          moe_grouped_gemm=par.moe_grouped_gemm)
+    return dataclasses.replace(par, tensor_model_parallel_size=1, sequence_parallel=False,
+                               expert_model_parallel_size=1, expert_tensor_parallel_size=1,
+                               pipeline_model_parallel_size=1)
 
 
 def timed_out(error: BaseException) -> bool:

@@ -10,22 +10,15 @@ exists), its type, default, choices and help from the field.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from medmoe_mcore.config.fields import option, require, require_divisible, require_positive_ints
 from medmoe_mcore.config.lora import LoRAConfig
+from medmoe_mcore.config.parallel import (  # noqa: F401 - the tree's names, one import
+    TRANSFORMER_IMPLS, ParallelConfig, transformer_engine_importable)
 from medmoe_mcore.conventions import IGNORE_INDEX, IMAGE_SENTINEL_ID
-
-# Megatron-LM's --transformer-impl values.
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
-
-
-def transformer_engine_importable() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
-
 
 @dataclass
 class LanguageConfig:
@@ -247,88 +240,6 @@ class MoEConfig:
 
 
 @dataclass
-class ParallelConfig:
-    """Process layout of a run and how its processes execute (never saved with checkpoints:
-    any layout loads any checkpoint)."""
-
-    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks")
-    sequence_parallel: bool = option(False, "split the sequence over the tensor-parallel ranks "
-                                     "outside attention/MLP (needs TP > 1)")
-    expert_model_parallel_size: int = option(1, "expert-parallel ranks (must divide the number "
-                                             "of experts)")
-    # Experts are whole on each rank by default (biased experts require it in Megatron).
-    expert_tensor_parallel_size: int = option(1, "tensor-parallel ranks inside each expert "
-                                              "(1 for biased experts such as Phi-2's)")
-    pipeline_model_parallel_size: int = option(1, "pipeline stages (only 1 is supported)")
-    # How the run executes, never saved either: a checkpoint loads into either backend.
-    transformer_impl: str = option(
-        "local", "layer modules: Megatron-Core's local (PyTorch) ones, attention on torch SDPA, "
-        "or Transformer Engine's (needs transformer_engine; checked against the local path "
-        "by tools/check_backend.py)", choices=TRANSFORMER_IMPLS)
-    distributed_timeout_minutes: int = option(
-        10, "a collective that does not complete within this many minutes ends the run with "
-        "an error (a stalled or lost rank), never a hang")
-    moe_grouped_gemm: bool | None = option(
-        None, "compute all local experts at once with grouped GEMMs (torch._grouped_mm; the "
-        "same parameters and checkpoints as the sequential experts); unset: on with CUDA, off "
-        "on CPU, where the sequential experts are faster (docs/moe.md)")
-
-    def validate(self, language: LanguageConfig) -> None:
-        p = "parallel"
-        tp = self.tensor_model_parallel_size
-        require_positive_ints(self, p, ("tensor_model_parallel_size",
-                                        "expert_model_parallel_size",
-                                        "expert_tensor_parallel_size",
-                                        "pipeline_model_parallel_size",
-                                        "distributed_timeout_minutes"))
-        require(self.transformer_impl in TRANSFORMER_IMPLS,
-                f"{p}.transformer_impl={self.transformer_impl!r} (--transformer-impl): must be "
-                f"one of {list(TRANSFORMER_IMPLS)}")
-        require(self.transformer_impl != "transformer_engine" or transformer_engine_importable(),
-                "--transformer-impl transformer_engine: Transformer Engine is not installed "
-                "here (no module named transformer_engine); use --transformer-impl local (the "
-                "default) or a Transformer Engine image such as NGC PyTorch (docs/gpu.md)")
-        require(self.pipeline_model_parallel_size == 1,
-                f"{p}.pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
-                "pipeline parallelism is not supported yet")
-        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                     "padded_vocab_size"):
-            value = getattr(language, name)
-            require(value % tp == 0,
-                    f"{p}.tensor_model_parallel_size={tp} does not divide "
-                    f"language.{name}={value}")
-        require(not self.sequence_parallel or tp > 1,
-                f"{p}.sequence_parallel=True needs tensor_model_parallel_size > 1 (got {tp})")
-
-    def validate_vision(self, vision: Optional[VisionConfig]) -> None:
-        """The vision tower and projector run on the language model's TP group, without SP."""
-        if vision is None:
-            return
-        tp = self.tensor_model_parallel_size
-        for name in ("num_attention_heads", "ffn_hidden_size"):
-            value = getattr(vision, name)
-            require(value % tp == 0, f"parallel.tensor_model_parallel_size={tp} does not "
-                    f"divide vision.{name}={value}")
-
-    def validate_experts(self, language: LanguageConfig, moe: Optional[MoEConfig]) -> None:
-        p = "parallel"
-        ep, etp = self.expert_model_parallel_size, self.expert_tensor_parallel_size
-        if moe is None:
-            require(ep == 1 and etp == 1, f"{p}.expert_model_parallel_size={ep} / "
-                    f"expert_tensor_parallel_size={etp} need an MoE model (moe is None)")
-            return
-        require(moe.num_experts % ep == 0,
-                f"{p}.expert_model_parallel_size={ep} does not divide moe.num_experts="
-                f"{moe.num_experts}")
-        require(etp == 1 or not language.add_bias_linear,
-                f"{p}.expert_tensor_parallel_size={etp}: experts with biases "
-                "(language.add_bias_linear=True) need 1")
-        require(language.ffn_hidden_size % etp == 0,
-                f"{p}.expert_tensor_parallel_size={etp} does not divide "
-                f"language.ffn_hidden_size={language.ffn_hidden_size}")
-
-
-@dataclass
 class ModelConfig:
     language: LanguageConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -355,6 +266,11 @@ class ModelConfig:
                 "or 'selective'")
         require(self.params_dtype in ("float32", "bfloat16", "float16"),
                 f"params_dtype={self.params_dtype!r}: must be float32, bfloat16 or float16")
+        require(self.parallel.cross_entropy_loss_fusion is not True
+                or self.params_dtype == "bfloat16",
+                f"--cross-entropy-loss-fusion: Megatron's native fused cross-entropy returns the "
+                f"logits' gradient in bfloat16, this model computes in {self.params_dtype}; "
+                "drop the flag or train in bfloat16")
         return self
 
     # Architecture and storage dtype travel with checkpoints; the parallel layout does not.

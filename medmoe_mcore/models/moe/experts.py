@@ -21,6 +21,7 @@ import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from medmoe_mcore.models.moe.expert_linear import expert_linear, pad_short_block
+from medmoe_mcore.models.transformer_config import expert_activation
 
 
 def _local_linear(linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -44,15 +45,15 @@ class LeanSequentialMLP(SequentialMLP):
 
     def _activation(self, x: torch.Tensor) -> torch.Tensor:
         config = self.config
-        if config.gated_linear_unit:
-            gate, linear = torch.chunk(x, 2, dim=-1)
-            return config.activation_func(gate) * linear
-        return config.activation_func(x)
+        if config.bias_activation_fusion or not config.gated_linear_unit:
+            return expert_activation(config)(x)
+        gate, linear = torch.chunk(x, 2, dim=-1)
+        return config.activation_func(gate) * linear
 
     def _lean_applies(self) -> bool:
         """Megatron's variants this compute does not reproduce run Megatron's own code."""
         c = self.config
-        return not (c.moe_apply_probs_on_input or c.fp8 or c.fp4 or c.bias_activation_fusion
+        return not (c.moe_apply_probs_on_input or c.fp8 or c.fp4
                     or c.use_te_activation_func or c.activation_func_clamp_value is not None
                     or c.glu_linear_offset != 0)
 

@@ -47,8 +47,6 @@ LOCAL = Backend("local", "Megatron-Core's local (PyTorch) modules, core attentio
 # dense FFNs"): torch's grouped GEMM is the Hopper fast path; on CPU the sequential experts'
 # weight-left MKL products are faster.
 GROUPED_BY_DEFAULT = {"cuda": True, "cpu": False}
-
-
 def transformer_engine_backend() -> Backend | None:
     """The TE backend when Transformer Engine is importable, else None."""
     try:
