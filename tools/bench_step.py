@@ -189,6 +189,8 @@ def main(argv=None):
                    help="dense peak per GPU for MFU (default: by GPU name, "
                    f"{', '.join(f'{k} {v:g}' for k, v in PEAK_BF16_TFLOPS)})")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
+                   help="the experts as grouped GEMMs (default: the device's, docs/moe.md)")
     args = p.parse_args(argv)
 
     from medmoe_mcore.config.flavors import PHI_BLOCK
@@ -204,7 +206,8 @@ def main(argv=None):
                         num_query_groups=args.num_attention_heads,
                         ffn_hidden_size=args.ffn_hidden_size,
                         max_position_embeddings=args.seq_length, rotary_percent=0.4)
-    layout = ParallelConfig(expert_model_parallel_size=args.expert_model_parallel_size)
+    layout = ParallelConfig(expert_model_parallel_size=args.expert_model_parallel_size,
+                            moe_grouped_gemm=args.moe_grouped_gemm)
     moe_configs = [ModelConfig(language=lm, params_dtype=dtype, parallel=layout, moe=MoEConfig(
         num_experts=e, router_topk=args.moe_router_topk, renormalize=args.moe_router_topk == 2)
     ).validate() for e in experts]  # every point's flags checked before the first step

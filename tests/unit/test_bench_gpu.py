@@ -1,0 +1,38 @@
+"""tools/bench_gpu.py (the GPU suite): refused on a machine without CUDA before anything runs;
+its report reads the figures its parts print (bench_step's and bench_decode's JSON lines)."""
+
+import pytest
+import torch
+
+from tools import bench_gpu
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines")
+def test_the_suite_refuses_a_machine_without_cuda(tmp_path, capsys):
+    assert bench_gpu.main(["--out", str(tmp_path / "r")]) == 2
+    assert "needs a CUDA GPU: torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_report_tables_read_the_parts_output():
+    step = ('[medmoe] {"step": "Med-MoE stage 3", "num_experts": 4, "step_s": 0.5, '
+            '"tokens_per_s": 16384.0, "flops_all_ranks": 2.0e14, "mfu": 0.404, '
+            '"peak_memory_gib_max_rank": 61.2}\nnoise {not json\n'
+            '{"num_experts": 4, "time_ratio": 1.2, "flop_ratio": 1.1, '
+            '"time_over_flop_ratio": 1.091, "target": "<= 1.15"}')
+    decode = ('{"batch": 1, "position": 16, "device_busy_share": 0.5, "kernels_per_step": 900}\n'
+              '{"flavor": "phi2", "batch": 1, "ms_per_step": {"16": 10.0}, "tokens_per_s": 100.0}')
+    report = {"gpu": "NVIDIA H200", "date": "2026-12-05", "torch": "2.x", "command": "c",
+              "open": ["CUDA-graph decoding"],
+              "parts": {"step_grouped": {"rc": 0, "results": bench_gpu.json_lines(step)},
+                        "decode_dense": {"rc": 0, "results": bench_gpu.json_lines(decode)},
+                        "decode_moe": {"rc": "timeout", "results": []}}}
+    table = bench_gpu.markdown(report)
+    assert "| step_grouped | Med-MoE stage 3 (E=4) | 16384 | 400 | 0.404 | 61.2 |" in table
+    assert "ratio 1.091" in table
+    assert "| decode_dense | 1 | {'16': 10.0} | 100.0 | 0.5 | 900 |" in table
+    assert "Failed parts: decode_moe (rc timeout)" in table and "CUDA-graph decoding" in table
+
+
+def test_the_suite_fits_its_time_budget():
+    assert sum(limit for _, limit in bench_gpu.PARTS.values()) <= 8 * 60

@@ -1,0 +1,145 @@
+"""The GPU suite: on one CUDA GPU, the project's benchmarks at the shapes that matter, in one
+command, each part in a process of its own with its own time limit; writes `gpu_report.json`
+(every figure, the GPU, the date, the commands) and `gpu_report.md` (tables to paste into
+docs/benchmarks.md).
+
+    python tools/bench_gpu.py --out gpu_report        # on an offline GPU node (docs/gpu.md)
+
+Parts:
+  step_grouped / step_sequential: tools/bench_step.py at Phi-2 width (hidden 2560, FFN 10240,
+      32 heads, 8 layers of which 4 Med-MoE, 4 experts top-2 + meta expert, vocabulary 51200,
+      sequence 2048, micro-batch 4, bf16): the dense stage-2 step and the stage-3 step,
+      tokens/s, TFLOP/s, MFU against the GPU's bf16 dense peak, peak memory; grouped experts
+      (--moe-grouped-gemm) on, then off.
+  decode_dense / decode_moe: tools/bench_decode.py, Phi-2-shaped Med-MoE model (dense, and 4
+      experts top-2 + meta expert) in bf16 at batch 1 and 8: ms per token, tokens/s, the share
+      of a step the GPU is busy and its kernel launches.
+
+Not in the suite yet (the report lists them as open): the MoE layer alone on the GPU, HF
+`generate` side by side on an exported release, CUDA-graph decoding, the full 32-layer stage 3
+against a memory model. A machine without CUDA is refused before anything runs.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP = ["-m", "torch.distributed.run", "--nproc_per_node", "1", "tools/bench_step.py", "--bf16",
+        "--vocab-size", "51200", "--seq-length", "2048", "--micro-batch-size", "4",
+        "--num-layers", "8", "--hidden-size", "2560", "--ffn-hidden-size", "10240",
+        "--num-attention-heads", "32", "--expert-model-parallel-size", "1", "--num-experts",
+        "4", "--moe-router-topk", "2", "--steps", "5"]
+DECODE = ["tools/bench_decode.py", "--flavor", "phi2", "--bf16", "--positions", "16", "256",
+          "--batch-sizes", "1", "8", "--profile"]
+# name: (arguments after `python`, seconds allowed)
+PARTS = {
+    "step_grouped": (STEP + ["--moe-grouped-gemm"], 150),
+    "step_sequential": (STEP + ["--no-moe-grouped-gemm"], 150),
+    "decode_dense": (DECODE, 90),
+    "decode_moe": (DECODE + ["--num-experts", "4", "--moe-router-topk", "2"], 90),
+}
+OPEN = ["MoE layer alone on the GPU (grouped vs sequential vs the k+1 dense FFNs, E = 4, 16, 64)",
+        "HF transformers generate on the same exported release, side by side",
+        "CUDA-graph decoding",
+        "full 32-layer Phi-2 Med-MoE stage 3 against a memory model"]
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON objects a benchmark printed, one per line (after any log prefix)."""
+    found = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            value = json.loads(line[start:])
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+    return found
+
+
+def run_part(name: str, arguments: list[str], limit: int) -> dict:
+    command = [sys.executable, *arguments]
+    print(f"[bench_gpu] {name}: {' '.join(arguments)} (at most {limit} s)", flush=True)
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=limit,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        rc, out, err = done.returncode, done.stdout, done.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, out, err = "timeout", e.stdout or "", e.stderr or ""
+        out, err = (x.decode() if isinstance(x, bytes) else x for x in (out, err))
+    seconds = round(time.perf_counter() - start, 1)
+    part = {"command": "python " + " ".join(arguments), "rc": rc, "seconds": seconds,
+            "results": json_lines(out)}
+    if rc != 0:
+        part["tail"] = (out + err)[-3000:]
+    print(f"[bench_gpu] {name}: rc {rc} in {seconds} s, {len(part['results'])} results",
+          flush=True)
+    return part
+
+
+def markdown(report: dict) -> str:
+    rows = [f"GPU: {report['gpu']}, {report['date']}, torch {report['torch']}; "
+            f"`{report['command']}`", "",
+            "| part | step | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+    for name in ("step_grouped", "step_sequential"):
+        for r in report["parts"].get(name, {}).get("results", []):
+            if "step" in r:
+                tflops = r["flops_all_ranks"] / r["step_s"] / 1e12
+                rows.append(f"| {name} | {r['step']} (E={r['num_experts']}) | "
+                            f"{r['tokens_per_s']:.0f} | {tflops:.0f} | {r['mfu']} | "
+                            f"{r['peak_memory_gib_max_rank']} |")
+            elif "time_over_flop_ratio" in r:
+                rows.append(f"| {name} | stage 3 / stage 2: time {r['time_ratio']}x, FLOPs "
+                            f"{r['flop_ratio']}x, ratio {r['time_over_flop_ratio']} | | | | |")
+    rows += ["", "| part | batch | ms per step | tokens/s | GPU busy | kernels per step |",
+             "|---|---|---|---|---|---|"]
+    for name in ("decode_dense", "decode_moe"):
+        results = report["parts"].get(name, {}).get("results", [])
+        busy = {r["batch"]: r for r in results if "device_busy_share" in r}
+        for r in (r for r in results if "tokens_per_s" in r):
+            b = busy.get(r["batch"], {})
+            rows.append(f"| {name} | {r['batch']} | {r['ms_per_step']} | {r['tokens_per_s']} | "
+                        f"{b.get('device_busy_share')} | {b.get('kernels_per_step')} |")
+    failed = [f"{n} (rc {p['rc']})" for n, p in report["parts"].items() if p["rc"] != 0]
+    rows += ["", "Failed parts: " + (", ".join(failed) or "none"),
+             "Open (not in the suite yet): " + "; ".join(report["open"])]
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default="gpu_report", help="report path without suffix")
+    p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS))
+    args = p.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("tools/bench_gpu.py needs a CUDA GPU: torch.cuda.is_available() is False here "
+              f"(torch {torch.__version__}); run it on a GPU node (docs/gpu.md)", file=sys.stderr)
+        return 2
+    report = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(),
+              "command": "python tools/bench_gpu.py " + " ".join(argv or sys.argv[1:]),
+              "parts": {}, "open": OPEN}
+    out = Path(args.out)
+    for name in args.parts:
+        report["parts"][name] = run_part(name, *PARTS[name])
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2))  # kept if cut short
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0 if all(part["rc"] == 0 for part in report["parts"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
