@@ -14,10 +14,14 @@ Parts:
   decode_dense / decode_moe: tools/bench_decode.py, Phi-2-shaped Med-MoE model (dense, and 4
       experts top-2 + meta expert) in bf16 at batch 1 and 8: ms per token, tokens/s, the share
       of a step the GPU is busy and its kernel launches.
+  memory_full: tools/plan_memory.py --measure, the full 32-layer Phi-2 Med-MoE language model
+      in stage 3 at micro-batch 2 x 2048 (bf16): torch's peak against the memory model's plan.
+      Full fine-tuning needs ~103 GB on one GPU: on a GPU with less than 120 GiB the part runs
+      with LoRA rank 128 instead, and says so.
 
 Not in the suite yet (the report lists them as open): the MoE layer alone on the GPU, HF
-`generate` side by side on an exported release, CUDA-graph decoding, the full 32-layer stage 3
-against a memory model. A machine without CUDA is refused before anything runs.
+`generate` side by side on an exported release, CUDA-graph decoding. A machine without CUDA is
+refused before anything runs.
 """
 
 import argparse
@@ -37,17 +41,20 @@ STEP = ["-m", "torch.distributed.run", "--nproc_per_node", "1", "tools/bench_ste
         "4", "--moe-router-topk", "2", "--steps", "5"]
 DECODE = ["tools/bench_decode.py", "--flavor", "phi2", "--bf16", "--positions", "16", "256",
           "--batch-sizes", "1", "8", "--profile"]
+MEMORY = ["tools/plan_memory.py", "--flavor", "phi2", "--stage", "3", "--micro-batch-size", "2",
+          "--seq-length", "2048", "--text-only", "--measure"]
+FULL_FINE_TUNING_GIB = 120  # below this much GPU memory the memory part runs with LoRA
 # name: (arguments after `python`, seconds allowed)
 PARTS = {
-    "step_grouped": (STEP + ["--moe-grouped-gemm"], 150),
-    "step_sequential": (STEP + ["--no-moe-grouped-gemm"], 150),
-    "decode_dense": (DECODE, 90),
-    "decode_moe": (DECODE + ["--num-experts", "4", "--moe-router-topk", "2"], 90),
+    "step_grouped": (STEP + ["--moe-grouped-gemm"], 120),
+    "step_sequential": (STEP + ["--no-moe-grouped-gemm"], 120),
+    "decode_dense": (DECODE, 75),
+    "decode_moe": (DECODE + ["--num-experts", "4", "--moe-router-topk", "2"], 75),
+    "memory_full": (MEMORY, 90),
 }
 OPEN = ["MoE layer alone on the GPU (grouped vs sequential vs the k+1 dense FFNs, E = 4, 16, 64)",
         "HF transformers generate on the same exported release, side by side",
-        "CUDA-graph decoding",
-        "full 32-layer Phi-2 Med-MoE stage 3 against a memory model"]
+        "CUDA-graph decoding"]
 
 
 def json_lines(text: str) -> list[dict]:
@@ -110,6 +117,12 @@ def markdown(report: dict) -> str:
             b = busy.get(r["batch"], {})
             rows.append(f"| {name} | {r['batch']} | {r['ms_per_step']} | {r['tokens_per_s']} | "
                         f"{b.get('device_busy_share')} | {b.get('kernels_per_step')} |")
+    mode = report.get("memory_full_mode", "full fine-tuning")
+    for r in report["parts"].get("memory_full", {}).get("results", []):
+        if "measured_peak_gib" in r:
+            rows += ["", f"Memory, full 32-layer stage 3 ({mode}): measured "
+                     f"{r['measured_peak_gib']} GiB, plan {r['plan_text_only_gib']['total']} "
+                     f"GiB, plan / measured {r['plan_over_measured']}"]
     failed = [f"{n} (rc {p['rc']})" for n, p in report["parts"].items() if p["rc"] != 0]
     rows += ["", "Failed parts: " + (", ".join(failed) or "none"),
              "Open (not in the suite yet): " + "; ".join(report["open"])]
@@ -133,8 +146,13 @@ def main(argv=None) -> int:
               "command": "python tools/bench_gpu.py " + " ".join(argv or sys.argv[1:]),
               "parts": {}, "open": OPEN}
     out = Path(args.out)
+    parts = dict(PARTS)
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    if memory_gib < FULL_FINE_TUNING_GIB:
+        parts["memory_full"] = (MEMORY + ["--lora-rank", "128"], PARTS["memory_full"][1])
+        report["memory_full_mode"] = f"LoRA rank 128 ({memory_gib:.0f} GiB GPU)"
     for name in args.parts:
-        report["parts"][name] = run_part(name, *PARTS[name])
+        report["parts"][name] = run_part(name, *parts[name])
         out.with_suffix(".json").write_text(json.dumps(report, indent=2))  # kept if cut short
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

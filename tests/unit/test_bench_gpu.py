@@ -26,11 +26,15 @@ def test_the_report_tables_read_the_parts_output():
               "open": ["CUDA-graph decoding"],
               "parts": {"step_grouped": {"rc": 0, "results": bench_gpu.json_lines(step)},
                         "decode_dense": {"rc": 0, "results": bench_gpu.json_lines(decode)},
-                        "decode_moe": {"rc": "timeout", "results": []}}}
+                        "decode_moe": {"rc": "timeout", "results": []},
+                        "memory_full": {"rc": 0, "results": bench_gpu.json_lines(
+                            '{"device": "cuda", "measured_peak_gib": 100.0, "plan_text_only_gib":'
+                            ' {"total": 103.0}, "plan_over_measured": 1.03}')}}}
     table = bench_gpu.markdown(report)
     assert "| step_grouped | Med-MoE stage 3 (E=4) | 16384 | 400 | 0.404 | 61.2 |" in table
     assert "ratio 1.091" in table
     assert "| decode_dense | 1 | {'16': 10.0} | 100.0 | 0.5 | 900 |" in table
+    assert "(full fine-tuning): measured 100.0 GiB, plan 103.0 GiB, plan / measured 1.03" in table
     assert "Failed parts: decode_moe (rc timeout)" in table and "CUDA-graph decoding" in table
 
 
