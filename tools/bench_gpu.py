@@ -11,6 +11,9 @@ Parts:
       sequence 2048, micro-batch 4, bf16): the dense stage-2 step and the stage-3 step,
       tokens/s, TFLOP/s, MFU against the GPU's bf16 dense peak, peak memory; grouped experts
       (--moe-grouped-gemm) on, then off.
+  moe_layer: tools/bench_moe.py at Phi-2 width, 8192 tokens, bf16, E = 4, 16, 64, balanced and
+      skewed routing: grouped and sequential experts, Megatron's SequentialMLP and the authors'
+      DeepSpeed-style layer, each against the k + 1 dense FFNs it must compute.
   decode_dense / decode_moe: tools/bench_decode.py, Phi-2-shaped Med-MoE model (dense, and 4
       experts top-2 + meta expert) in bf16 at batch 1 and 8: ms per token, tokens/s, the share
       of a step the GPU is busy and its kernel launches.
@@ -19,8 +22,8 @@ Parts:
       Full fine-tuning needs ~103 GB on one GPU: on a GPU with less than 120 GiB the part runs
       with LoRA rank 128 instead, and says so.
 
-Not in the suite yet (the report lists them as open): the MoE layer alone on the GPU, HF
-`generate` side by side on an exported release, CUDA-graph decoding. A machine without CUDA is
+Not in the suite yet (the report lists them as open): HF `generate` side by side on an exported
+release, CUDA-graph decoding. A machine without CUDA is
 refused before anything runs.
 """
 
@@ -38,22 +41,24 @@ STEP = ["-m", "torch.distributed.run", "--nproc_per_node", "1", "tools/bench_ste
         "--vocab-size", "51200", "--seq-length", "2048", "--micro-batch-size", "4",
         "--num-layers", "8", "--hidden-size", "2560", "--ffn-hidden-size", "10240",
         "--num-attention-heads", "32", "--expert-model-parallel-size", "1", "--num-experts",
-        "4", "--moe-router-topk", "2", "--steps", "5"]
+        "4", "--moe-router-topk", "2", "--steps", "3"]
 DECODE = ["tools/bench_decode.py", "--flavor", "phi2", "--bf16", "--positions", "16", "256",
           "--batch-sizes", "1", "8", "--profile"]
 MEMORY = ["tools/plan_memory.py", "--flavor", "phi2", "--stage", "3", "--micro-batch-size", "2",
           "--seq-length", "2048", "--text-only", "--measure"]
 FULL_FINE_TUNING_GIB = 120  # below this much GPU memory the memory part runs with LoRA
 # name: (arguments after `python`, seconds allowed)
+MOE = ["tools/bench_moe.py", "--hidden", "2560", "--ffn", "10240", "--tokens", "8192",
+       "--num-experts", "4,16,64", "--dtype", "bfloat16", "--repeats", "5"]
 PARTS = {
-    "step_grouped": (STEP + ["--moe-grouped-gemm"], 120),
-    "step_sequential": (STEP + ["--no-moe-grouped-gemm"], 120),
-    "decode_dense": (DECODE, 75),
-    "decode_moe": (DECODE + ["--num-experts", "4", "--moe-router-topk", "2"], 75),
-    "memory_full": (MEMORY, 90),
+    "step_grouped": (STEP + ["--moe-grouped-gemm"], 100),
+    "step_sequential": (STEP + ["--no-moe-grouped-gemm"], 100),
+    "moe_layer": (MOE, 80),
+    "decode_dense": (DECODE, 60),
+    "decode_moe": (DECODE + ["--num-experts", "4", "--moe-router-topk", "2"], 60),
+    "memory_full": (MEMORY, 80),
 }
-OPEN = ["MoE layer alone on the GPU (grouped vs sequential vs the k+1 dense FFNs, E = 4, 16, 64)",
-        "HF transformers generate on the same exported release, side by side",
+OPEN = ["HF transformers generate on the same exported release, side by side",
         "CUDA-graph decoding"]
 
 
@@ -108,6 +113,12 @@ def markdown(report: dict) -> str:
             elif "time_over_flop_ratio" in r:
                 rows.append(f"| {name} | stage 3 / stage 2: time {r['time_ratio']}x, FLOPs "
                             f"{r['flop_ratio']}x, ratio {r['time_over_flop_ratio']} | | | | |")
+    rows += ["", "| E | regime | grouped / dense | sequential / dense | Megatron / dense | "
+             "DeepSpeed-style / dense |", "|---|---|---|---|---|---|"]
+    for r in report["parts"].get("moe_layer", {}).get("results", []):
+        rows.append(f"| {r['experts']} | {r['regime']} | {r['grouped_vs_dense']} | "
+                    f"{r['medmoe_vs_dense']} | {r['megatron_vs_dense']} | "
+                    f"{r['reference_vs_dense']} |")
     rows += ["", "| part | batch | ms per step | tokens/s | GPU busy | kernels per step |",
              "|---|---|---|---|---|---|"]
     for name in ("decode_dense", "decode_moe"):

@@ -38,9 +38,18 @@ import sys
 import time
 
 
+def synchronize():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def clock(fn):
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -60,6 +69,8 @@ def main(argv=None):
     p.add_argument("--num-experts", default="4", help="comma-separated expert counts")
     p.add_argument("--moe-router-topk", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="parameters and activations (the gradient buffer stays float32)")
     args = p.parse_args(argv)
     counts = [int(e) for e in args.num_experts.split(",")]
     if len(counts) > 1:  # one fresh process per expert count (see the docstring)
@@ -87,11 +98,12 @@ def main(argv=None):
 
     k, H, Fh, T = args.moe_router_topk, args.hidden, args.ffn, args.tokens
     parallel.initialize(ParallelConfig())
+    dev, dtype = parallel.device(), getattr(torch, args.dtype)
     torch.manual_seed(0)
-    x0 = torch.randn(T, 1, H)
+    x0 = torch.randn(T, 1, H, device=dev, dtype=dtype)
 
     def ffn_params():
-        return [(t * 0.02 if t.dim() == 2 else t).requires_grad_()
+        return [(t * 0.02 if t.dim() == 2 else t).to(dev, dtype).requires_grad_()
                 for t in (torch.randn(Fh, H), torch.zeros(Fh), torch.randn(H, Fh),
                           torch.zeros(H))]
 
@@ -109,7 +121,8 @@ def main(argv=None):
                         num_attention_heads=8, num_query_groups=8, ffn_hidden_size=Fh,
                         max_position_embeddings=T, rotary_percent=0.5)
     moe = MoEConfig(num_experts=E, router_topk=k, layer_freq=1)
-    config = language_transformer_config(ModelConfig(language=lm, moe=moe).validate())
+    config = language_transformer_config(ModelConfig(language=lm, moe=moe,
+                                                     params_dtype=args.dtype).validate())
     layers = {name: build_module(moe_mlp_spec(moe, backend), config=config, layer_number=1)
               for name, backend in (
                   ("medmoe", LOCAL),
@@ -147,7 +160,9 @@ def main(argv=None):
         capacity = int(mask.sum(0).max())  # no dropping: pad to the largest load
         slot = (torch.cumsum(mask, 0) - 1) * mask  # position of each token in its expert
         dispatch = F.one_hot(slot.long(), capacity).float() * mask.unsqueeze(-1)
-        combine = dispatch * torch.zeros_like(gates).scatter(1, index, top).unsqueeze(-1)
+        combine = (dispatch * torch.zeros_like(gates).scatter(1, index, top).unsqueeze(-1)
+                   ).to(x.dtype)
+        dispatch = dispatch.to(x.dtype)
         expert_in = torch.einsum("tec,tm->ecm", dispatch, x)
         expert_out = torch.stack([ffn(expert_in[e], *ref_experts[e]) for e in range(E)])
         out = torch.einsum("tec,ecm->tm", combine, expert_out) + ffn(x, *ref_meta)
@@ -183,8 +198,12 @@ def main(argv=None):
             "reference_vs_dense": None if ref is None else round(ref[2], 3),
             "reference_skipped": None if ref is not None else
             f"dispatch tensor {dispatch_gib:.1f} GiB",
+            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+            "dtype": args.dtype,
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-                                  2)}), flush=True)
+                                  2),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            if dev.type == "cuda" else None}), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ def test_the_report_tables_read_the_parts_output():
               "parts": {"step_grouped": {"rc": 0, "results": bench_gpu.json_lines(step)},
                         "decode_dense": {"rc": 0, "results": bench_gpu.json_lines(decode)},
                         "decode_moe": {"rc": "timeout", "results": []},
+                        "moe_layer": {"rc": 0, "results": bench_gpu.json_lines(
+                            '{"regime": "skewed", "experts": 64, "grouped_vs_dense": 1.1, '
+                            '"medmoe_vs_dense": 1.5, "megatron_vs_dense": 1.9, '
+                            '"reference_vs_dense": null}')},
                         "memory_full": {"rc": 0, "results": bench_gpu.json_lines(
                             '{"device": "cuda", "measured_peak_gib": 100.0, "plan_text_only_gib":'
                             ' {"total": 103.0}, "plan_over_measured": 1.03}')}}}
@@ -35,6 +39,7 @@ def test_the_report_tables_read_the_parts_output():
     assert "ratio 1.091" in table
     assert "| decode_dense | 1 | {'16': 10.0} | 100.0 | 0.5 | 900 |" in table
     assert "(full fine-tuning): measured 100.0 GiB, plan 103.0 GiB, plan / measured 1.03" in table
+    assert "| 64 | skewed | 1.1 | 1.5 | 1.9 | None |" in table
     assert "Failed parts: decode_moe (rc timeout)" in table and "CUDA-graph decoding" in table
 
 
