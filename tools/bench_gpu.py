@@ -14,17 +14,20 @@ Parts:
   moe_layer: tools/bench_moe.py at Phi-2 width, 8192 tokens, bf16, E = 4, 16, 64, balanced and
       skewed routing: grouped and sequential experts, Megatron's SequentialMLP and the authors'
       DeepSpeed-style layer, each against the k + 1 dense FFNs it must compute.
-  decode_dense / decode_moe: tools/bench_decode.py, Phi-2-shaped Med-MoE model (dense, and 4
-      experts top-2 + meta expert) in bf16 at batch 1 and 8: ms per token, tokens/s, the share
-      of a step the GPU is busy and its kernel launches.
+  decode_profile: tools/bench_decode.py, the Phi-2-shaped dense model in bf16 at batch 1 and 8:
+      ms per token, tokens/s, the share of a step the GPU is busy and its kernel launches.
+  decode_vs_hf_dense / decode_vs_hf_moe: tools/bench_hf_decode.py, Phi-2-shaped dense and Med-MoE
+      (4 experts top-2 + meta expert) in bf16, 64 new tokens at batch 1 and 8: ours against
+      HF transformers `generate` on the same exported weights (dense: plain
+      LlavaForConditionalGeneration; Med-MoE: the release's remote code), tokens/s side by side
+      and the first 16 greedy tokens compared.
   memory_full: tools/plan_memory.py --measure, the full 32-layer Phi-2 Med-MoE language model
       in stage 3 at micro-batch 2 x 2048 (bf16): torch's peak against the memory model's plan.
       Full fine-tuning needs ~103 GB on one GPU: on a GPU with less than 120 GiB the part runs
       with LoRA rank 128 instead, and says so.
 
-Not in the suite yet (the report lists them as open): HF `generate` side by side on an exported
-release, CUDA-graph decoding. A machine without CUDA is
-refused before anything runs.
+Not in the suite yet (the report lists it as open): CUDA-graph decoding. A machine without CUDA
+is refused before anything runs.
 """
 
 import argparse
@@ -50,16 +53,18 @@ FULL_FINE_TUNING_GIB = 120  # below this much GPU memory the memory part runs wi
 # name: (arguments after `python`, seconds allowed)
 MOE = ["tools/bench_moe.py", "--hidden", "2560", "--ffn", "10240", "--tokens", "8192",
        "--num-experts", "4,16,64", "--dtype", "bfloat16", "--repeats", "5"]
+HF_DECODE = ["tools/bench_hf_decode.py", "--flavor", "phi2", "--bf16", "--batch-sizes", "1", "8",
+             "--new-tokens", "64"]
 PARTS = {
-    "step_grouped": (STEP + ["--moe-grouped-gemm"], 100),
-    "step_sequential": (STEP + ["--no-moe-grouped-gemm"], 100),
-    "moe_layer": (MOE, 80),
-    "decode_dense": (DECODE, 60),
-    "decode_moe": (DECODE + ["--num-experts", "4", "--moe-router-topk", "2"], 60),
-    "memory_full": (MEMORY, 80),
+    "step_grouped": (STEP + ["--moe-grouped-gemm"], 90),
+    "step_sequential": (STEP + ["--no-moe-grouped-gemm"], 90),
+    "moe_layer": (MOE, 60),
+    "decode_profile": (DECODE, 45),
+    "decode_vs_hf_dense": (HF_DECODE, 75),
+    "decode_vs_hf_moe": (HF_DECODE + ["--num-experts", "4", "--moe-router-topk", "2"], 75),
+    "memory_full": (MEMORY, 45),
 }
-OPEN = ["HF transformers generate on the same exported release, side by side",
-        "CUDA-graph decoding"]
+OPEN = ["CUDA-graph decoding"]
 
 
 def json_lines(text: str) -> list[dict]:
@@ -121,13 +126,23 @@ def markdown(report: dict) -> str:
                     f"{r['reference_vs_dense']} |")
     rows += ["", "| part | batch | ms per step | tokens/s | GPU busy | kernels per step |",
              "|---|---|---|---|---|---|"]
-    for name in ("decode_dense", "decode_moe"):
+    for name in ("decode_profile",):
         results = report["parts"].get(name, {}).get("results", [])
         busy = {r["batch"]: r for r in results if "device_busy_share" in r}
         for r in (r for r in results if "tokens_per_s" in r):
             b = busy.get(r["batch"], {})
             rows.append(f"| {name} | {r['batch']} | {r['ms_per_step']} | {r['tokens_per_s']} | "
                         f"{b.get('device_busy_share')} | {b.get('kernels_per_step')} |")
+    rows += ["", "| part | batch | ours tokens/s | HF generate tokens/s | ours / HF |",
+             "|---|---|---|---|---|"]
+    for name in ("decode_vs_hf_dense", "decode_vs_hf_moe"):
+        for r in report["parts"].get(name, {}).get("results", []):
+            if "batch" in r:
+                rows.append(f"| {name} | {r['batch']} | {r['ours_tokens_per_s']} | "
+                            f"{r['hf_tokens_per_s']} | {r['ours_over_hf']} |")
+            elif "equal_prefix" in r:
+                rows.append(f"| {name} | greedy tokens equal: {r['equal_prefix']} of "
+                            f"{r['compare']} | | | |")
     mode = report.get("memory_full_mode", "full fine-tuning")
     for r in report["parts"].get("memory_full", {}).get("results", []):
         if "measured_peak_gib" in r:
