@@ -165,10 +165,11 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
     while True:
         drawing = [position >= lengths[i] and not done[i] for i in range(b)]
         tokens = _choose(logits, gen, generators, drawing)
+        chosen = tokens.tolist()  # one device-to-host copy per step, not one per sample
         for i in range(b):
             if drawing[i]:
-                out[i].append(int(tokens[i]))
-                done[i] = int(tokens[i]) == eos_id or len(out[i]) == gen.max_new_tokens
+                out[i].append(chosen[i])
+                done[i] = chosen[i] == eos_id or len(out[i]) == gen.max_new_tokens
         if not _anyone_running(not all(done), dev):
             return out
         in_prompt = torch.tensor([position < n for n in lengths], device=dev)
