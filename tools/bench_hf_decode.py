@@ -2,8 +2,10 @@
 a flavor (dense, or with Med-MoE layers) is saved, exported (dense: a plain
 `LlavaForConditionalGeneration` folder; Med-MoE: the release folder with our remote code) and
 loaded back by transformers; both generate greedily from the same prompt and image at each
-batch size, without stopping at EOS. Prints one JSON line per batch size (tokens/s of each,
-their ratio) and one with the first --compare greedy tokens of each at batch 1.
+batch size, without stopping at EOS. Ours runs twice: Megatron's static inference path, and
+the static decode step (`--enable-cuda-graph`: captured as a CUDA graph on a GPU, eager on CPU).
+Prints one JSON line per batch size (tokens/s of each, the ratios) and one with the first
+--compare greedy tokens of each at batch 1.
 
     python tools/bench_hf_decode.py --flavor tiny                          # CPU, quick
     python tools/bench_hf_decode.py --flavor phi2 --bf16 [--num-experts 4 --moe-router-topk 2]
@@ -76,8 +78,8 @@ def main(argv=None) -> int:
 
         model, _ = load_for_inference(work / "ckpt", ParallelConfig(), bf16=args.bf16)
 
-        def ours(batch: int, n: int) -> tuple[list[list[int]], float]:
-            g = GenerationConfig(max_new_tokens=n).validate()
+        def ours(batch: int, n: int, graphs: bool) -> tuple[list[list[int]], float]:
+            g = GenerationConfig(max_new_tokens=n, enable_cuda_graph=graphs).validate()
             images = image.to(dev, dtype).repeat(batch, 1, 1, 1)
             sync()
             start = time.perf_counter()
@@ -85,8 +87,9 @@ def main(argv=None) -> int:
             sync()
             return out, time.perf_counter() - start
 
-        ours(1, 2)  # warm-up
-        mine = {b: ours(b, gen.max_new_tokens) for b in args.batch_sizes}
+        ours(1, 2, False), ours(1, 2, True)  # warm-up
+        mine = {b: ours(b, gen.max_new_tokens, False) for b in args.batch_sizes}
+        graphed = {b: ours(b, gen.max_new_tokens, True) for b in args.batch_sizes}
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -112,20 +115,28 @@ def main(argv=None) -> int:
 
         theirs(1, 2)  # warm-up
         for b in args.batch_sizes:
-            (_, t_ours), (_, t_hf) = mine[b], theirs(b, gen.max_new_tokens)
+            (_, t_ours), (_, t_graph), (_, t_hf) = mine[b], graphed[b], theirs(
+                b, gen.max_new_tokens)
             n = b * gen.max_new_tokens
             print(json.dumps({"flavor": args.flavor, "experts": args.num_experts,
                               "dtype": str(dtype).split(".")[-1], "device": str(dev),
                               "batch": b, "new_tokens": gen.max_new_tokens,
                               "ours_tokens_per_s": round(n / t_ours, 1),
+                              "ours_graphs_tokens_per_s": round(n / t_graph, 1),
                               "hf_tokens_per_s": round(n / t_hf, 1),
-                              "ours_over_hf": round(t_hf / t_ours, 2)}), flush=True)
-        a = mine[min(args.batch_sizes)][0][0][:args.compare]
+                              "ours_over_hf": round(t_hf / t_ours, 2),
+                              "ours_graphs_over_hf": round(t_hf / t_graph, 2)}), flush=True)
+        first = min(args.batch_sizes)
+        a, s = (runs[first][0][0][:args.compare] for runs in (mine, graphed))
         h = theirs(1, args.compare)[0][0]
-        equal = next((i for i, (x, y) in enumerate(zip(a, h)) if x != y), min(len(a), len(h)))
-        print(json.dumps({"compare": args.compare, "equal_prefix": equal, "ours": a,
-                          "hf": h}), flush=True)
+        print(json.dumps({"compare": args.compare, "equal_prefix": _equal_prefix(a, h),
+                          "graphs_equal_prefix": _equal_prefix(s, h), "ours": a,
+                          "ours_graphs": s, "hf": h}), flush=True)
     return 0
+
+
+def _equal_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _hf_model(folder: Path, dense: bool, dtype):

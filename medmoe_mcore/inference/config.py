@@ -26,6 +26,10 @@ class GenerationConfig:
     tokenizer: Optional[str] = option(None, "HF tokenizer folder or sentencepiece .model "
                                       "(default: the checkpoint's tokenizer/)")
     bf16: bool = option(False, "run in bfloat16 (parameters and activations)")
+    enable_cuda_graph: bool = option(
+        False, "decode through the static step (fixed shapes, no host synchronisation), "
+        "captured once as a CUDA graph and replayed per token on a GPU (eagerly on CPU); the "
+        "same tokens; TP = EP = 1, no LoRA adapters (docs/generation.md)")
 
     def validate(self) -> "GenerationConfig":
         for name in ("max_new_tokens", "micro_batch_size"):

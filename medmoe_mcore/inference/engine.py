@@ -23,6 +23,8 @@ from medmoe_mcore.checkpoint import store
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.inference.config import GenerationConfig
+from medmoe_mcore.inference.static_decode import (GraphedDecodeStep, StaticDecodeStep,
+                                                 check_supported)
 from medmoe_mcore.models.medmoe import MedMoEModel, splice_images
 from medmoe_mcore.models.moe.modality_router import ModalityRouter
 from medmoe_mcore.models.specs.backends import announce
@@ -117,9 +119,15 @@ def _choose(logits: torch.Tensor, gen: GenerationConfig, generators, drawing) ->
 
 
 class KVCacheDecoder:
-    """The language model run position by position over Megatron's static KV cache."""
+    """The language model run position by position over Megatron's static KV cache. With
+    `static`, one-position steps after the prefill run the static decode step
+    (static_decode.py), captured as a CUDA graph on a GPU."""
 
-    def __init__(self, model: MedMoEModel, batch_size: int, max_length: int):
+    def __init__(self, model: MedMoEModel, batch_size: int, max_length: int,
+                 static: bool = False):
+        if static:
+            check_supported(model)  # refused before any compute
+        self.model, self.static, self.step = model, static, None
         self.lm = model.language_model
         self.vocab = model.model_config.language.vocab_size
         self.context = StaticInferenceContext(batch_size, max_length)
@@ -128,11 +136,24 @@ class KVCacheDecoder:
     def forward(self, decoder_input: torch.Tensor) -> torch.Tensor:
         """[s, b, h] embeddings of the next s positions -> float32 logits [b, vocab] of the
         last one (padded vocab rows are never returned)."""
-        logits = self.lm(input_ids=None, position_ids=None, attention_mask=None,
-                         decoder_input=decoder_input.contiguous(),
-                         inference_context=self.context, runtime_gather_output=True)
+        offset = self.context.sequence_len_offset
+        if self.static and decoder_input.shape[0] == 1 and offset > 0:
+            logits = self._static_step(decoder_input.contiguous(), offset)
+        else:
+            logits = self.lm(input_ids=None, position_ids=None, attention_mask=None,
+                             decoder_input=decoder_input.contiguous(),
+                             inference_context=self.context, runtime_gather_output=True)
+            logits = logits[:, -1, :self.vocab].float()
         self.context.sequence_len_offset += decoder_input.shape[0]
-        return logits[:, -1, :self.vocab].float()
+        return logits
+
+    def _static_step(self, decoder_input: torch.Tensor, offset: int) -> torch.Tensor:
+        position = torch.tensor([offset], device=decoder_input.device)
+        if self.step is None:
+            step = StaticDecodeStep(self.model, self.context, self.context.max_sequence_length)
+            self.step = GraphedDecodeStep(step, decoder_input, position) \
+                if decoder_input.is_cuda else step
+        return self.step(decoder_input, position)
 
 
 @torch.inference_mode()
@@ -155,7 +176,7 @@ def generate(model: MedMoEModel, prompts: list[list[int]], images: torch.Tensor 
     # A rank whose samples are done keeps stepping while others decode (expert-parallel
     # all-to-alls need everyone): its cache must hold the longest run of any rank.
     steps = _world_max(max(lengths) + gen.max_new_tokens - min(lengths), dev)
-    decoder = KVCacheDecoder(model, b, min(lengths) + steps + 1)
+    decoder = KVCacheDecoder(model, b, min(lengths) + steps + 1, static=gen.enable_cuda_graph)
     sample_ids = list(range(b)) if sample_ids is None else sample_ids
     generators = [torch.Generator().manual_seed(gen.seed + i) for i in sample_ids]
     position = min(lengths)
