@@ -195,7 +195,9 @@ def main(argv=None) -> int:
     from medmoe_mcore.runtime.parallel import is_rank0, log
     from medmoe_mcore.training.trainer import RunExited, TrainingStopped
 
-    args = parser().parse_args(argv)
+    from medmoe_mcore.training import megatron_flags
+
+    args = megatron_flags.parse(parser(), argv)  # Megatron-LM flags it cannot take: named
     try:
         if getattr(args, "stage", None) is None:
             pipeline(args)

@@ -12,6 +12,8 @@ from medmoe_mcore.data.encoding import TEMPLATES
 from medmoe_mcore.runtime.parallel import use_cuda
 from medmoe_mcore.training.exits import EXIT_SIGNALS
 
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+WSD_DECAY_STYLES = ("exponential", "linear", "cosine", "minus_sqrt")
 STAGES = (1, 2, 3)
 
 
@@ -56,8 +58,28 @@ class TrainConfig:
                                     "(gradient accumulation makes up the rest)")
     seq_length: int = option(128, "maximum tokens per sample, image tokens included")
     lr: Optional[float] = option(None, "peak learning rate (pipeline default 1e-3)")
-    min_lr: float = option(0.0, "learning rate at the end of the cosine decay")
-    lr_warmup_fraction: float = option(0.03, "fraction of the iterations spent warming up")
+    min_lr: float = option(0.0, "learning rate at the end of the decay")
+    lr_decay_style: str = option(
+        "cosine", "learning-rate decay after the warm-up, by Megatron's scheduler (default "
+        "cosine, the paper's; Megatron-LM's is linear)", choices=LR_DECAY_STYLES)
+    lr_decay_iters: Optional[int] = option(None, "iterations over which the learning rate "
+                                           "decays (default --train-iters)")
+    lr_warmup_fraction: Optional[float] = option(
+        None, "fraction of the decay iterations spent warming up (default 0.03 unless "
+        "--lr-warmup-iters)")
+    lr_warmup_iters: Optional[int] = option(None, "iterations spent warming up (instead of "
+                                            "--lr-warmup-fraction)")
+    lr_warmup_init: float = option(0.0, "learning rate at the start of the warm-up")
+    lr_wsd_decay_style: str = option("exponential", "decay of WSD's last phase (with "
+                                     "--lr-decay-style WSD)", choices=WSD_DECAY_STYLES)
+    lr_wsd_decay_iters: Optional[int] = option(None, "iterations of WSD's decay phase (needed "
+                                               "by --lr-decay-style WSD)")
+    optimizer: str = option("adam", "Megatron's optimizer: adam (AdamW: decoupled weight "
+                            "decay) or sgd", choices=("adam", "sgd"))
+    adam_beta1: float = option(0.9, "Adam's first-moment decay")
+    adam_beta2: float = option(0.999, "Adam's second-moment decay")
+    adam_eps: float = option(1e-8, "Adam's denominator term")
+    sgd_momentum: float = option(0.9, "SGD's momentum (with --optimizer sgd)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     clip_grad: float = option(1.0, "gradient clipping by global norm")
     seed: int = option(DEFAULT_SEED, "random seed (model init, data order, dropout)")
@@ -149,7 +171,17 @@ class TrainConfig:
             ("--min-lr", self.min_lr, self.lr < 0 or 0 <= self.min_lr <= self.lr,
              f"must be between 0 and --lr {self.lr}"),
             ("--lr-warmup-fraction", self.lr_warmup_fraction,
-             0 <= self.lr_warmup_fraction <= 1, "must be in [0, 1]"),
+             self.lr_warmup_fraction is None or 0 <= self.lr_warmup_fraction <= 1,
+             "must be in [0, 1]"),
+            ("--lr-warmup-iters", self.lr_warmup_iters,
+             self.lr_warmup_iters is None or self.lr_warmup_iters >= 0, "must be 0 or more"),
+            ("--lr-warmup-init", self.lr_warmup_init, 0 <= self.lr_warmup_init,
+             "must be 0 or more"),
+            ("--adam-beta1", self.adam_beta1, 0 <= self.adam_beta1 < 1, "must be in [0, 1)"),
+            ("--adam-beta2", self.adam_beta2, 0 <= self.adam_beta2 < 1, "must be in [0, 1)"),
+            ("--adam-eps", self.adam_eps, self.adam_eps > 0, "must be more than 0"),
+            ("--sgd-momentum", self.sgd_momentum, 0 <= self.sgd_momentum < 1,
+             "must be in [0, 1)"),
             ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
             ("--clip-grad", self.clip_grad, self.clip_grad >= 0, "must be 0 or more"),
             ("--num-workers", self.num_workers, self.num_workers >= 0, "must be 0 or more"),
@@ -165,10 +197,13 @@ class TrainConfig:
                                  ("--log-interval", self.log_interval),
                                  ("--eval-interval", self.eval_interval),
                                  ("--eval-iters", self.eval_iters),
+                                 ("--lr-decay-iters", self.lr_decay_iters),
+                                 ("--lr-wsd-decay-iters", self.lr_wsd_decay_iters),
                                  ("--max-nan-iterations", self.max_nan_iterations))]
         bad = [f"{flag} {value}: {why}" for flag, value, ok, why in checks if not ok]
         if bad:
             raise ConfigError("; ".join(bad))
+        self._check_schedule_flags()
         if self.valid_data_path is None:
             asked = [f for f, v in (("--eval-interval", self.eval_interval),
                                     ("--eval-iters", self.eval_iters)) if v is not None]
@@ -214,12 +249,46 @@ class TrainConfig:
                               "and this run is on CPU (no GPU, or MEDMOE_DEVICE=cpu); train in "
                               "float32 here, or on a GPU")
 
+    def _check_schedule_flags(self) -> None:
+        """The warm-up's two forms exclusive; WSD's decay inside the decay; Megatron-LM's
+        rules, each refusal naming the flags."""
+        if self.lr_warmup_iters is not None and self.lr_warmup_fraction is not None:
+            raise ConfigError("--lr-warmup-iters and --lr-warmup-fraction: choose one")
+        decay = self.lr_decay_iters or self.train_iters
+        if self.lr_warmup_iters is not None and self.lr_warmup_iters > decay:
+            raise ConfigError(f"--lr-warmup-iters {self.lr_warmup_iters}: more than the "
+                              f"{decay} decay iterations (--lr-decay-iters / --train-iters)")
+        if self.lr_decay_style == "WSD":
+            if self.lr_wsd_decay_iters is None or self.lr_wsd_decay_iters > decay:
+                raise ConfigError(f"--lr-decay-style WSD needs --lr-wsd-decay-iters between 1 "
+                                  f"and the {decay} decay iterations (got "
+                                  f"{self.lr_wsd_decay_iters})")
+        else:
+            typed = [f for f, v in (("--lr-wsd-decay-iters", self.lr_wsd_decay_iters),
+                                    ("--lr-wsd-decay-style", self.lr_wsd_decay_style
+                                     if self.lr_wsd_decay_style != "exponential" else None))
+                     if v is not None]
+            if typed:
+                raise ConfigError(f"{', '.join(typed)} without --lr-decay-style WSD")
+
     def schedule(self) -> dict:
         """The learning-rate schedule these flags ask for, in the keys of Megatron's
-        OptimizerParamScheduler (whose state every checkpoint holds)."""
-        return dict(max_lr=self.lr, min_lr=self.min_lr,
-                    lr_warmup_steps=int(self.lr_warmup_fraction * self.train_iters),
-                    lr_decay_steps=self.train_iters, lr_decay_style="cosine")
+        OptimizerParamScheduler state (which every checkpoint holds)."""
+        decay = self.lr_decay_iters or self.train_iters
+        warmup = self.lr_warmup_iters if self.lr_warmup_iters is not None else \
+            int((0.03 if self.lr_warmup_fraction is None else self.lr_warmup_fraction) * decay)
+        return dict(max_lr=self.lr, min_lr=self.min_lr, lr_warmup_steps=warmup,
+                    lr_decay_steps=decay, lr_decay_style=self.lr_decay_style)
+
+    def run_flags(self) -> dict:
+        """What a resume must agree on beyond Megatron's scheduler state: the scheduler's
+        arguments it does not save, and the optimizer's hyperparameters (a loaded optimizer
+        state would silently bring back its own)."""
+        return dict(init_lr=self.lr_warmup_init, lr_wsd_decay_style=self.lr_wsd_decay_style
+                    if self.lr_decay_style == "WSD" else None,
+                    wsd_decay_steps=self.lr_wsd_decay_iters, optimizer=self.optimizer,
+                    adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2,
+                    adam_eps=self.adam_eps, sgd_momentum=self.sgd_momentum)
 
     @property
     def validation(self) -> Optional[tuple[int, int]]:

@@ -82,8 +82,29 @@ def _pretrained(train: TrainConfig) -> Path:
 
 # the schedule keys a resume compares, with the flags that set them
 _SCHEDULE_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr",
-                   "lr_warmup_steps": "--lr-warmup-fraction x --train-iters",
-                   "lr_decay_steps": "--train-iters", "lr_decay_style": "(cosine)"}
+                   "lr_warmup_steps": "--lr-warmup-iters / --lr-warmup-fraction",
+                   "lr_decay_steps": "--lr-decay-iters / --train-iters",
+                   "lr_decay_style": "--lr-decay-style", "init_lr": "--lr-warmup-init",
+                   "lr_wsd_decay_style": "--lr-wsd-decay-style",
+                   "wsd_decay_steps": "--lr-wsd-decay-iters"}
+_OPTIMIZER_FLAGS = {"optimizer": "--optimizer", "adam_beta1": "--adam-beta1",
+                    "adam_beta2": "--adam-beta2", "adam_eps": "--adam-eps",
+                    "sgd_momentum": "--sgd-momentum"}
+# run flags of checkpoints saved before they were recorded: the values those runs used
+RUN_FLAGS_BEFORE_KEYS = dict(init_lr=0.0, lr_wsd_decay_style=None, wsd_decay_steps=None,
+                             optimizer="adam", adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+                             sgd_momentum=0.9)
+
+
+def run_flag_differences(saved_scheduler: dict, saved_flags: dict | None, train: TrainConfig
+                         ) -> dict[str, str]:
+    """{key: message} of every schedule or optimizer key where a checkpoint and the flags
+    differ, the message naming the flag, its value and the checkpoint's."""
+    saved = {**saved_scheduler, **(saved_flags or RUN_FLAGS_BEFORE_KEYS)}
+    wanted = {**train.schedule(), **train.run_flags()}
+    names = {**_SCHEDULE_FLAGS, **_OPTIMIZER_FLAGS}
+    return {k: f"{names[k]} gives {k}={wanted[k]!r}, the checkpoint has {saved.get(k)!r}"
+            for k in names if saved.get(k) != wanted[k]}
 
 
 # data-layout keys added after checkpoints were first saved, with the behaviour of those saves
@@ -140,14 +161,26 @@ class RunCheckpoint:
         """Megatron's scheduler silently keeps the checkpoint's schedule: refuse a difference
         unless the run says which wins."""
         t = self.train
+        differences = run_flag_differences(self.common.get("scheduler", {}),
+                                           self.common.get("run_flags"), t)
+        optimizer = [m for k, m in differences.items() if k in _OPTIMIZER_FLAGS]
+        changed = [m for k, m in differences.items() if k in _SCHEDULE_FLAGS]
+        if optimizer and t.load_optim and not t.finetune:
+            raise ConfigError(f"--load {self.source}: the optimizer differs from the "
+                              f"checkpoint's: {'; '.join(optimizer)}. Its saved state would "
+                              "bring its own back: pass --no-load-optim to start the optimizer "
+                              "afresh with these flags, or the checkpoint's values")
+        unsaved = [m for k, m in differences.items() if k in RUN_FLAGS_BEFORE_KEYS
+                   and k in _SCHEDULE_FLAGS]  # not in Megatron's scheduler state
+        if t.use_checkpoint_opt_param_scheduler and unsaved:
+            raise ConfigError(f"--use-checkpoint-opt_param-scheduler: {'; '.join(unsaved)}, "
+                              "and Megatron's scheduler state does not hold these: pass the "
+                              "checkpoint's values")
         if t.override_opt_param_scheduler or t.use_checkpoint_opt_param_scheduler:
             log(f"schedule: {'the flags' if t.override_opt_param_scheduler else 'the checkpoint'}"
                 f" win ({'--override' if t.override_opt_param_scheduler else '--use-checkpoint'}"
                 "-opt_param-scheduler)")
             return
-        saved, wanted = self.common.get("scheduler", {}), t.schedule()
-        changed = [f"{_SCHEDULE_FLAGS[k]} gives {k}={wanted[k]!r}, the checkpoint has "
-                   f"{saved.get(k)!r}" for k in wanted if saved.get(k) != wanted[k]]
         if changed:
             raise ConfigError(f"--load {self.source}: the schedule differs from the "
                               f"checkpoint's: {'; '.join(changed)}. Pass "
@@ -221,6 +254,7 @@ class RunCheckpoint:
         files, dirs = store.carried(self.source)
         state = _state(setup, progress, loading=False, data_state=data.state_bytes())
         state["data_layout"] = self.data_layout
+        state["run_flags"] = self.train.run_flags()
         if self.saver is not None:  # carried files keep coming from the complete source
             return self.saver.save(state, self.train.save, self.cfg, progress.iteration,
                                    files, dirs)

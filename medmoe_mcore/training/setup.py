@@ -69,15 +69,19 @@ def wrap(model: torch.nn.Module, trainable: list[str], cfg: ModelConfig,
             bucket_size=train.ddp_bucket_size, grad_reduce_in_fp32=True), model)
     model.config.no_sync_func = ddp.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
+    flags = train.run_flags()
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+        optimizer=train.optimizer, lr=train.lr, min_lr=train.min_lr,
+        weight_decay=train.weight_decay, adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2, adam_eps=train.adam_eps, sgd_momentum=train.sgd_momentum,
         clip_grad=train.clip_grad, bf16=cfg.params_dtype == "bfloat16",
         params_dtype=model.config.params_dtype,
         use_distributed_optimizer=train.use_distributed_optimizer), [ddp])
     # A resumed schedule that differs from these flags was refused before the model was
     # built (training/resume.py) unless one of Megatron's two flags says which wins.
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, **train.schedule(), start_wd=0.0, end_wd=0.0,
+        optimizer, init_lr=flags["init_lr"], **train.schedule(), start_wd=0.0, end_wd=0.0,
+        wsd_decay_steps=flags["wsd_decay_steps"], lr_wsd_decay_style=flags["lr_wsd_decay_style"],
         wd_incr_steps=train.train_iters, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=train.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=train.override_opt_param_scheduler)
