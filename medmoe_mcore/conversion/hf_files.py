@@ -17,6 +17,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model")
 
 
+def write_config(out, hf_cfg: dict) -> None:
+    """config.json of every export, written one way: the dict as built (our keys, the legacy
+    top-level keys the authors' code reads, their multimodal keys), never re-serialised by a
+    `transformers` config class, which drops the legacy keys (the authors' Phi class would then
+    read its default rotary fraction 0.5 instead of Phi-2's 0.4)."""
+    (Path(out) / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+
+
 def raw_config(hf_dir) -> dict:
     """config.json of an HF folder, as written."""
     path = Path(hf_dir) / "config.json"

@@ -16,7 +16,7 @@ from medmoe_mcore.conversion.engine import convert, plan
 from medmoe_mcore.conversion.hf_config import (hf_config_from_language, language_config_from_hf,
                                                moe_config_from_hf)
 from medmoe_mcore.conversion.hf_files import (check_tokenizer, copy_tokenizer, hf_config_object,
-                                             read_hf_config)
+                                              read_hf_config, write_config)
 from medmoe_mcore.conversion.preflight import checked_plan
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
 from medmoe_mcore.conversion.target_model import (conversion_model, fill_parameters, progress,
@@ -84,7 +84,7 @@ def export_hf(load_root, hf_dir, overwrite=False, show_progress=True,
         write_sharded(convert(groups, state.__getitem__, lm, to_megatron=False), out,
                       max_shard_bytes=max_shard_bytes, progress=lambda _: bar.update())
         bar.close()
-        hf_config_object(hf_cfg).save_pretrained(str(out))
+        write_config(out, hf_cfg)
         if cfg.moe is not None:
             for path in hf_classes.REMOTE_CODE_FILES:
                 shutil.copy(path, out / path.name)

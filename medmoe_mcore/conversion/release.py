@@ -26,6 +26,7 @@ from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig, ParallelConfig
 from medmoe_mcore.conventions import EOS, IMAGE_TOKEN, SYSTEM_PROMPT
 from medmoe_mcore.conversion.hf_config import hf_config_from_language
+from medmoe_mcore.conversion.hf_files import write_config
 from medmoe_mcore.conversion.llava import kept_aside, multimodal_table, write_weights
 from medmoe_mcore.conversion.lora_merge import merged_model
 from medmoe_mcore.conversion.peft_adapter import write_peft_adapter
@@ -217,7 +218,7 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
         hf_cfg.update(write_processor(out, cfg, tokenizer_dir))
         write_weights(out, state, cfg, LAYOUTS["authors"], expected,
                       aside, "Megatron -> release", show_progress, max_shard_bytes)
-        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        write_config(out, hf_cfg)
         for path in hf_classes.REMOTE_CODE_FILES:
             shutil.copy(path, out / path.name)
         (out / "README.md").write_text(_readme(divergences, peft_adapter_dir))
