@@ -31,3 +31,28 @@ launch() {
             "$(dirname "${BASH_SOURCE[0]}")/../pretrain_medmoe.py" "$@"
     fi
 }
+
+# The three stages of Table 12 for one backbone: stage N "$short name" "$template"
+stage1() {
+    N_SAMPLES=${N_SAMPLES:-500000}
+    launch --stage 1 --pretrained-checkpoint "$CKPT/$1_init" --load "$CKPT/$1_stage1" \
+        --save "$CKPT/$1_stage1" --data-path "$DATA/shards/alignment" --template plain \
+        --lr 1e-3 --train-iters "$(iterations 1 "$N_SAMPLES")" "${COMMON[@]}"
+}
+stage2() {
+    N_SAMPLES=${N_SAMPLES:-60000}
+    launch --stage 2 --pretrained-checkpoint "$CKPT/$1_stage1" --load "$CKPT/$1_stage2" \
+        --save "$CKPT/$1_stage2" --data-path "$DATA/shards/instruct" --template "$2" \
+        --lr 2e-5 --train-iters "$(iterations 3 "$N_SAMPLES")" "${COMMON[@]}"
+}
+stage3() {
+    # blend weights: the training-set sizes (each shard folder's report.json counts yours)
+    N_SAMPLES=${N_SAMPLES:-45421}
+    launch --stage 3 --pretrained-checkpoint "$CKPT/$1_stage3_init" \
+        --load "$CKPT/$1_stage3" --save "$CKPT/$1_stage3" --template "$2" \
+        --data-path 3064 "$DATA/shards/vqa_rad" 4919 "$DATA/shards/slake" \
+        19755 "$DATA/shards/pathvqa" 4708 "$DATA/shards/pneumoniamnist" \
+        12975 "$DATA/shards/organcmnist" \
+        --expert-model-parallel-size "${EP:-4}" --balanced-modality-batches \
+        --lr 2e-5 --train-iters "$(iterations 9 "$N_SAMPLES")" "${COMMON[@]}"
+}

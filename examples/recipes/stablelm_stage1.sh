@@ -3,7 +3,4 @@
 # ~500K), template plain, lr 1e-3, 1 epoch. Starts from the imported backbone + CLIP
 # (tools/convert_hf_to_mcore.py, docs/conversion.md); data from prepare_data.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-N_SAMPLES=${N_SAMPLES:-500000}
-launch --stage 1 --pretrained-checkpoint "$CKPT/stablelm_init" --load "$CKPT/stablelm_stage1" \
-    --save "$CKPT/stablelm_stage1" --data-path "$DATA/shards/alignment" --template plain \
-    --lr 1e-3 --train-iters "$(iterations 1 "$N_SAMPLES")" "${COMMON[@]}"
+stage1 stablelm stablelm
