@@ -24,7 +24,7 @@ from medmoe_mcore.data.records import read_shards, shard_paths
 from medmoe_mcore.router import file as router_file
 from medmoe_mcore.router.training import train_from_checkpoint
 from medmoe_mcore.runtime.parallel import is_rank0, log
-from medmoe_mcore.study import parameters
+from medmoe_mcore.models import parameters
 from medmoe_mcore.study.grid import Point, StudyConfig, point_dir
 from medmoe_mcore.training.config import TrainConfig
 
@@ -146,7 +146,7 @@ def write_result(study: StudyConfig, point: Point, cfg, measured: dict, router: 
     counted = measured.pop("counted_parameters")
     if counted is not None and counted != expected:
         raise AssertionError(f"{point.name}: parameters counted {counted} != formula "
-                             f"{expected} (medmoe_mcore/study/parameters.py)")
+                             f"{expected} (medmoe_mcore/models/parameters.py)")
     result = {
         "point": point.name, **dataclasses.asdict(point),
         "parameters": expected, "parameters_checked_on_model": counted is not None,

@@ -134,6 +134,16 @@ class TrainConfig:
         "are not finite (each is skipped: no update)")
     max_nan_iterations: int = option(3, "consecutive non-finite iterations that stop the run")
     tensorboard_dir: Optional[str] = option(None, "TensorBoard logs (one subfolder per stage)")
+    wandb_project: Optional[str] = option(
+        None, "log to this Weights & Biases project as well (rank 0; the scalars TensorBoard "
+        "gets, and the run's configuration; needs `pip install wandb`; WANDB_MODE=offline "
+        "keeps the run on disk)")
+    wandb_exp_name: Optional[str] = option(None, "the W&B experiment name (each stage's run "
+                                           "is <name>-stage<N>, grouped under <name>)")
+    wandb_save_dir: Optional[str] = option(None, "where W&B keeps its run files (default: "
+                                           "<--save>/wandb)")
+    log_throughput: bool = option(False, "add the model TFLOP/s per GPU to each log line and "
+                                  "to the logs as `throughput` (models/flops.py)")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over data-parallel "
                                              "ranks (Megatron's distributed optimizer)")
     overlap_grad_reduce: bool = option(
@@ -236,6 +246,7 @@ class TrainConfig:
             raise ConfigError("--override-opt_param-scheduler and "
                               "--use-checkpoint-opt_param-scheduler: choose one")
         self.check_precision()
+        self._check_wandb()
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                               f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
@@ -248,6 +259,23 @@ class TrainConfig:
             raise ConfigError("--bf16: Megatron's mixed-precision optimizer needs CUDA tensors "
                               "and this run is on CPU (no GPU, or MEDMOE_DEVICE=cpu); train in "
                               "float32 here, or on a GPU")
+
+    def _check_wandb(self) -> None:
+        """Megatron-LM's rules for its W&B flags, and the package there before any work."""
+        given = [f for f, v in (("--wandb-exp-name", self.wandb_exp_name),
+                                ("--wandb-save-dir", self.wandb_save_dir)) if v is not None]
+        if self.wandb_project is None:
+            if given:
+                raise ConfigError(f"{', '.join(given)} without --wandb-project")
+            return
+        if not self.wandb_exp_name:
+            raise ConfigError(f"--wandb-project {self.wandb_project} needs --wandb-exp-name "
+                              "(the experiment's name; Megatron-LM requires it too)")
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"--wandb-project {self.wandb_project}: the wandb package is not "
+                              "installed here (pip install 'medmoe-mcore[wandb]')")
 
     def _check_schedule_flags(self) -> None:
         """The warm-up's two forms exclusive; WSD's decay inside the decay; Megatron-LM's

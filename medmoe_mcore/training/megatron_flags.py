@@ -56,9 +56,6 @@ UNSUPPORTED = {
                    "the language model, 3 the experts, meta expert and dense FFNs",
     "--freeze-ViT": "the vision tower never trains in Med-MoE (every stage)",
     # not built yet
-    **dict.fromkeys(("--wandb-project", "--wandb-exp-name", "--wandb-save-dir"),
-                    "W&B logging is not built yet; --tensorboard-dir logs the same scalars"),
-    "--log-throughput": "tokens/s is in every log line; TFLOP/s per GPU is not computed yet",
     "--log-params-norm": "the parameter norm is not logged yet (the gradient norm is)",
     "--tensorboard-log-interval": "TensorBoard points are written every --log-interval "
                                   "iterations",

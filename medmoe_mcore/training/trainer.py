@@ -7,6 +7,7 @@ No argv here: examples/pretrain_medmoe.py builds `TrainConfig` from its flags.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.data.blend import data_blend
 from medmoe_mcore.data.loader import MedMoETaskEncoder, training_batches, validation_batches
+from medmoe_mcore.models.flops import spliced_length, training_flops
 from medmoe_mcore.models.moe.stats import ExpertActivation
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
@@ -58,6 +60,7 @@ class StepResult(NamedTuple):
     tokens: int  # tokens this rank processed
     skipped: bool  # non-finite loss or gradients: no update
     data_seconds: float  # waiting for this rank's micro-batches
+    flops: int = 0  # model FLOPs of this rank's micro-batches (models/flops.py)
 
 
 class Trainer:
@@ -99,11 +102,12 @@ class Trainer:
         self.checkpoint.load_starting_weights(model)
         self.setup = training_setup.wrap(model, trainable, cfg, train)
         self.progress = self.checkpoint.restore(self.setup, self.data)
-        self.metrics = TrainingMetrics(train.train_iters, train.log_interval, self.dp,
-                                       train.tensorboard_dir, train.stage)
-        # expert load per layer to TensorBoard, as Megatron's MoE metrics (every rank counts)
+        self.metrics = TrainingMetrics(
+            train, self.dp, dict(train=dataclasses.asdict(train), model=dataclasses.asdict(cfg)),
+            parallel_state.get_data_parallel_group())
+        # expert load per layer to the logs, as Megatron's MoE metrics (every rank counts)
         self.expert_load = ExpertActivation(model, ["-"]) \
-            if cfg.moe is not None and train.tensorboard_dir else None
+            if cfg.moe is not None and (train.tensorboard_dir or train.wandb_project) else None
         self.losses: list[float] = []
         # what a study of the run reads after it (tools/scaling_study.py): each step's
         # (seconds, tokens of all data-parallel ranks), (iteration, validation loss) pairs,
@@ -202,6 +206,7 @@ class Trainer:
         micro = [self.data.next() for _ in range(self._micro_per_step)]
         data_seconds = time.perf_counter() - start
         tokens = sum(int(b["input_ids"].numel()) for b in micro)
+        flops = sum(self._flops(b) for b in micro) if self.train.log_throughput else 0
         s.ddp.zero_grad_buffer()
         s.optimizer.zero_grad()
         loss = self._mean_over_dp(self._losses(micro, forward_only=False))
@@ -217,7 +222,18 @@ class Trainer:
         s.scheduler.step(increment=1)
         p.iteration += 1
         p.consumed_samples += self.train.global_batch_size
-        return StepResult(loss, grad_norm, lr, tokens, skipped, data_seconds)
+        return StepResult(loss, grad_norm, lr, tokens, skipped, data_seconds, flops)
+
+    def _flops(self, batch: dict) -> int:
+        """Model FLOPs of one micro-batch, from its shapes (models/flops.py)."""
+        cfg, ids = self.cfg, batch["input_ids"]
+        if cfg.vision is None:
+            return training_flops(cfg, ids.shape[0], ids.shape[1], 0)
+        par = cfg.parallel
+        length = spliced_length(ids, cfg.vision.image_token_id, cfg.vision.num_patches,
+                                par.tensor_model_parallel_size if par.sequence_parallel else 1)
+        images = 0 if batch["images"] is None else batch["images"].shape[0]
+        return training_flops(cfg, ids.shape[0], length, images)
 
     def _report_data(self) -> None:
         """Samples read per dataset and records skipped while encoding, over all data-parallel

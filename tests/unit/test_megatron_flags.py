@@ -30,7 +30,8 @@ TAKEN = {
     "--eval-interval": "1000", "--eval-iters": "10", "--save": "ckpt", "--load": "ckpt",
     "--tensorboard-dir": "ckpt/tensorboard", "--no-load-optim": None, "--no-load-rng": None,
     "--use-mcore-models": None, "--no-position-embedding": None,
-    "--no-masked-softmax-fusion": None,
+    "--no-masked-softmax-fusion": None, "--wandb-project": "Mixtral",
+    "--wandb-exp-name": "Mixtral_8x7B", "--log-throughput": None,
 }
 # ... and refused, each with its reason:
 REFUSED = {
@@ -42,7 +43,6 @@ REFUSED = {
     "--num-query-groups": "2", "--rotary-base": "1000000",
     "--moe-router-load-balancing-type": "aux_loss", "--tokenizer-type": "Llama2Tokenizer",
     "--tokenizer-model": "tokenizer.model", "--mock-data": None, "--split": "99990,8,2",
-    "--wandb-project": "Mixtral", "--wandb-exp-name": "Mixtral_8x7B",
 }
 
 
@@ -74,6 +74,8 @@ def test_a_megatron_moe_recipe_is_taken_or_refused_flag_by_flag(capsys):
     assert moe == {"num_experts": 2, "router_topk": 2, "aux_loss_coeff": 0.01,
                    "token_dispatcher": "alltoall"}
     assert train.schedule()["lr_warmup_steps"] == 500
+    assert (train.wandb_project, train.wandb_exp_name, train.log_throughput) == (
+        "Mixtral", "Mixtral_8x7B", True)
     with pytest.raises(SystemExit) as stop:
         megatron_flags.parse(pretrain.parser(), ["--stage", "3", *_argv(TAKEN),
                                                  *_argv(REFUSED)])

@@ -53,14 +53,18 @@ def test_expert_parameters_are_tagged_after_build(family):
 
 def test_last_short_log_window_divides_by_its_own_length(monkeypatch, capsys):
     from medmoe_mcore.training import metrics
+    from medmoe_mcore.training.config import TrainConfig
     from medmoe_mcore.training.trainer import StepResult
 
     clock = itertools.chain([0.0, 3.0], itertools.repeat(3.0))
     monkeypatch.setattr(metrics.time, "time", lambda: next(clock))
-    m = metrics.TrainingMetrics(train_iters=3, log_interval=10, dp=1)
+    m = metrics.TrainingMetrics(TrainConfig(train_iters=3, log_interval=10,
+                                            log_throughput=True), dp=1)
     for it in (1, 2, 3):
-        m.record(it, it * 8, StepResult(1.0, 0.5, 1e-3, 100, False, 0.01))
+        m.record(it, it * 8, StepResult(1.0, 0.5, 1e-3, 100, False, 0.01, flops=10 ** 12))
     line = capsys.readouterr().out
     assert "elapsed time per iteration (ms): 1000.0" in line  # 3 s over 3 iterations
+    # 3 x 10^12 FLOPs in 3 s on a job of one process
+    assert "throughput per GPU (TFLOP/s/GPU): 1.000" in line
     assert "tokens/s: 100" in line
     assert "data wait (%): 1.0" in line  # 3 x 0.01 s of 3 s

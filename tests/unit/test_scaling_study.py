@@ -9,7 +9,8 @@ import torch
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.flavors import language_flavor, medmoe_language, vision_flavor
 from medmoe_mcore.config.model import ModelConfig
-from medmoe_mcore.study import parameters, report
+from medmoe_mcore.models import parameters
+from medmoe_mcore.study import report
 from medmoe_mcore.study.grid import Point, StudyConfig, points
 from medmoe_mcore.study.point import balance
 

@@ -17,6 +17,17 @@ def _ffn(hidden: int, ffn: int, glu: bool, bias: bool) -> int:
     return hidden * up + ffn * hidden + ((up + hidden) if bias else 0)
 
 
+def ffn_matmul(hidden: int, ffn: int, glu: bool) -> int:
+    """The FFN's matrix-product weights (models/flops.py)."""
+    return _ffn(hidden, ffn, glu, False)
+
+
+def attention_matmul(hidden: int, query_groups: int, head_dim: int) -> int:
+    """QKV and the output projection's matrix-product weights (models/flops.py)."""
+    kv = query_groups * head_dim
+    return hidden * (hidden + 2 * kv) + hidden * hidden
+
+
 def _language_layer_without_ffn(lm: LanguageConfig) -> int:
     h, kv = lm.hidden_size, lm.num_query_groups * lm.head_dim
     qkv = h * (h + 2 * kv) + ((h + 2 * kv) if lm.add_qkv_bias else 0)
