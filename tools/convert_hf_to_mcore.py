@@ -18,7 +18,9 @@ def main(argv=None):
     from medmoe_mcore.conventions import DEFAULT_SEED, IMAGE_SENTINEL_ID
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="HF folder: config.json + *.safetensors")
+    p.add_argument("--hf-dir", required=True, help="HF folder: config.json + *.safetensors or "
+                   "pytorch_model*.bin (read with weights_only=True); or a Hugging Face cache "
+                   "entry (models--org--name: the snapshot refs/main names) or snapshot")
     p.add_argument("--save", required=True, help="Megatron checkpoint root to write")
     p.add_argument("--vision-hf-dir",
                    help="CLIP folder (CLIPVisionModel or CLIPModel): with a language --hf-dir, "

@@ -2,7 +2,8 @@
 
 A multimodal checkpoint of any stage (CLIP + projector + Phi/StableLM, dense or Med-MoE)
 becomes a release folder in the authors' MoE-LLaVA layout with our `transformers` classes,
-tokenizer, chat template and image processor (`--format medmoe`, the default):
+tokenizer, chat template, image processor and a hub-ready model card (`--format medmoe`, the
+default; `--eval-report` adds the evaluation table):
 
     python tools/convert_mcore_to_hf.py --load CKPT --hf-dir OUT
     # then: AutoModelForCausalLM / AutoProcessor .from_pretrained(OUT, trust_remote_code=True)
@@ -38,6 +39,14 @@ def main(argv=None):
                    help="medmoe, LoRA checkpoints: export the base model to --hf-dir and the "
                         "adapters here as a PEFT folder (peft.PeftModel.from_pretrained(base, "
                         "DIR))")
+    p.add_argument("--eval-report",
+                   help="medmoe: the JSON of `tools/evaluate.py score --report`: its table "
+                        "goes into the model card (README.md) and its metadata")
+    p.add_argument("--card-datasets",
+                   help="medmoe: the model card's datasets, comma-separated hub ids (default: "
+                        "the names of the dataset folders each stage trained on)")
+    p.add_argument("--license", help="medmoe: the model card's license (default: the base "
+                                     "language model's: mit for Phi-2, other for StableLM 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --hf-dir")
     p.add_argument("--max-shard-size-mb", type=int, default=2048)
     p.add_argument("--no-progress", action="store_true")
@@ -61,10 +70,14 @@ def main(argv=None):
                  "--drop-lm-head-bias": args.drop_lm_head_bias,
                  "--tokenizer": args.tokenizer is not None,
                  "--lora-merge": args.lora_merge,
-                 "--peft-adapter-dir": args.peft_adapter_dir is not None}
+                 "--peft-adapter-dir": args.peft_adapter_dir is not None,
+                 "--eval-report": args.eval_report is not None,
+                 "--card-datasets": args.card_datasets is not None,
+                 "--license": args.license is not None}
+        medmoe_only = {"--accept-authors-divergence", "--tokenizer", "--lora-merge",
+                       "--peft-adapter-dir", "--eval-report", "--card-datasets", "--license"}
         unused = set(given) if not multimodal else \
-            {"--accept-authors-divergence", "--tokenizer", "--lora-merge",
-             "--peft-adapter-dir"} if args.format == "llava" else {"--drop-lm-head-bias"}
+            medmoe_only if args.format == "llava" else {"--drop-lm-head-bias"}
         refused = [flag for flag in given if given[flag] and flag in unused]
         if refused:  # a flag this export cannot honour is refused, never ignored
             kind = f"--format {args.format}" if multimodal else "language-model"
@@ -85,7 +98,10 @@ def main(argv=None):
             out = export_release(args.load, args.hf_dir,
                                  accept_divergence=args.accept_authors_divergence,
                                  tokenizer_dir=args.tokenizer, lora_merge=args.lora_merge,
-                                 peft_adapter_dir=args.peft_adapter_dir, **common)
+                                 peft_adapter_dir=args.peft_adapter_dir,
+                                 eval_report=args.eval_report, license=args.license,
+                                 card_datasets=args.card_datasets.split(",")
+                                 if args.card_datasets else None, **common)
             what = "Med-MoE release (authors' layout, trust_remote_code)"
     except (ConversionError, ConfigError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -38,6 +38,7 @@ CONFIG = "medmoe_config.json"
 HF_CONFIG = "hf_config.json"
 TOKENIZER = "tokenizer"
 PASSTHROUGH = "hf_passthrough"  # HF tensors kept aside on import (never run), for export
+TRAINING_STAGES = "training_stages.json"  # training/history.py: what each stage trained with
 EXTRA_STATE = "._extra_state"  # a module's non-parameter state (see `portable`)
 
 
@@ -367,9 +368,10 @@ def load_common(folder: Path) -> dict:
 
 def carried(folder: str | os.PathLike) -> tuple[dict[str, str], dict[str, Path]]:
     """(extra_files, extra_dirs) of a checkpoint that every later checkpoint derived from it
-    carries along: the imported HF config, the tokenizer, tensors kept aside for export."""
+    carries along: the imported HF config, the training history, the tokenizer, tensors kept
+    aside for export."""
     folder = Path(folder)
-    files = {HF_CONFIG: (folder / HF_CONFIG).read_text()} if (folder / HF_CONFIG).exists() \
-        else {}
+    files = {name: (folder / name).read_text() for name in (HF_CONFIG, TRAINING_STAGES)
+             if (folder / name).exists()}
     dirs = {name: folder / name for name in (TOKENIZER, PASSTHROUGH) if (folder / name).is_dir()}
     return files, dirs

@@ -18,7 +18,9 @@ from medmoe_mcore.conversion.hf_files import check_tokenizer, read_hf_config
 from medmoe_mcore.conversion.llava import (clip_config, fill, multimodal_table, save_multimodal,
                                            split_clip)
 from medmoe_mcore.conversion.preflight import checked_plan
-from medmoe_mcore.conversion.safetensors_io import SafetensorsDir, read_file
+from medmoe_mcore.conversion import hf_folder
+from medmoe_mcore.conversion.hf_folder import open_weights
+from medmoe_mcore.conversion.safetensors_io import read_file
 from medmoe_mcore.conversion.tables.vision import Layout, detect_clip_root, vision_config_from_hf
 from medmoe_mcore.conversion.target_model import conversion_model, storage_dtype
 from medmoe_mcore.models.transformer_config import DTYPES
@@ -52,7 +54,8 @@ def assemble(vision_hf_dir, language_hf_dir, save_root, projector_path=None,
     freshly initialised like Megatron: normal(0, 0.02) weights, zero biases)."""
     store.check_can_release(save_root, overwrite)
     report = [] if report is None else report
-    clip_src, lm_src = SafetensorsDir(vision_hf_dir), SafetensorsDir(language_hf_dir)
+    vision_hf_dir, language_hf_dir = map(hf_folder.resolve, (vision_hf_dir, language_hf_dir))
+    clip_src, lm_src = open_weights(vision_hf_dir), open_weights(language_hf_dir)
     text = read_hf_config(language_hf_dir)
     lm = language_config_from_hf(text)
     if lm.output_layer_bias and not lm_head_bias:

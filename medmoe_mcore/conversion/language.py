@@ -18,7 +18,9 @@ from medmoe_mcore.conversion.hf_config import (hf_config_from_language, language
 from medmoe_mcore.conversion.hf_files import (check_tokenizer, copy_tokenizer, hf_config_object,
                                               read_hf_config, write_config)
 from medmoe_mcore.conversion.preflight import checked_plan
-from medmoe_mcore.conversion.safetensors_io import AtomicDir, SafetensorsDir, write_sharded
+from medmoe_mcore.conversion import hf_folder
+from medmoe_mcore.conversion.hf_folder import open_weights
+from medmoe_mcore.conversion.safetensors_io import AtomicDir, write_sharded
 from medmoe_mcore.conversion.target_model import (conversion_model, fill_parameters, progress,
                                                   storage_dtype, weight_table, weights)
 from medmoe_mcore.models.transformer_config import DTYPES
@@ -30,12 +32,13 @@ def import_hf(hf_dir, save_root, params_dtype: str | None = None, show_progress=
     holding a checkpoint is refused before any work unless `overwrite`. `tokenizer`: the
     folder's tokenizer is checked and carried (else none is)."""
     store.check_can_release(save_root, overwrite)
+    hf_dir = hf_folder.resolve(hf_dir)
     hf_cfg = read_hf_config(hf_dir)
     lm = language_config_from_hf(hf_cfg)
     moe = moe_config_from_hf(hf_cfg)
     if tokenizer:
         check_tokenizer(hf_dir, lm.vocab_size)
-    src = SafetensorsDir(hf_dir)
+    src = open_weights(hf_dir)
     cast = DTYPES[params_dtype] if params_dtype else None
     cfg = ModelConfig(language=lm, moe=moe,
                       params_dtype=params_dtype or storage_dtype(src)).validate()

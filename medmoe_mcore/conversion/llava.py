@@ -34,8 +34,9 @@ from medmoe_mcore.conversion.hf_files import (check_tokenizer, copy_tokenizer, r
 from medmoe_mcore.conversion.mappings import Scoped
 from medmoe_mcore.conversion.peft_adapter import lora_table, read_peft_adapter, targets_of
 from medmoe_mcore.conversion.preflight import checked_plan
-from medmoe_mcore.conversion.safetensors_io import (AtomicDir, SafetensorsDir, read_file,
-                                                     write_sharded)
+from medmoe_mcore.conversion import hf_folder
+from medmoe_mcore.conversion.hf_folder import open_weights
+from medmoe_mcore.conversion.safetensors_io import AtomicDir, read_file, write_sharded
 from medmoe_mcore.conversion.tables.language import FAMILIES
 from medmoe_mcore.conversion.tables.vision import (CLIP_WEIGHTS, LAYOUTS, PROJECTOR_WEIGHTS, Layout,
                                                    clip_config_from_vision, detect_layout,
@@ -76,7 +77,7 @@ def clip_config(clip_dir) -> dict:
 def read_multimodal_config(hf_dir, vision_hf_dir=None) -> tuple[ModelConfig, Layout, dict]:
     """(ModelConfig, layout, HF config to keep) of a LLaVA or authors' MoE-LLaVA folder."""
     raw = raw_config(hf_dir)
-    src = SafetensorsDir(hf_dir)
+    src = open_weights(hf_dir)
     layout = detect_layout(src.keys())
     if raw.get("model_type") == "llava":
         from transformers import AutoConfig
@@ -177,10 +178,12 @@ def import_multimodal(hf_dir, save_root, params_dtype: str | None = None, vision
     adapter folder (ours, conversion/peft_adapter.py) a LoRA checkpoint."""
     store.check_can_release(save_root, overwrite)
     report = [] if report is None else report
+    hf_dir = hf_folder.resolve(hf_dir)
+    vision_hf_dir = None if vision_hf_dir is None else hf_folder.resolve(vision_hf_dir)
     cfg, layout, hf_cfg = read_multimodal_config(hf_dir, vision_hf_dir)
     if tokenizer:
         check_tokenizer(hf_dir, cfg.language.vocab_size)
-    src = SafetensorsDir(hf_dir)
+    src = open_weights(hf_dir)
     cfg.params_dtype = params_dtype or storage_dtype(src)
     cfg.validate()
     keys, aside_keys, _ = split_clip(src.keys(), layout.vision, cfg.vision, report)
@@ -301,6 +304,6 @@ def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
 
 def is_multimodal(hf_dir) -> bool:
     """Whether an HF folder holds a vision tower in one of the LLaVA layouts."""
-    keys = set(SafetensorsDir(hf_dir).keys())
+    keys = set(open_weights(hf_folder.resolve(hf_dir)).keys())
     return any(layout.vision + "embeddings.patch_embedding.weight" in keys
                for layout in LAYOUTS.values())

@@ -9,7 +9,7 @@ layout (`model.image_tower.image_tower.vision_model.*`, `model.mm_projector.{0,2
   top-level rotary/norm keys of their transformers-4.37 classes, `mm_*` keys, a true dtype.
 
 A model the authors' code would compute differently is refused, naming the field, unless the
-caller accepts the divergence; then the folder's README.md lists what differs.
+caller accepts the divergence; then the folder's model card (README.md) lists what differs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from medmoe_mcore.conversion.hf_config import hf_config_from_language
 from medmoe_mcore.conversion.hf_files import write_config
 from medmoe_mcore.conversion.llava import kept_aside, multimodal_table, write_weights
 from medmoe_mcore.conversion.lora_merge import merged_model
+from medmoe_mcore.conversion.model_card import model_card, read_eval_report
 from medmoe_mcore.conversion.peft_adapter import write_peft_adapter
 from medmoe_mcore.conversion.safetensors_io import AtomicDir
 from medmoe_mcore.conversion.tables.vision import LAYOUTS, clip_config_from_vision, feature_layer
@@ -145,10 +146,9 @@ def _expected_keys(hf_cfg: dict) -> set[str]:
     return set(model.state_dict())
 
 
-def _readme(divergences: list[str], adapter_dir=None) -> str:
-    lines = ["# Med-MoE (medmoe-mcore export)", "",
-             "Load with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` "
-             "and `AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.", ""]
+def _card_sections(divergences: list[str], adapter_dir=None) -> list[str]:
+    """The model card's sections about this export: a LoRA base, divergences accepted."""
+    lines = []
     if adapter_dir is not None:
         lines += ["## The base model of a LoRA training", "",
                   "These weights are the model the LoRA adapters were trained on (its "
@@ -159,8 +159,8 @@ def _readme(divergences: list[str], adapter_dir=None) -> str:
         lines += ["## The authors' MoE-LLaVA code will compute this model differently", "",
                   "Exported on request although their code differs in:", "",
                   *(f"- {d}" for d in divergences), "",
-                  "Use the classes in this folder (auto_map) for the model as trained."]
-    return "\n".join(lines) + "\n"
+                  "Use the classes in this folder (auto_map) for the model as trained.", ""]
+    return lines
 
 
 def _check_lora_choice(cfg: ModelConfig, folder: Path, lora_merge: bool,
@@ -180,9 +180,13 @@ def _check_lora_choice(cfg: ModelConfig, folder: Path, lora_merge: bool,
 def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence: bool = False,
                    tokenizer_dir=None, show_progress: bool = True,
                    max_shard_bytes: int = 2 << 30, lora_merge: bool = False,
-                   peft_adapter_dir=None) -> Path:
-    """Megatron multimodal checkpoint (dense or Med-MoE) -> release folder (authors' layout).
-    A LoRA checkpoint: merged (`lora_merge`), or the base model + a PEFT adapter folder."""
+                   peft_adapter_dir=None, eval_report=None, card_datasets=None,
+                   license=None) -> Path:
+    """Megatron multimodal checkpoint (dense or Med-MoE) -> release folder (authors' layout)
+    with its model card (conversion/model_card.py; `eval_report` the JSON of
+    `tools/evaluate.py score --report`). A LoRA checkpoint: merged (`lora_merge`), or the base
+    model + a PEFT adapter folder."""
+    report = read_eval_report(eval_report) if eval_report is not None else None
     folder = store.resolve(load_root)
     cfg = store.read_config(folder, ParallelConfig())
     if cfg.vision is None:
@@ -221,5 +225,9 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
         write_config(out, hf_cfg)
         for path in hf_classes.REMOTE_CODE_FILES:
             shutil.copy(path, out / path.name)
-        (out / "README.md").write_text(_readme(divergences, peft_adapter_dir))
+        history = folder / store.TRAINING_STAGES
+        stages = json.loads(history.read_text()) if history.exists() else []
+        (out / "README.md").write_text(model_card(
+            cfg, Path(hf_dir).name, stages, report, card_datasets, license,
+            _card_sections(divergences, peft_adapter_dir)))
     return Path(hf_dir)

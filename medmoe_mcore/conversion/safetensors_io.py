@@ -189,6 +189,7 @@ def write_sharded(items: Iterable[tuple[str, torch.Tensor]], folder: str | os.Pa
     folder = Path(folder)
     shard: dict[str, torch.Tensor] = {}
     size, files, weight_map = 0, [], {}
+    total_size = total_parameters = 0
 
     def flush():
         nonlocal shard, size
@@ -207,6 +208,7 @@ def write_sharded(items: Iterable[tuple[str, torch.Tensor]], folder: str | os.Pa
             tensor = tensor.clone()
         shard[key] = tensor
         size += nbytes
+        total_size, total_parameters = total_size + nbytes, total_parameters + tensor.numel()
         if progress:
             progress(key)
     flush()
@@ -218,7 +220,10 @@ def write_sharded(items: Iterable[tuple[str, torch.Tensor]], folder: str | os.Pa
         final = f"model-{n:05d}-of-{total:05d}.safetensors"
         os.replace(folder / name, folder / final)
         weight_map.update({k: final for k in keys})
-    (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    # the index as transformers' save_pretrained writes it
+    index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2))
     return sorted(weight_map)
 
 

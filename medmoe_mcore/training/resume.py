@@ -34,6 +34,7 @@ from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.runtime import parallel
 from medmoe_mcore.runtime.parallel import log
+from medmoe_mcore.training import history
 from medmoe_mcore.training.config import TrainConfig
 
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -252,6 +253,10 @@ class RunCheckpoint:
         """Collective: a checkpoint of now; with --async-save its files are written in the
         background and it becomes the latest at `finish_saves` (the folder it will be)."""
         files, dirs = store.carried(self.source)
+        files[store.TRAINING_STAGES] = history.updated(
+            files.get(store.TRAINING_STAGES), history.stage_entry(
+                self.train, progress.iteration, progress.consumed_samples,
+                self.data_layout["datasets"]))
         state = _state(setup, progress, loading=False, data_state=data.state_bytes())
         state["data_layout"] = self.data_layout
         state["run_flags"] = self.train.run_flags()

@@ -2,7 +2,8 @@
 and to W&B in offline mode (`WANDB_MODE=offline`, no network) gives W&B the same scalars at the
 same iterations as TensorBoard, and the run's configuration; `--log-throughput` puts the model
 TFLOP/s per GPU in the log line and the logs, and the FLOPs it stands for are the closed form's
-(models/flops.py) for the step's micro-batch."""
+(models/flops.py) for the step's micro-batch; the checkpoint's training history reaches a
+release's model card."""
 
 import json
 import os
@@ -106,3 +107,13 @@ def test_wandb_offline_equals_tensorboard_and_throughput_is_the_closed_form(tmp_
         closest = min((abs(flops.training_flops(cfg, 2, s, n) / logged - 1), s, n)
                       for s in range(1, 96 + 4 * cfg.vision.num_patches) for n in range(5))
         assert closest[0] < 1e-9, (step, closest)
+
+    # the checkpoint's history reaches a release's model card: stage 2, 3 iterations of 2
+    from medmoe_mcore.conversion.release import export_release
+
+    history = json.loads((tmp_path / "ckpt" / "iter_0000003" / store.TRAINING_STAGES)
+                         .read_text())
+    assert [(s["stage"], s["iterations"], s["lr"]) for s in history] == [(2, 3, 1e-3)]
+    card = (export_release(tmp_path / "ckpt", tmp_path / "release", show_progress=False)
+            / "README.md").read_text()
+    assert "| 2 | 3 | 6 | 2 | 96 | 0.001 (0) |" in card, card
