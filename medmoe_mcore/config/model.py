@@ -247,8 +247,12 @@ class ModelConfig:
     vision: Optional[VisionConfig] = None
     lora: Optional[LoRAConfig] = None
     params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # Activation recompute (a run-time choice, not saved with checkpoints): None or "full".
+    # Activation recompute (a run-time choice, not saved with checkpoints), Megatron's meaning:
+    # full recomputes whole layers, by method (uniform: chunks of num_layers layers; block:
+    # the first num_layers layers); selective, the attention core only.
     recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    recompute_num_layers: Optional[int] = None
 
     def validate(self) -> "ModelConfig":
         self.language.validate()
@@ -264,6 +268,14 @@ class ModelConfig:
         require(self.recompute_granularity in (None, "full", "selective"),
                 f"recompute_granularity={self.recompute_granularity!r}: must be None, 'full' "
                 "or 'selective'")
+        require(self.recompute_granularity == "full" or (
+            self.recompute_method is None and self.recompute_num_layers is None),
+            "--recompute-method / --recompute-num-layers: only with --recompute-granularity "
+            "full (Megatron's rule)")
+        require(self.recompute_num_layers is None or 1 <= self.recompute_num_layers
+                <= self.language.num_layers,
+                f"--recompute-num-layers {self.recompute_num_layers}: must be between 1 and the "
+                f"model's {self.language.num_layers} layers")
         require(self.params_dtype in ("float32", "bfloat16", "float16"),
                 f"params_dtype={self.params_dtype!r}: must be float32, bfloat16 or float16")
         require(self.parallel.cross_entropy_loss_fusion is not True

@@ -129,8 +129,10 @@ def language_transformer_config(cfg: ModelConfig, use_cpu_initialization: bool =
         hidden_dropout=lm.hidden_dropout,
         attention_dropout=lm.attention_dropout,
         recompute_granularity=cfg.recompute_granularity,
-        recompute_method="uniform" if cfg.recompute_granularity == "full" else None,
-        recompute_num_layers=1 if cfg.recompute_granularity == "full" else None,
+        recompute_method=(cfg.recompute_method or "uniform")
+        if cfg.recompute_granularity == "full" else None,
+        recompute_num_layers=(cfg.recompute_num_layers or 1)
+        if cfg.recompute_granularity == "full" else None,
         expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
         **{**common, **fused},
         **(_moe_fields(cfg) if cfg.moe is not None else {}),

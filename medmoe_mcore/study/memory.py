@@ -123,6 +123,9 @@ def plan(cfg: ModelConfig, step: Step, counts: dict[str, int] | None = None) -> 
     tokens = step.micro_batch_size * step.seq_length
     norm_split = tp if par.sequence_parallel else 1
     if cfg.recompute_granularity == "full":
+        if (cfg.recompute_method or "uniform") != "uniform" or (cfg.recompute_num_layers or 1) > 1:
+            raise ValueError("the memory model covers full recompute one layer at a time "
+                             "(--recompute-method uniform, --recompute-num-layers 1)")
         kept = cfg.language.num_layers * per_token["layer_input"] / norm_split \
             + per_token["per_layer_max"] / tp
     else:

@@ -99,6 +99,11 @@ class TrainConfig:
                               pipeline=False)
     load_rng: bool = option(True, "resume the random state; --no-load-rng reseeds from --seed",
                             pipeline=False)
+    save_optim: bool = option(True, "save the optimizer state (--no-save-optim: smaller "
+                              "checkpoints; a resume from them needs --no-load-optim and is "
+                              "not exact)")
+    save_rng: bool = option(True, "save the random state (--no-save-rng: a resume from them "
+                            "needs --no-load-rng)")
     override_opt_param_scheduler: bool = option(
         False, "on resume, the schedule flags (--lr, --min-lr, --lr-warmup-fraction, "
         "--train-iters) win over the checkpoint's scheduler (by default a difference is "
@@ -159,7 +164,17 @@ class TrainConfig:
                                    "name filter does)")
     bf16: bool = option(False, "train in bfloat16 (parameters and activations)")
     recompute_granularity: Optional[Literal["full", "selective"]] = option(
-        None, "activation recomputation to save memory")
+        None, "activation recomputation to save memory: full (whole layers) or selective (the "
+        "attention core)")
+    recompute_activations: bool = option(False, "Megatron-LM's shorthand for "
+                                         "--recompute-granularity selective")
+    recompute_method: Optional[Literal["uniform", "block"]] = option(
+        None, "with --recompute-granularity full: uniform (every layer, in chunks of "
+        "--recompute-num-layers; the default) or block (only the first --recompute-num-layers "
+        "layers)")
+    recompute_num_layers: Optional[int] = option(None, "with --recompute-granularity full: the "
+                                                 "chunk size (uniform) or the number of layers "
+                                                 "recomputed (block); default 1")
 
     def validate(self, dp: int) -> "TrainConfig":
         """Every flag value, before anything is read or built; each error names the flag."""
@@ -247,6 +262,9 @@ class TrainConfig:
                               "--use-checkpoint-opt_param-scheduler: choose one")
         self.check_precision()
         self._check_wandb()
+        if self.recompute_activations and self.recompute_granularity == "full":
+            raise ConfigError("--recompute-activations (selective) and --recompute-granularity "
+                              "full: choose one")
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                               f"--micro-batch-size {self.micro_batch_size} x data-parallel size "

@@ -59,15 +59,6 @@ UNSUPPORTED = {
     "--log-params-norm": "the parameter norm is not logged yet (the gradient norm is)",
     "--tensorboard-log-interval": "TensorBoard points are written every --log-interval "
                                   "iterations",
-    "--recompute-activations": "use --recompute-granularity selective (Megatron-LM's meaning "
-                               "of --recompute-activations) or full",
-    "--recompute-method": "--recompute-granularity full recomputes every layer (uniform, one "
-                          "at a time); other methods are not offered",
-    "--recompute-num-layers": "--recompute-granularity full recomputes every layer (uniform, "
-                              "one at a time); other methods are not offered",
-    "--no-save-optim": "every checkpoint holds the optimizer state, so a resume is exact; "
-                       "tools/convert_mcore_to_hf.py exports weights only",
-    "--no-save-rng": "every checkpoint holds the random state, so a resume is exact",
     "--calculate-per-token-loss": "the loss is averaged per micro-batch over its supervised "
                                   "tokens, then over micro-batches (the authors' semantics)",
     **dict.fromkeys(("--manual-gc", "--manual-gc-interval"),

@@ -148,6 +148,7 @@ class RunCheckpoint:
             self._check_data_layout()
         if self.resuming:
             self._check_schedule()
+            self._check_saved_parts()
         self.lock = None
         if train.save:
             self.lock = _lock_save_folder(train)
@@ -157,6 +158,20 @@ class RunCheckpoint:
         """The run is over: its --save folder is free for another."""
         if self.lock is not None:
             self.lock.release()
+
+    def _check_saved_parts(self) -> None:
+        """A checkpoint saved with --no-save-optim / --no-save-rng resumes only when the run
+        says it will start those afresh (Megatron-LM would fail on the missing keys)."""
+        t, saved = self.train, self.common.get("saved_parts", {})
+        same_world = self.common.get("world_size") == dist.get_world_size()
+        missing = [f"{flag} (saved with {saved_flag})" for flag, saved_flag, needed in (
+            ("--no-load-optim", "--no-save-optim",
+             t.load_optim and not saved.get("optimizer", True)),
+            ("--no-load-rng", "--no-save-rng",
+             t.load_rng and same_world and not saved.get("rng", True))) if needed]
+        if missing:
+            raise ConfigError(f"--load {self.source}: the checkpoint lacks what this run would "
+                              f"resume: pass {', '.join(missing)}")
 
     def _check_schedule(self) -> None:
         """Megatron's scheduler silently keeps the checkpoint's schedule: refuse a difference
@@ -257,7 +272,10 @@ class RunCheckpoint:
             files.get(store.TRAINING_STAGES), history.stage_entry(
                 self.train, progress.iteration, progress.consumed_samples,
                 self.data_layout["datasets"]))
-        state = _state(setup, progress, loading=False, data_state=data.state_bytes())
+        t = self.train
+        state = _state(setup, progress, loading=False, data_state=data.state_bytes(),
+                       with_rng=t.save_rng, with_optimizer=t.save_optim)
+        state["saved_parts"] = {"optimizer": t.save_optim, "rng": t.save_rng}
         state["data_layout"] = self.data_layout
         state["run_flags"] = self.train.run_flags()
         if self.saver is not None:  # carried files keep coming from the complete source

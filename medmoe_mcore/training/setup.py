@@ -35,7 +35,10 @@ def stage_config(source, par: ParallelConfig, train: TrainConfig) -> ModelConfig
                           "never trained and HF exports declare the model's limit")
     if train.bf16:
         cfg.params_dtype = "bfloat16"
-    cfg.recompute_granularity = train.recompute_granularity
+    cfg.recompute_granularity = "selective" if train.recompute_activations else \
+        train.recompute_granularity
+    cfg.recompute_method, cfg.recompute_num_layers = train.recompute_method, \
+        train.recompute_num_layers
     return cfg
 
 

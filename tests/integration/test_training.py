@@ -239,3 +239,24 @@ def test_lora_stage3_adapters_reshard_and_resume(tmp_path, workspace):
     r = run_tool("examples/pretrain_medmoe.py", *COMMON, *map(str, stage3), "--train-iters",
                  "3", "--lora-rank", "8", "--load", tmp_path / "c")
     assert r.returncode == 2 and "--lora-rank 8: the checkpoint has lora.rank=4" in r.stderr
+
+
+def test_no_save_optim_and_rng_need_the_load_side_flags(tmp_path, workspace):
+    """--no-save-optim / --no-save-rng write checkpoints without those parts; resuming one
+    is refused until the run says it starts them afresh (--no-load-optim / --no-load-rng)."""
+    from medmoe_mcore.checkpoint import store
+
+    stage2 = ("--stage", "2", "--data-path", workspace["shards"]["stage2"],
+              "--pretrained-checkpoint", workspace["init"], "--num-workers", "0")
+    _train(*stage2, "--train-iters", "3", "--exit-interval", "2", "--save", tmp_path / "a",
+           "--no-save-optim", "--no-save-rng", nproc=1)
+    common = store.load_common(store.resolve(tmp_path / "a"))
+    assert common["saved_parts"] == {"optimizer": False, "rng": False}
+    assert "optimizer" not in common and "rng" not in common
+    again = (*stage2, "--train-iters", "3", "--load", tmp_path / "a", "--save", tmp_path / "a")
+    r = run_tool("examples/pretrain_medmoe.py", *COMMON, *map(str, again), nproc=1)
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "pass --no-load-optim (saved with --no-save-optim), --no-load-rng (saved with " \
+           "--no-save-rng)" in r.stderr, r.stderr[-2000:]
+    _, log = _train(*again, "--no-load-optim", "--no-load-rng", nproc=1)
+    assert "resumed from" in log and "optimizer state (--no-load-optim)" in log
