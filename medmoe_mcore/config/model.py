@@ -174,6 +174,15 @@ class MoEConfig:
     aux_loss_coeff: float = option(0.0, "load-balancing loss coefficient, learned router only "
                                    "(default 0.01 for it, as MoE-LLaVA)",
                                    flag="--moe-aux-loss-coeff")
+    # Megatron's names; the learned router only (the modality router is fixed: no loss trains
+    # it). None: aux_loss when aux_loss_coeff > 0, else none.
+    load_balancing_type: Optional[Literal["aux_loss", "seq_aux_loss", "none"]] = option(
+        None, "learned router: Megatron's load-balancing loss (aux_loss, seq_aux_loss: per "
+        "sequence, none; default aux_loss with a coefficient)",
+        flag="--moe-router-load-balancing-type", runtime=True)
+    z_loss_coeff: Optional[float] = option(
+        None, "learned router: Megatron's router z-loss coefficient (keeps the logits small)",
+        flag="--moe-z-loss-coeff", runtime=True)
     token_dispatcher: Literal["alltoall", "allgather"] = option(
         "alltoall", "how tokens reach experts under expert parallelism (a run-time choice: a "
         "stage run may change it)", flag="--moe-token-dispatcher-type", runtime=True)
@@ -233,6 +242,18 @@ class MoEConfig:
         require(self.router_type == "learned" or self.aux_loss_coeff == 0.0,
                 f"{p}.aux_loss_coeff={self.aux_loss_coeff}: the fixed modality router has no "
                 "load-balancing loss")
+        fixed = [f for f, v in (("--moe-router-load-balancing-type", self.load_balancing_type
+                                 not in (None, "none")),
+                                ("--moe-z-loss-coeff", bool(self.z_loss_coeff))) if v]
+        require(self.router_type == "learned" or not fixed,
+                f"{', '.join(fixed)}: the fixed modality router is pretrained and frozen; no "
+                "loss trains it (a learned-router baseline takes them: --moe-router-type "
+                "learned at upcycling)")
+        require(self.z_loss_coeff is None or self.z_loss_coeff >= 0,
+                f"{p}.z_loss_coeff={self.z_loss_coeff}: must be >= 0")
+        require(self.load_balancing_type in (None, "aux_loss", "seq_aux_loss", "none"),
+                f"{p}.load_balancing_type={self.load_balancing_type!r}: must be aux_loss, "
+                "seq_aux_loss or none")
         if self.modalities is not None:
             require(len(self.modalities) == self.num_experts,
                     f"{p}.modalities has {len(self.modalities)} names for num_experts="

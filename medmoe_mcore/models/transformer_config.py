@@ -171,9 +171,12 @@ def projector_transformer_config(cfg: ModelConfig, perform_initialization: bool 
 
 
 def _moe_fields(cfg: ModelConfig) -> dict:
-    """Megatron MoE settings of a Med-MoE model: no capacity limit, no token dropping."""
+    """Megatron MoE settings of a Med-MoE model: no capacity limit, no token dropping; the
+    learned router's balancing and z-loss as configured."""
     moe, lm = cfg.moe, cfg.language
-    aux = moe.router_type == "learned" and moe.aux_loss_coeff > 0
+    learned = moe.router_type == "learned"
+    balancing = (moe.load_balancing_type or ("aux_loss" if moe.aux_loss_coeff > 0 else "none")) \
+        if learned else "none"
     return dict(
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.router_topk,
@@ -185,8 +188,9 @@ def _moe_fields(cfg: ModelConfig) -> dict:
         # probabilities unnormalised; top-k logits, then softmax renormalises them. (The
         # modality router takes the choice from its spec.)
         moe_router_pre_softmax=not (moe.router_type == "learned" and moe.renormalize),
-        moe_router_load_balancing_type="aux_loss" if aux else "none",
-        moe_aux_loss_coeff=moe.aux_loss_coeff if aux else 0.0,
+        moe_router_load_balancing_type=balancing,
+        moe_aux_loss_coeff=moe.aux_loss_coeff if balancing != "none" else 0.0,
+        moe_z_loss_coeff=(moe.z_loss_coeff or None) if learned else None,
         moe_router_dtype="fp32",
         moe_layer_freq=moe.layer_freq,
         moe_grouped_gemm=False,

@@ -32,6 +32,7 @@ TAKEN = {
     "--use-mcore-models": None, "--no-position-embedding": None,
     "--no-masked-softmax-fusion": None, "--wandb-project": "Mixtral",
     "--wandb-exp-name": "Mixtral_8x7B", "--log-throughput": None,
+    "--moe-router-load-balancing-type": "aux_loss",
 }
 # ... and refused, each with its reason:
 REFUSED = {
@@ -41,7 +42,7 @@ REFUSED = {
     "--normalization": "RMSNorm", "--position-embedding-type": "rope", "--swiglu": None,
     "--untie-embeddings-and-output-weights": None, "--group-query-attention": None,
     "--num-query-groups": "2", "--rotary-base": "1000000",
-    "--moe-router-load-balancing-type": "aux_loss", "--tokenizer-type": "Llama2Tokenizer",
+    "--tokenizer-type": "Llama2Tokenizer",
     "--tokenizer-model": "tokenizer.model", "--mock-data": None, "--split": "99990,8,2",
 }
 
@@ -72,7 +73,7 @@ def test_a_megatron_moe_recipe_is_taken_or_refused_flag_by_flag(capsys):
     assert (par.expert_model_parallel_size, par.sequence_parallel, par.moe_grouped_gemm) == (
         2, True, True)
     assert moe == {"num_experts": 2, "router_topk": 2, "aux_loss_coeff": 0.01,
-                   "token_dispatcher": "alltoall"}
+                   "token_dispatcher": "alltoall", "load_balancing_type": "aux_loss"}
     assert train.schedule()["lr_warmup_steps"] == 500
     assert (train.wandb_project, train.wandb_exp_name, train.log_throughput) == (
         "Mixtral", "Mixtral_8x7B", True)

@@ -1,0 +1,59 @@
+"""The learned-router baseline's Megatron losses: --moe-router-load-balancing-type (aux_loss,
+seq_aux_loss, none) and --moe-z-loss-coeff reach Megatron's TopKRouter and change the router's
+gradient (and nothing else of the forward pass); the fixed modality router refuses them with
+the reason."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from medmoe_mcore.config.fields import ConfigError
+from medmoe_mcore.config.flavors import language_flavor
+from medmoe_mcore.config.model import ModelConfig, MoEConfig
+
+
+def _run(moe: MoEConfig, state=None):
+    from medmoe_mcore.models.language import LanguageModel
+
+    lm = dataclasses.replace(language_flavor("tiny"), hidden_dropout=0.0)
+    model = LanguageModel(ModelConfig(language=lm, moe=moe).validate())
+    if state is not None:
+        model.load_state_dict(state)
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(12).unsqueeze(0).expand(2, -1)
+    loss = model(tokens, positions, None, labels=tokens)
+    loss.float().mean().backward()
+    router = {n: p.grad.clone() for n, p in model.named_parameters() if "router" in n}
+    return model, loss.detach(), router
+
+
+def test_balancing_and_z_loss_reach_the_router(single_rank):
+    base = dict(num_experts=4, router_topk=2, router_type="learned", renormalize=True)
+    ref, loss, none = _run(MoEConfig(**base, aux_loss_coeff=0.0))
+    layer = ref.decoder.layers[0].mlp.router.config
+    assert layer.moe_router_load_balancing_type == "none" and not layer.moe_z_loss_coeff
+    grads = {"none": none}
+    for name, extra in (("aux_loss", dict(aux_loss_coeff=0.01)),
+                        ("seq_aux_loss", dict(aux_loss_coeff=0.01,
+                                              load_balancing_type="seq_aux_loss")),
+                        ("z_loss", dict(aux_loss_coeff=0.0, z_loss_coeff=0.1))):
+        model, other_loss, grads[name] = _run(MoEConfig(**base, **extra), ref.state_dict())
+        tc = model.decoder.layers[0].mlp.router.config
+        if name != "z_loss":
+            assert tc.moe_router_load_balancing_type == name
+        else:
+            assert tc.moe_z_loss_coeff == 0.1
+        assert torch.equal(other_loss, loss)  # the losses act through the backward only
+    for name in ("aux_loss", "seq_aux_loss", "z_loss"):
+        assert any(not torch.equal(grads[name][k], none[k]) for k in none), name
+    assert any(not torch.equal(grads["aux_loss"][k], grads["seq_aux_loss"][k]) for k in none)
+
+
+def test_the_modality_router_refuses_them():
+    lm = language_flavor("tiny")
+    for extra, flag in ((dict(load_balancing_type="aux_loss"), "--moe-router-load-balancing-type"),
+                        (dict(z_loss_coeff=1e-3), "--moe-z-loss-coeff")):
+        with pytest.raises(ConfigError, match=f"{flag}: the fixed modality router"):
+            ModelConfig(language=lm, moe=MoEConfig(**extra)).validate()
+    ModelConfig(language=lm, moe=MoEConfig(load_balancing_type="none")).validate()
