@@ -22,7 +22,8 @@ from medmoe_mcore.conversion import hf_folder
 from medmoe_mcore.conversion.hf_folder import open_weights
 from medmoe_mcore.conversion.safetensors_io import AtomicDir, write_sharded
 from medmoe_mcore.conversion.target_model import (conversion_model, fill_parameters, progress,
-                                                  storage_dtype, weight_table, weights)
+                                                  storage_dtype, weight_table, weights,
+                                                  without_zero_head_bias)
 from medmoe_mcore.models.transformer_config import DTYPES
 
 
@@ -73,14 +74,16 @@ def export_hf(load_root, hf_dir, overwrite=False, show_progress=True,
     checkpoints also get the `transformers` code named in the config's auto_map)."""
     folder = store.resolve(load_root)
     cfg = store.read_config(folder, ParallelConfig())
+    model = conversion_model(cfg)
+    store.load_into(model, folder)
+    state = weights(model)
+    if cfg.moe is not None:  # our classes honour lm_head_bias; plain Phi always has the bias
+        cfg = without_zero_head_bias(cfg, state)
     lm = cfg.language
     base = folder / store.HF_CONFIG
     hf_cfg = hf_config_from_language(lm, json.loads(base.read_text()) if base.exists() else None,
                                      cfg.moe)
     hf_cfg["torch_dtype"] = cfg.params_dtype
-    model = conversion_model(cfg)
-    store.load_into(model, folder)
-    state = weights(model)
     groups = plan(weight_table(cfg), state.keys(), expected_hf_keys(hf_cfg), to_megatron=False)
     with AtomicDir(hf_dir, overwrite=overwrite) as out:
         bar = progress(sum(len(g.targets) for g in groups), "Megatron -> HF", show_progress)

@@ -43,7 +43,8 @@ from medmoe_mcore.conversion.tables.vision import (CLIP_WEIGHTS, LAYOUTS, PROJEC
                                                    feature_layer, is_unused_clip_key, relayout,
                                                    vision_config_from_hf)
 from medmoe_mcore.conversion.target_model import (conversion_model, fill_parameters, progress,
-                                                  storage_dtype, weight_table, weights)
+                                                  storage_dtype, weight_table, weights,
+                                                  without_zero_head_bias)
 from medmoe_mcore.models.transformer_config import DTYPES
 
 PASSTHROUGH_FILE = "clip_unused.safetensors"
@@ -282,13 +283,15 @@ def export_llava(load_root, hf_dir, overwrite=False, show_progress=True,
     folder = store.resolve(load_root)
     cfg = store.read_config(folder, ParallelConfig())
     base = folder / store.HF_CONFIG
+    base_cfg = json.loads(base.read_text()) if base.exists() else None
     aside = kept_aside(folder, cfg)
-    hf_cfg = llava_config(cfg, json.loads(base.read_text()) if base.exists() else None,
-                          drop_lm_head_bias)
+    llava_config(cfg, base_cfg, drop_lm_head_bias=True)  # what LLaVA refuses, before loading
     layout = LAYOUTS["llava"]
     model = conversion_model(cfg)
     store.load_into(model, folder)
     state = weights(model)
+    cfg = without_zero_head_bias(cfg, state)  # an all-zero bias needs no --drop-lm-head-bias
+    hf_cfg = llava_config(cfg, base_cfg, drop_lm_head_bias)
     if drop_lm_head_bias:
         state.pop("language_model.output_layer.bias", None)
     with AtomicDir(hf_dir, overwrite=overwrite) as out:

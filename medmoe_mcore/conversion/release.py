@@ -33,7 +33,8 @@ from medmoe_mcore.conversion.model_card import model_card, read_eval_report
 from medmoe_mcore.conversion.peft_adapter import write_peft_adapter
 from medmoe_mcore.conversion.safetensors_io import AtomicDir
 from medmoe_mcore.conversion.tables.vision import LAYOUTS, clip_config_from_vision, feature_layer
-from medmoe_mcore.conversion.target_model import conversion_model, weights
+from medmoe_mcore.conversion.target_model import (conversion_model, weights,
+                                                  without_zero_head_bias)
 
 # The phi / stablelm conversation format (conventions.py) as a chat template: messages with
 # string content or processor-style [{"type": "image"}, {"type": "text", ...}] lists.
@@ -197,19 +198,20 @@ def export_release(load_root, hf_dir, overwrite: bool = False, accept_divergence
             (Path(peft_adapter_dir).resolve(), *Path(peft_adapter_dir).resolve().parents):
         raise ConfigError(f"--peft-adapter-dir {peft_adapter_dir}: must lie outside --hf-dir "
                           f"{hf_dir} (each folder is written whole)")
-    divergences = authors_divergences(cfg)
-    if divergences and not accept_divergence:
-        raise ConfigError("the authors' MoE-LLaVA code would compute this model differently: "
-                          + "; ".join(divergences) + " (pass --accept-authors-divergence to "
-                          "export anyway; the folder's README.md then says so)")
-    aside = kept_aside(folder, cfg)
-    base = folder / store.HF_CONFIG
-    base_cfg = json.loads(base.read_text()) if base.exists() else None
     model = conversion_model(cfg)
     store.load_into(model, folder)
     if lora_merge:
         model = merged_model(model, cfg)[0]
     state = weights(model)
+    cfg = without_zero_head_bias(cfg, state)
+    divergences = authors_divergences(cfg)
+    if divergences and not accept_divergence:
+        raise ConfigError("the authors' MoE-LLaVA code would compute this model differently: "
+                          + "; ".join(divergences) + " (pass --accept-authors-divergence to "
+                          "export anyway; the model card then says so)")
+    aside = kept_aside(folder, cfg)
+    base = folder / store.HF_CONFIG
+    base_cfg = json.loads(base.read_text()) if base.exists() else None
     adapters = {k: state.pop(k) for k in [k for k in state if ".lora." in k]}
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else folder / store.TOKENIZER
     hf_cfg = release_config(cfg, base_cfg, cfg.vision.image_token_id)

@@ -8,6 +8,8 @@ process groups are the entry point's to create (`runtime.parallel.initialize`), 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state
 from torch.overrides import TorchFunctionMode
@@ -63,6 +65,19 @@ def conversion_model(cfg: ModelConfig, meta: bool = False) -> torch.nn.Module:
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict without Megatron's (empty) `_extra_state` entries."""
     return {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+
+
+def without_zero_head_bias(cfg: ModelConfig, state: dict) -> ModelConfig:
+    """Every export's LM head: an all-zero bias (Megatron's initial value, never trained) is
+    left out of `state` and the config says `lm_head_bias: false`. The logits are the same, and
+    the authors' classes, which have no LM-head bias, then read the folder exactly; a trained
+    (non-zero) bias is kept."""
+    keys = [k for k in state if k.endswith("output_layer.bias")]
+    if not cfg.language.output_layer_bias or len(keys) != 1 or state[keys[0]].any():
+        return cfg
+    del state[keys[0]]
+    return dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
+                                                                 output_layer_bias=False))
 
 
 def storage_dtype(src: SafetensorsDir) -> str:

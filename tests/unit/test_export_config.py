@@ -2,12 +2,14 @@
 text-only Med-MoE export and the release carry the top-level keys the authors' MoE-LLaVA Phi
 classes read (their names written out here), with the model's values; a transformers config
 class re-serialising the dict dropped them (the authors' class then read its default rotary
-fraction 0.5 instead of Phi-2's 0.4)."""
+fraction 0.5 instead of Phi-2's 0.4); an LM-head bias still at its initial zeros is left
+out (their classes have none)."""
 
 import dataclasses
 import json
 
 import torch
+from safetensors.torch import load_file
 
 from medmoe_mcore.checkpoint import store
 from medmoe_mcore.config.flavors import medmoe_language, vision_flavor
@@ -42,11 +44,16 @@ def test_text_only_and_release_exports_carry_the_authors_keys(tmp_path, single_r
     # not the authors' class default (0.5), which would hide a dropped key
     lm = dataclasses.replace(medmoe_language("tiny"), rotary_percent=0.25)
     moe = MoEConfig(num_experts=2, router_topk=1)
-    text = ModelConfig(language=lm, moe=moe).validate()
+    # Phi's LM-head bias, at Megatron's initial zeros: left out (the authors' class has none)
+    text = ModelConfig(language=dataclasses.replace(lm, output_layer_bias=True),
+                       moe=moe).validate()
     torch.manual_seed(0)
     store.save(LanguageModel(text).sharded_state_dict(), tmp_path / "text", text)
     export_hf(tmp_path / "text", tmp_path / "text_hf", show_progress=False)
-    _check(json.loads((tmp_path / "text_hf" / "config.json").read_text()), text)
+    config = json.loads((tmp_path / "text_hf" / "config.json").read_text())
+    _check(config, text)
+    assert config["lm_head_bias"] is False
+    assert "lm_head.bias" not in load_file(tmp_path / "text_hf" / "model.safetensors")
 
     tok = train_bpe(["a chest x-ray", "an axial ct slice"], tmp_path / "tok", vocab_size=300)
     multi = ModelConfig(language=lm, moe=moe,

@@ -172,8 +172,8 @@ def test_exports_the_authors_code_would_compute_differently_are_refused(
                                                                     output_layer_bias=True))
     else:
         cfg = dataclasses.replace(cfg, moe=MoEConfig(**change))
-    store.save(MedMoEModel(cfg).sharded_state_dict(), tmp_path / "m", cfg,
-                       extra_dirs={store.TOKENIZER: ws["tokenizer"]})
+    store.save(_with_head_bias(cfg, 0.1).sharded_state_dict(), tmp_path / "m", cfg,
+               extra_dirs={store.TOKENIZER: ws["tokenizer"]})
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         export_release(tmp_path / "m", tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
@@ -203,6 +203,34 @@ def test_upcycling_top2_follows_the_authors():
     assert MoEConfig.from_choices({"router_topk": 2, "renormalize": False}).renormalize is False
 
 
+def _with_head_bias(cfg, value: float):
+    """The model of `cfg` with its LM-head bias (if any) filled with `value`."""
+    model = MedMoEModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("output_layer.bias"):
+                p.fill_(value)
+    return model
+
+
+def test_an_all_zero_lm_head_bias_is_left_out_of_every_export(tmp_path, single_rank):
+    """Megatron initialises the bias to zero: left out, no flag needed, same logits."""
+    from medmoe_mcore.conversion.llava import export_llava
+
+    ws = make_workspace(tmp_path / "ws")
+    cfg = store.read_config(ws["init"])
+    biased = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
+                                                                   output_layer_bias=True))
+    store.save(_with_head_bias(biased, 0.0).sharded_state_dict(), tmp_path / "z", biased,
+               extra_dirs={store.TOKENIZER: ws["tokenizer"]})
+    for export, out in ((export_llava, "llava"), (export_release, "release")):
+        export(tmp_path / "z", tmp_path / out, show_progress=False)
+        names = [k for f in (tmp_path / out).glob("*.safetensors") for k in load_file(f)]
+        assert names and not any(k.endswith("lm_head.bias") for k in names), out
+    assert json.loads((tmp_path / "release" / "config.json").read_text())["lm_head_bias"] \
+        is False
+
+
 def test_llava_format_needs_an_explicit_lm_head_bias_choice(tmp_path, single_rank):
     from medmoe_mcore.conversion.llava import export_llava
 
@@ -210,7 +238,7 @@ def test_llava_format_needs_an_explicit_lm_head_bias_choice(tmp_path, single_ran
     cfg = store.read_config(ws["init"])
     biased = dataclasses.replace(cfg, language=dataclasses.replace(cfg.language,
                                                                    output_layer_bias=True))
-    store.save(MedMoEModel(biased).sharded_state_dict(), tmp_path / "b", biased)
+    store.save(_with_head_bias(biased, 0.1).sharded_state_dict(), tmp_path / "b", biased)
     with pytest.raises(ConfigError, match="--drop-lm-head-bias"):
         export_llava(tmp_path / "b", tmp_path / "out", show_progress=False)
     export_llava(tmp_path / "b", tmp_path / "out", show_progress=False, drop_lm_head_bias=True)
