@@ -149,6 +149,8 @@ class TrainConfig:
                                            "<--save>/wandb)")
     log_throughput: bool = option(False, "add the model TFLOP/s per GPU to each log line and "
                                   "to the logs as `throughput` (models/flops.py)")
+    log_params_norm: bool = option(False, "add the parameters' L2 norm to each log line and to "
+                                   "the logs as `params-norm`")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over data-parallel "
                                              "ranks (Megatron's distributed optimizer)")
     overlap_grad_reduce: bool = option(

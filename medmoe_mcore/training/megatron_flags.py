@@ -59,7 +59,6 @@ UNSUPPORTED = {
                    "the language model, 3 the experts, meta expert and dense FFNs",
     "--freeze-ViT": "the vision tower never trains in Med-MoE (every stage)",
     # not built yet
-    "--log-params-norm": "the parameter norm is not logged yet (the gradient norm is)",
     "--tensorboard-log-interval": "TensorBoard points are written every --log-interval "
                                   "iterations",
     "--calculate-per-token-loss": "the loss is averaged per micro-batch over its supervised "

@@ -16,6 +16,24 @@ from medmoe_mcore.runtime.parallel import device, is_rank0, log
 from medmoe_mcore.training.log_sinks import open_sinks
 
 
+def params_norm(model) -> float:
+    """Megatron-LM's --log-params-norm: the L2 norm of the whole model's parameters, each
+    counted once (tensor-parallel duplicates by their first copy; experts summed over the
+    expert tensor- and expert-parallel ranks that hold them). Collective."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    sums = torch.zeros(2, dtype=torch.float64, device=device())
+    for p in model.parameters():
+        expert = getattr(p, "allreduce", True) is False
+        if expert or param_is_not_tensor_parallel_duplicate(p):
+            sums[int(expert)] += p.detach().double().pow(2).sum()
+    dense, experts = sums[:1].clone(), sums[1:].clone()
+    dist.all_reduce(dense, group=ps.get_tensor_model_parallel_group())
+    dist.all_reduce(experts, group=ps.get_expert_tensor_and_model_parallel_group())
+    return float((dense + experts).sqrt().item())
+
+
 class TrainingMetrics:
     def __init__(self, train, dp: int, config: Optional[dict] = None,
                  dp_group=None):
@@ -31,7 +49,11 @@ class TrainingMetrics:
         self._window_start, self._window_iters, self._window_tokens = time.time(), 0, 0
         self._window_data_seconds, self._window_flops = 0.0, 0
 
-    def record(self, iteration: int, consumed_samples: int, result) -> bool:
+    def is_log_iteration(self, iteration: int) -> bool:
+        return iteration % self.log_interval == 0 or iteration == self.train_iters
+
+    def record(self, iteration: int, consumed_samples: int, result,
+               params_norm: Optional[float] = None) -> bool:
         """Count one step (a trainer.StepResult); log when a window is complete (True)."""
         self.skipped += result.skipped
         self.nan += not math.isfinite(result.loss)
@@ -39,7 +61,7 @@ class TrainingMetrics:
         self._window_tokens += result.tokens
         self._window_data_seconds += result.data_seconds
         self._window_flops += result.flops
-        if iteration % self.log_interval and iteration != self.train_iters:
+        if not self.is_log_iteration(iteration):
             return False
         seconds = max(time.time() - self._window_start, 1e-9)
         # A short last window (train_iters not a multiple of log_interval) divides by its own
@@ -50,6 +72,8 @@ class TrainingMetrics:
         scalars = {"lm-loss": result.loss, "learning-rate": result.lr,
                    "grad-norm": result.grad_norm, "tokens-per-sec": tokens_per_s,
                    "iteration-time-ms": per_iteration * 1000, "data-wait-percent": data_wait}
+        if params_norm is not None:
+            scalars["params-norm"] = params_norm
         throughput = ""
         if self.log_throughput:
             tflops = self._tflops_per_gpu(seconds)
@@ -61,6 +85,7 @@ class TrainingMetrics:
             f"data wait (%): "
             f"{data_wait:.1f} | learning rate: "
             f"{result.lr:.6E} | lm loss: {result.loss:.6E} | grad norm: {result.grad_norm:.3f} | "
+            + (f"params norm: {params_norm:.3f} | " if params_norm is not None else "") +
             f"number of skipped iterations: {self.skipped:3d} | number of nan iterations: "
             f"{self.nan:3d} |")
         if not math.isfinite(result.loss):

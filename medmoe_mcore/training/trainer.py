@@ -28,7 +28,7 @@ from medmoe_mcore.runtime.parallel import log
 from medmoe_mcore.training import setup as training_setup
 from medmoe_mcore.training.config import TrainConfig
 from medmoe_mcore.training.exits import ExitConditions
-from medmoe_mcore.training.metrics import TrainingMetrics
+from medmoe_mcore.training.metrics import TrainingMetrics, params_norm
 from medmoe_mcore.training.resume import RunCheckpoint, rng_state, set_rng_state
 
 
@@ -280,7 +280,9 @@ class Trainer:
             self.steps.append((time.perf_counter() - start, result.tokens * self.dp))
             self.losses.append(result.loss)
             it = self.progress.iteration
-            if self.metrics.record(it, self.progress.consumed_samples, result) and \
+            norm = params_norm(self.model) \
+                if t.log_params_norm and self.metrics.is_log_iteration(it) else None
+            if self.metrics.record(it, self.progress.consumed_samples, result, norm) and \
                     self.expert_load is not None:
                 counts = self.expert_load.reduce()
                 self.metrics.expert_load(it, counts, self.expert_load.layer_numbers)

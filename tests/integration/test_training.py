@@ -78,20 +78,23 @@ def test_stage3_checkpoint_reshards_tp_ep(tmp_path, workspace):
     # One process at TP1/EP1 and two at TP2/EP2: data-parallel size 1 throughout, so the data
     # loader's state carries over and the losses can be compared.
     ref, _ = _train(*stage3, "--train-iters", "3", "--save", tmp_path / "c", "--save-interval",
-                    "2", "--tensorboard-dir", tmp_path / "tb_ref", nproc=1)
+                    "2", "--tensorboard-dir", tmp_path / "tb_ref", "--log-params-norm", nproc=1)
     # Saved at TP1/EP1 (iteration 2), continued at TP2+SP/EP2: the next loss equals TP1/EP1's.
     # (4 iterations where the checkpoint's schedule has 3: its schedule is kept, as asked)
     up, _ = _train(*stage3, *tp2ep2, "--train-iters", "4", "--use-checkpoint-opt_param-scheduler",
                    "--load",
                    tmp_path / "c" / "iter_0000002", "--save", tmp_path / "d", "--save-interval",
-                   "3", "--tensorboard-dir", tmp_path / "tb_up")
+                   "3", "--tensorboard-dir", tmp_path / "tb_up", "--log-params-norm")
     assert abs(up[0] - ref[2]) < 1e-5, (up, ref)
     # the expert load of iteration 3 (TensorBoard) is the same counted at either layout
-    load = {}
+    load, norm = {}, {}
     for run in ("ref", "up"):
         events = EventAccumulator(str(tmp_path / f"tb_{run}" / "stage3")).Reload()
         tags = [t for t in events.Tags()["scalars"] if t.startswith("expert-load/")]
         load[run] = {t: next(e.value for e in events.Scalars(t) if e.step == 3) for t in tags}
+        norm[run] = next(e.value for e in events.Scalars("params-norm") if e.step == 3)
+    # --log-params-norm: each parameter once, whatever the layout (after iteration 3's update)
+    assert norm["ref"] > 0 and norm["ref"] == pytest.approx(norm["up"], rel=1e-5)
     assert sorted(load["ref"]) == [f"expert-load/layer{n:02d}/expert{e}" for n in (1, 3)
                                    for e in range(4)]
     assert load["ref"] == pytest.approx(load["up"], abs=1e-6)

@@ -68,3 +68,16 @@ def test_last_short_log_window_divides_by_its_own_length(monkeypatch, capsys):
     assert "throughput per GPU (TFLOP/s/GPU): 1.000" in line
     assert "tokens/s: 100" in line
     assert "data wait (%): 1.0" in line  # 3 x 0.01 s of 3 s
+
+
+def test_params_norm_counts_every_parameter_once(single_rank):
+    from medmoe_mcore.config.flavors import language_flavor
+    from medmoe_mcore.config.model import ModelConfig, MoEConfig
+    from medmoe_mcore.models.language import LanguageModel
+    from medmoe_mcore.training import metrics
+
+    model = LanguageModel(ModelConfig(language=language_flavor("tiny"),
+                                      moe=MoEConfig(num_experts=4)).validate())
+    expected = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters()))
+    assert any(getattr(p, "allreduce", True) is False for p in model.parameters())  # experts
+    assert metrics.params_norm(model) == pytest.approx(float(expected), rel=1e-12)
