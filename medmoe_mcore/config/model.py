@@ -274,6 +274,8 @@ class ModelConfig:
     recompute_granularity: Optional[Literal["full", "selective"]] = None
     recompute_method: Optional[Literal["uniform", "block"]] = None
     recompute_num_layers: Optional[int] = None
+    # Megatron's --calculate-per-token-loss (run-time): gradients over the global batch's tokens
+    calculate_per_token_loss: bool = False
 
     def validate(self) -> "ModelConfig":
         self.language.validate()

@@ -129,6 +129,7 @@ def language_transformer_config(cfg: ModelConfig, use_cpu_initialization: bool =
         hidden_dropout=lm.hidden_dropout,
         attention_dropout=lm.attention_dropout,
         recompute_granularity=cfg.recompute_granularity,
+        calculate_per_token_loss=cfg.calculate_per_token_loss,
         recompute_method=(cfg.recompute_method or "uniform")
         if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=(cfg.recompute_num_layers or 1)

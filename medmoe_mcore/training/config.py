@@ -165,6 +165,10 @@ class TrainConfig:
     train_projector: bool = option(True, "stage 3 also trains the projector (the authors' "
                                    "name filter does)")
     bf16: bool = option(False, "train in bfloat16 (parameters and activations)")
+    calculate_per_token_loss: bool = option(
+        False, "Megatron-LM's: the loss is the mean over every supervised token of the global "
+        "batch (gradients scaled by its token count over all data-parallel ranks); by default "
+        "each micro-batch's per-token mean is averaged (the authors' semantics)")
     recompute_granularity: Optional[Literal["full", "selective"]] = option(
         None, "activation recomputation to save memory: full (whole layers) or selective (the "
         "attention core)")

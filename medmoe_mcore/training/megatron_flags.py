@@ -61,8 +61,6 @@ UNSUPPORTED = {
     # not built yet
     "--tensorboard-log-interval": "TensorBoard points are written every --log-interval "
                                   "iterations",
-    "--calculate-per-token-loss": "the loss is averaged per micro-batch over its supervised "
-                                  "tokens, then over micro-batches (the authors' semantics)",
     **dict.fromkeys(("--manual-gc", "--manual-gc-interval"),
                     "Python's garbage collector is left as it is; not offered"),
     "--moe-router-dtype": "the router always computes in float32 (the authors' fp32 gate)",

@@ -39,6 +39,7 @@ def stage_config(source, par: ParallelConfig, train: TrainConfig) -> ModelConfig
         train.recompute_granularity
     cfg.recompute_method, cfg.recompute_num_layers = train.recompute_method, \
         train.recompute_num_layers
+    cfg.calculate_per_token_loss = train.calculate_per_token_loss
     return cfg
 
 

@@ -159,7 +159,12 @@ class Trainer:
         def loss_func(output):
             per_token, m = output
             m = m.float()
-            value = (per_token.float() * m).sum() / m.sum().clamp(min=1)
+            total, count = (per_token.float() * m).sum(), m.sum()
+            if self.train.calculate_per_token_loss:
+                # Megatron's form: (sum, tokens, report); finalize_model_grads divides the
+                # gradients by the global batch's token count
+                return total, count.int(), {"lm loss": torch.stack([total, count]).detach()}
+            value = total / count.clamp(min=1)
             # a copy: the schedule divides the returned loss in place by the micro-batch count
             return value, {"lm loss": value.detach().clone()}
 
@@ -179,8 +184,15 @@ class Trainer:
         return self.train.global_batch_size // (self.dp * self.train.micro_batch_size)
 
     def _mean_over_dp(self, losses: list[torch.Tensor]) -> float:
+        """The global batch's loss: the mean of the micro-batches' means, or with
+        --calculate-per-token-loss the mean over all their tokens."""
+        group = parallel_state.get_data_parallel_group()
+        if self.train.calculate_per_token_loss:
+            total = torch.stack(losses).sum(dim=0)
+            dist.all_reduce(total, group=group)
+            return (total[0] / total[1].clamp(min=1)).item()
         loss = torch.stack(losses).mean()
-        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(loss, group=group)
         return (loss / self.dp).item()
 
     def evaluate(self) -> float:

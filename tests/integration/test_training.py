@@ -263,3 +263,17 @@ def test_no_save_optim_and_rng_need_the_load_side_flags(tmp_path, workspace):
            "--no-save-rng)" in r.stderr, r.stderr[-2000:]
     _, log = _train(*again, "--no-load-optim", "--no-load-rng", nproc=1)
     assert "resumed from" in log and "optimizer state (--no-load-optim)" in log
+
+
+def test_per_token_loss_is_the_mean_over_the_global_batch_tokens(workspace):
+    """--calculate-per-token-loss over 2 micro-batches gives the losses (and so the updates)
+    of one micro-batch holding the same 4 samples; the default (the mean of the micro-batches'
+    means) does not."""
+    stage2 = ("--stage", "2", "--data-path", workspace["shards"]["stage2"],
+              "--pretrained-checkpoint", workspace["init"], "--num-workers", "0",
+              "--train-iters", "3")
+    one, _ = _train(*stage2, "--micro-batch-size", "4", nproc=1)
+    per_token, _ = _train(*stage2, "--calculate-per-token-loss", nproc=1)
+    means, _ = _train(*stage2, nproc=1)
+    assert per_token == pytest.approx(one, rel=1e-6, abs=0)
+    assert means != pytest.approx(one, rel=1e-6, abs=0)
