@@ -151,6 +151,14 @@ class TrainConfig:
                                   "to the logs as `throughput` (models/flops.py)")
     log_params_norm: bool = option(False, "add the parameters' L2 norm to each log line and to "
                                    "the logs as `params-norm`")
+    tensorboard_log_interval: int = option(
+        1, "iterations between the points of loss, learning rate and grad norm in TensorBoard "
+        "and W&B (the log line's window figures, tokens/s and time, come every --log-interval)")
+    manual_gc: bool = option(False, "pause Python's automatic garbage collector for the run and "
+                             "collect at set points instead (no rank stalls at random)")
+    manual_gc_interval: int = option(0, "with --manual-gc: iterations between collections (0: "
+                                     "only at the start and after validations)")
+    manual_gc_eval: bool = option(True, "with --manual-gc: collect after each validation")
     use_distributed_optimizer: bool = option(False, "shard optimizer state over data-parallel "
                                              "ranks (Megatron's distributed optimizer)")
     overlap_grad_reduce: bool = option(
@@ -216,6 +224,8 @@ class TrainConfig:
             ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "must be 0 or more"),
             ("--clip-grad", self.clip_grad, self.clip_grad >= 0, "must be 0 or more"),
             ("--num-workers", self.num_workers, self.num_workers >= 0, "must be 0 or more"),
+            ("--manual-gc-interval", self.manual_gc_interval, self.manual_gc_interval >= 0,
+             "must be 0 or more"),
             ("--ckpt-step", self.ckpt_step, self.ckpt_step is None or self.ckpt_step >= 0,
              "must be 0 or more"),
         ] + [(flag, value, value is None or value >= 1, "must be a positive integer")
@@ -226,6 +236,7 @@ class TrainConfig:
                                  ("--save-interval", self.save_interval),
                                  ("--exit-interval", self.exit_interval),
                                  ("--log-interval", self.log_interval),
+                                 ("--tensorboard-log-interval", self.tensorboard_log_interval),
                                  ("--eval-interval", self.eval_interval),
                                  ("--eval-iters", self.eval_iters),
                                  ("--lr-decay-iters", self.lr_decay_iters),

@@ -59,10 +59,6 @@ UNSUPPORTED = {
                    "the language model, 3 the experts, meta expert and dense FFNs",
     "--freeze-ViT": "the vision tower never trains in Med-MoE (every stage)",
     # not built yet
-    "--tensorboard-log-interval": "TensorBoard points are written every --log-interval "
-                                  "iterations",
-    **dict.fromkeys(("--manual-gc", "--manual-gc-interval"),
-                    "Python's garbage collector is left as it is; not offered"),
     "--moe-router-dtype": "the router always computes in float32 (the authors' fp32 gate)",
 }
 # Megatron-LM switches that state what this trainer always does: taken, and said once.

@@ -41,6 +41,7 @@ class TrainingMetrics:
         data-parallel group whose ranks' FLOPs make up a step (--log-throughput)."""
         self.train_iters, self.log_interval, self.dp = train.train_iters, train.log_interval, dp
         self.log_throughput, self.dp_group = train.log_throughput, dp_group
+        self.points_interval = train.tensorboard_log_interval
         self.skipped = self.nan = 0
         self.start_window()
         self.sinks = open_sinks(train, config or {}) if is_rank0() else []
@@ -61,7 +62,11 @@ class TrainingMetrics:
         self._window_tokens += result.tokens
         self._window_data_seconds += result.data_seconds
         self._window_flops += result.flops
+        point = {"lm-loss": result.loss, "learning-rate": result.lr,
+                 "grad-norm": result.grad_norm}
         if not self.is_log_iteration(iteration):
+            if iteration % self.points_interval == 0:
+                self._write(point, iteration)  # --tensorboard-log-interval
             return False
         seconds = max(time.time() - self._window_start, 1e-9)
         # A short last window (train_iters not a multiple of log_interval) divides by its own
@@ -69,8 +74,7 @@ class TrainingMetrics:
         per_iteration = seconds / self._window_iters
         tokens_per_s = self._window_tokens * self.dp / seconds
         data_wait = 100 * self._window_data_seconds / seconds
-        scalars = {"lm-loss": result.loss, "learning-rate": result.lr,
-                   "grad-norm": result.grad_norm, "tokens-per-sec": tokens_per_s,
+        scalars = {**point, "tokens-per-sec": tokens_per_s,
                    "iteration-time-ms": per_iteration * 1000, "data-wait-percent": data_wait}
         if params_norm is not None:
             scalars["params-norm"] = params_norm

@@ -28,6 +28,7 @@ from medmoe_mcore.runtime.parallel import log
 from medmoe_mcore.training import setup as training_setup
 from medmoe_mcore.training.config import TrainConfig
 from medmoe_mcore.training.exits import ExitConditions
+from medmoe_mcore.training.manual_gc import ManualGC
 from medmoe_mcore.training.metrics import TrainingMetrics, params_norm
 from medmoe_mcore.training.resume import RunCheckpoint, rng_state, set_rng_state
 
@@ -284,6 +285,14 @@ class Trainer:
     def _iterate(self) -> str | None:
         """The iterations; the reason the run stopped early as asked, if it did."""
         t = self.train
+        collector = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
+        try:
+            return self._loop(collector)
+        finally:
+            collector.close()
+
+    def _loop(self, collector: ManualGC) -> str | None:
+        t = self.train
         saved, non_finite = False, []
         self.metrics.start_window()
         while self.progress.iteration < t.train_iters:
@@ -292,6 +301,7 @@ class Trainer:
             self.steps.append((time.perf_counter() - start, result.tokens * self.dp))
             self.losses.append(result.loss)
             it = self.progress.iteration
+            collector.step(it)
             norm = params_norm(self.model) \
                 if t.log_params_norm and self.metrics.is_log_iteration(it) else None
             if self.metrics.record(it, self.progress.consumed_samples, result, norm) and \
@@ -311,6 +321,7 @@ class Trainer:
                 start = time.time()
                 loss = self.evaluate()
                 self.validation_losses.append((it, loss))
+                collector.evaluated()
                 self.metrics.validation(it, loss, time.time() - start)
             saved = bool(t.save and t.save_interval and it % t.save_interval == 0)
             if saved:
