@@ -40,6 +40,8 @@ class ParallelConfig:
     expert_tensor_parallel_size: int = option(1, "tensor-parallel ranks inside each expert "
                                               "(1 for biased experts such as Phi-2's)")
     pipeline_model_parallel_size: int = option(1, "pipeline stages (only 1 is supported)")
+    context_parallel_size: int = option(1, "context-parallel ranks (only 1: Med-MoE's 2,048-token "
+                                        "samples fit without it)")
     # How the run executes, never saved either: a checkpoint loads into either backend.
     transformer_impl: str = option(
         "local", "layer modules: Megatron-Core's local (PyTorch) ones, attention on torch SDPA, "
@@ -77,6 +79,7 @@ class ParallelConfig:
                                         "expert_model_parallel_size",
                                         "expert_tensor_parallel_size",
                                         "pipeline_model_parallel_size",
+                                        "context_parallel_size",
                                         "distributed_timeout_minutes"))
         require(self.transformer_impl in TRANSFORMER_IMPLS,
                 f"{p}.transformer_impl={self.transformer_impl!r} (--transformer-impl): must be "
@@ -88,6 +91,10 @@ class ParallelConfig:
         require(self.pipeline_model_parallel_size == 1,
                 f"{p}.pipeline_model_parallel_size={self.pipeline_model_parallel_size}: "
                 "pipeline parallelism is not supported yet")
+        require(self.context_parallel_size == 1,
+                f"{p}.context_parallel_size={self.context_parallel_size} "
+                "(--context-parallel-size): context parallelism is not built (Med-MoE's "
+                "2,048-token samples fit without it); leave it at 1")
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "padded_vocab_size"):
             value = getattr(language, name)

@@ -154,6 +154,8 @@ class TrainConfig:
     tensorboard_log_interval: int = option(
         1, "iterations between the points of loss, learning rate and grad norm in TensorBoard "
         "and W&B (the log line's window figures, tokens/s and time, come every --log-interval)")
+    ckpt_format: str = option("torch_dist", "checkpoint format: Megatron-Core's torch_dist, the "
+                              "only one written and read", choices=("torch_dist",))
     manual_gc: bool = option(False, "pause Python's automatic garbage collector for the run and "
                              "collect at set points instead (no rank stalls at random)")
     manual_gc_interval: int = option(0, "with --manual-gc: iterations between collections (0: "

@@ -40,16 +40,12 @@ UNSUPPORTED = {
     **dict.fromkeys(("--moe-router-score-function", "--moe-router-pre-softmax",
                      "--moe-input-jitter-eps"), _ROUTING),
     # parallelism and precision this system does not run
-    "--context-parallel-size": "context parallelism is not built (Med-MoE's 2,048-token samples "
-                               "fit without it); leave it out",
     "--virtual-pipeline-model-parallel-size": "pipeline parallelism is not built; leave it out",
     "--num-layers-per-virtual-pipeline-stage": "pipeline parallelism is not built; leave it out",
     "--fp16": "float16 training needs loss scaling, which this trainer does not do; use --bf16",
     "--fp8-format": "FP8 needs Transformer Engine's FP8 recipes, which this trainer does not "
                     "run; use --bf16",
     "--fp8-recipe": "FP8 is not run; use --bf16",
-    "--ckpt-format": "checkpoints are Megatron-Core's torch_dist format, the only one written "
-                     "and read; leave it out",
     "--use-flash-attn": "core attention runs on torch's SDPA kernels (flash where the GPU has "
                         "them) or on TE's with --transformer-impl transformer_engine",
     "--attention-backend": "core attention runs on torch's SDPA kernels (flash where the GPU "

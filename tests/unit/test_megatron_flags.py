@@ -32,7 +32,9 @@ TAKEN = {
     "--use-mcore-models": None, "--no-position-embedding": None,
     "--no-masked-softmax-fusion": None, "--wandb-project": "Mixtral",
     "--wandb-exp-name": "Mixtral_8x7B", "--log-throughput": None,
-    "--moe-router-load-balancing-type": "aux_loss",
+    "--moe-router-load-balancing-type": "aux_loss", "--context-parallel-size": "1",
+    "--ckpt-format": "torch_dist", "--recompute-granularity": "full",
+    "--recompute-method": "uniform", "--recompute-num-layers": "1",
 }
 # ... and refused, each with its reason:
 REFUSED = {
@@ -77,6 +79,9 @@ def test_a_megatron_moe_recipe_is_taken_or_refused_flag_by_flag(capsys):
     assert train.schedule()["lr_warmup_steps"] == 500
     assert (train.wandb_project, train.wandb_exp_name, train.log_throughput) == (
         "Mixtral", "Mixtral_8x7B", True)
+    assert (par.context_parallel_size, train.ckpt_format) == (1, "torch_dist")
+    assert (train.recompute_granularity, train.recompute_method, train.recompute_num_layers) == (
+        "full", "uniform", 1)
     with pytest.raises(SystemExit) as stop:
         megatron_flags.parse(pretrain.parser(), ["--stage", "3", *_argv(TAKEN),
                                                  *_argv(REFUSED)])
@@ -85,6 +90,16 @@ def test_a_megatron_moe_recipe_is_taken_or_refused_flag_by_flag(capsys):
     assert "unrecognized arguments" not in err
     for flag in REFUSED:
         assert f"{flag}: {megatron_flags.UNSUPPORTED[flag]}" in err, flag
+
+
+def test_values_this_trainer_cannot_run_are_refused_with_the_reason():
+    from medmoe_mcore.config.flavors import language_flavor
+    from medmoe_mcore.config.model import ParallelConfig
+
+    with pytest.raises(ConfigError, match="--context-parallel-size.*not built"):
+        ParallelConfig(context_parallel_size=2).validate(language_flavor("tiny"))
+    with pytest.raises(SystemExit):
+        _parser().parser().parse_args(["--ckpt-format", "torch"])
 
 
 def test_an_unknown_flag_gets_the_nearest_names(capsys):
