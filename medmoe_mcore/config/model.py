@@ -276,6 +276,9 @@ class ModelConfig:
     recompute_num_layers: Optional[int] = None
     # Megatron's --calculate-per-token-loss (run-time): gradients over the global batch's tokens
     calculate_per_token_loss: bool = False
+    # The learned router's expert capacity in training (run-time, never saved: inference and
+    # exports compute every token): (capacity factor, drop policy, pad to capacity) or None.
+    moe_capacity: Optional[tuple] = None
 
     def validate(self) -> "ModelConfig":
         self.language.validate()
@@ -299,6 +302,10 @@ class ModelConfig:
                 <= self.language.num_layers,
                 f"--recompute-num-layers {self.recompute_num_layers}: must be between 1 and the "
                 f"model's {self.language.num_layers} layers")
+        require(self.moe_capacity is None or (self.moe is not None
+                                               and self.moe.router_type == "learned"),
+                "--moe-expert-capacity-factor: only the learned-router baseline drops tokens; "
+                "the fixed modality router sends every token to its modality's experts")
         require(self.params_dtype in ("float32", "bfloat16", "float16"),
                 f"params_dtype={self.params_dtype!r}: must be float32, bfloat16 or float16")
         require(self.parallel.cross_entropy_loss_fusion is not True

@@ -172,8 +172,9 @@ def projector_transformer_config(cfg: ModelConfig, perform_initialization: bool 
 
 
 def _moe_fields(cfg: ModelConfig) -> dict:
-    """Megatron MoE settings of a Med-MoE model: no capacity limit, no token dropping; the
-    learned router's balancing and z-loss as configured."""
+    """Megatron MoE settings of a Med-MoE model: no capacity limit, no token dropping (but for
+    a learned-router training run that asks for it); the learned router's balancing and z-loss
+    as configured."""
     moe, lm = cfg.moe, cfg.language
     learned = moe.router_type == "learned"
     balancing = (moe.load_balancing_type or ("aux_loss" if moe.aux_loss_coeff > 0 else "none")) \
@@ -193,6 +194,9 @@ def _moe_fields(cfg: ModelConfig) -> dict:
         moe_aux_loss_coeff=moe.aux_loss_coeff if balancing != "none" else 0.0,
         moe_z_loss_coeff=(moe.z_loss_coeff or None) if learned else None,
         moe_router_dtype="fp32",
+        **(dict(zip(("moe_expert_capacity_factor", "moe_token_drop_policy",
+                     "moe_pad_expert_input_to_capacity"), cfg.moe_capacity))
+           if cfg.moe_capacity is not None else {}),
         moe_layer_freq=moe.layer_freq,
         moe_grouped_gemm=False,
     )

@@ -175,6 +175,15 @@ class TrainConfig:
     train_projector: bool = option(True, "stage 3 also trains the projector (the authors' "
                                    "name filter does)")
     bf16: bool = option(False, "train in bfloat16 (parameters and activations)")
+    moe_expert_capacity_factor: Optional[float] = option(
+        None, "learned-router baseline: each expert takes at most this factor x its even share "
+        "of the tokens in training, the rest dropped (Megatron's; inference and exports "
+        "compute every token)")
+    moe_token_drop_policy: Literal["probs", "position"] = option(
+        "probs", "with --moe-expert-capacity-factor: drop the lowest-probability tokens, or the "
+        "last ones")
+    moe_pad_expert_input_to_capacity: bool = option(
+        False, "with --moe-expert-capacity-factor: pad every expert's input to its capacity")
     calculate_per_token_loss: bool = option(
         False, "Megatron-LM's: the loss is the mean over every supervised token of the global "
         "batch (gradients scaled by its token count over all data-parallel ranks); by default "
@@ -281,6 +290,16 @@ class TrainConfig:
                               "--use-checkpoint-opt_param-scheduler: choose one")
         self.check_precision()
         self._check_wandb()
+        capacity = [f for f, v in (("--moe-token-drop-policy", self.moe_token_drop_policy
+                                    != "probs"),
+                                   ("--moe-pad-expert-input-to-capacity",
+                                    self.moe_pad_expert_input_to_capacity)) if v]
+        if capacity and self.moe_expert_capacity_factor is None:
+            raise ConfigError(f"{', '.join(capacity)} without --moe-expert-capacity-factor")
+        if self.moe_expert_capacity_factor is not None and not \
+                self.moe_expert_capacity_factor > 0:
+            raise ConfigError(f"--moe-expert-capacity-factor {self.moe_expert_capacity_factor}: "
+                              "must be more than 0")
         if self.recompute_activations and self.recompute_granularity == "full":
             raise ConfigError("--recompute-activations (selective) and --recompute-granularity "
                               "full: choose one")

@@ -14,9 +14,6 @@ _DATA = ("data are energon datasets or Med-MoE JSON (--data-path; docs/data.md),
          "with the checkpoint's own tokenizer (--tokenizer to override)")
 _ROUTING = ("routing is chosen when a dense checkpoint is upcycled (tools/upcycle_to_moe.py: "
             "--moe-router-type, --moe-aux-loss-coeff)")
-_DROPPING = ("Med-MoE never drops tokens: the release folders and the authors' inference "
-             "compute every token, so a capacity limit would train another model than the "
-             "one exported")
 
 UNSUPPORTED = {
     # model shape and initialisation
@@ -35,8 +32,6 @@ UNSUPPORTED = {
                      "--mock-data"), _DATA),
     "--split": "validation data come from --valid-data-path, never a split of --data-path",
     # MoE routing
-    **dict.fromkeys(("--moe-expert-capacity-factor", "--moe-token-drop-policy",
-                     "--moe-pad-expert-input-to-capacity"), _DROPPING),
     **dict.fromkeys(("--moe-router-score-function", "--moe-router-pre-softmax",
                      "--moe-input-jitter-eps"), _ROUTING),
     # parallelism and precision this system does not run

@@ -40,6 +40,10 @@ def stage_config(source, par: ParallelConfig, train: TrainConfig) -> ModelConfig
     cfg.recompute_method, cfg.recompute_num_layers = train.recompute_method, \
         train.recompute_num_layers
     cfg.calculate_per_token_loss = train.calculate_per_token_loss
+    if train.moe_expert_capacity_factor is not None:
+        cfg.moe_capacity = (train.moe_expert_capacity_factor, train.moe_token_drop_policy,
+                            train.moe_pad_expert_input_to_capacity)
+        cfg.validate()
     return cfg
 
 

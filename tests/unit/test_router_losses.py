@@ -1,7 +1,7 @@
 """The learned-router baseline's Megatron losses: --moe-router-load-balancing-type (aux_loss,
 seq_aux_loss, none) and --moe-z-loss-coeff reach Megatron's TopKRouter and change the router's
-gradient (and nothing else of the forward pass); the fixed modality router refuses them with
-the reason."""
+gradient (and nothing else of the forward pass); --moe-expert-capacity-factor drops tokens in
+its training runs; the fixed modality router refuses them with the reason."""
 
 import dataclasses
 
@@ -57,3 +57,34 @@ def test_the_modality_router_refuses_them():
         with pytest.raises(ConfigError, match=f"{flag}: the fixed modality router"):
             ModelConfig(language=lm, moe=MoEConfig(**extra)).validate()
     ModelConfig(language=lm, moe=MoEConfig(load_balancing_type="none")).validate()
+
+
+def _capacity_run(capacity, state=None):
+    from medmoe_mcore.models.language import LanguageModel
+
+    lm = dataclasses.replace(language_flavor("tiny"), hidden_dropout=0.0)
+    moe = MoEConfig(num_experts=4, router_topk=2, router_type="learned", renormalize=True,
+                    aux_loss_coeff=0.0)
+    model = LanguageModel(ModelConfig(language=lm, moe=moe, moe_capacity=capacity).validate())
+    if state is not None:
+        model.load_state_dict(state)
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(12).unsqueeze(0).expand(2, -1)
+    return model, model(tokens, positions, None, labels=tokens).detach()
+
+
+def test_expert_capacity_drops_tokens_in_the_learned_router_only(single_rank):
+    """A capacity every expert stays under changes nothing; a tight one drops tokens, by
+    probability or by position; padding to capacity adds only zero rows."""
+    ref, loss = _capacity_run(None)
+    state = ref.state_dict()
+    _, roomy = _capacity_run((4.0, "probs", False), state)
+    _, probs = _capacity_run((0.5, "probs", False), state)
+    _, position = _capacity_run((0.5, "position", False), state)
+    _, padded = _capacity_run((0.5, "probs", True), state)
+    assert torch.equal(roomy, loss)
+    assert not torch.equal(probs, loss) and not torch.equal(position, probs)
+    assert torch.allclose(padded, probs, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="--moe-expert-capacity-factor: only the learned"):
+        ModelConfig(language=language_flavor("tiny"), moe=MoEConfig(),
+                    moe_capacity=(1.0, "probs", False)).validate()
