@@ -14,27 +14,23 @@ import torch.nn.functional as F
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.flavors import language_flavor
 from medmoe_mcore.config.model import ModelConfig, MoEConfig, ParallelConfig
+from tests.language_step import loss_and_grads
 
 FUSIONS = ("bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion")
 
 
 def _loss_and_grads(cfg: ModelConfig, state=None):
-    from medmoe_mcore.models.language import LanguageModel
+    """tests/language_step.py's pass, from weights drawn wide enough to route (first call)."""
+    if state is None:
+        from medmoe_mcore.models.language import LanguageModel
 
-    torch.manual_seed(0)
-    model = LanguageModel(cfg)
-    with torch.no_grad():
-        if state is None:
-            for name, p in model.named_parameters():
+        torch.manual_seed(0)
+        init = LanguageModel(cfg)
+        with torch.no_grad():
+            for name, p in init.named_parameters():
                 p.normal_(0, 0.3 if "router" in name else 0.05)
-        else:
-            model.load_state_dict(state)
-    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(12).unsqueeze(0).expand(2, -1)
-    loss = model(tokens, positions, None, labels=tokens)
-    loss.float().mean().backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return model, loss.detach(), grads
+        state = init.state_dict()
+    return loss_and_grads(cfg, state)
 
 
 @pytest.mark.parametrize("flavor", ["tiny", "tiny_stablelm"])

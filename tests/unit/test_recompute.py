@@ -12,19 +12,7 @@ from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.flavors import language_flavor
 from medmoe_mcore.config.model import ModelConfig
 from medmoe_mcore.training.config import TrainConfig
-
-
-def _loss_and_grads(cfg, state=None):
-    from medmoe_mcore.models.language import LanguageModel
-
-    model = LanguageModel(cfg)
-    if state is not None:
-        model.load_state_dict(state)
-    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(12).unsqueeze(0).expand(2, -1)
-    loss = model(tokens, positions, None, labels=tokens)
-    loss.float().mean().backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, model
+from tests.language_step import loss_and_grads
 
 
 @pytest.mark.parametrize("granularity,method,layers", [
@@ -32,10 +20,10 @@ def _loss_and_grads(cfg, state=None):
 def test_recompute_changes_no_number(single_rank, granularity, method, layers):
     lm = dataclasses.replace(language_flavor("tiny"), hidden_dropout=0.0)
     base = ModelConfig(language=lm).validate()
-    ref_loss, ref_grads, ref = _loss_and_grads(base)
+    ref, ref_loss, ref_grads = loss_and_grads(base)
     cfg = dataclasses.replace(base, recompute_granularity=granularity, recompute_method=method,
                               recompute_num_layers=layers).validate()
-    loss, grads, model = _loss_and_grads(cfg, ref.state_dict())
+    model, loss, grads = loss_and_grads(cfg, ref.state_dict())
     tc = model.decoder.config
     assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == (
         granularity, (method or "uniform") if granularity == "full" else None,

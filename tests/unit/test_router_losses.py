@@ -11,21 +11,13 @@ import torch
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.flavors import language_flavor
 from medmoe_mcore.config.model import ModelConfig, MoEConfig
+from tests.language_step import loss_and_grads
 
 
 def _run(moe: MoEConfig, state=None):
-    from medmoe_mcore.models.language import LanguageModel
-
     lm = dataclasses.replace(language_flavor("tiny"), hidden_dropout=0.0)
-    model = LanguageModel(ModelConfig(language=lm, moe=moe).validate())
-    if state is not None:
-        model.load_state_dict(state)
-    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(12).unsqueeze(0).expand(2, -1)
-    loss = model(tokens, positions, None, labels=tokens)
-    loss.float().mean().backward()
-    router = {n: p.grad.clone() for n, p in model.named_parameters() if "router" in n}
-    return model, loss.detach(), router
+    model, loss, grads = loss_and_grads(ModelConfig(language=lm, moe=moe).validate(), state)
+    return model, loss, {n: g.clone() for n, g in grads.items() if "router" in n}
 
 
 def test_balancing_and_z_loss_reach_the_router(single_rank):
