@@ -8,7 +8,10 @@ with a validation report (records skipped and counted by reason, never silently)
 Reasons: malformed, missing_image, corrupt_image, image_too_large (more than
 --max-image-pixels: never decoded), path_outside_root (an image path leading outside
 --image-folder, symlinks followed: never opened), no_image_token, image_count_mismatch (more
-<image> tokens than the record's one image), empty_answer, unknown_role, not_utf8, too_long.
+<image> tokens than the record's one image), empty_answer, unknown_role, not_utf8, too_long,
+dicom_frame_missing (--dicom-frames N past the file's frames). DICOM images are stored as the
+PNG of each frame asked for, windowed by the standard (data/dicom.py); the report counts them by
+how (`dicom_frames_by_windowing`: file_window, voi_lut, override, percentile, colour, palette).
 The report (per-shard record counts included) is printed and written to OUTPUT/report.json;
 training reads the shards against it. An OUTPUT that already holds files is refused unless
 --overwrite, which replaces it once the new shards are complete.
@@ -66,6 +69,14 @@ def main(argv=None):
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="images with more pixels are skipped (image_too_large) before "
                         "decoding (default: PIL's decompression-bomb limit, ~89.5M)")
+    p.add_argument("--dicom-window",
+                   help="DICOM: CENTER,WIDTH (in the modality LUT's units: Hounsfield for CT) "
+                        "or a preset (ct-lung, ct-mediastinum, ct-abdomen, ct-bone, ct-brain) "
+                        "instead of the file's own window (default: the file's VOI LUT or first "
+                        "window; percentiles only when it has none, counted in the report)")
+    p.add_argument("--dicom-frames", default="middle",
+                   help="DICOM multi-frame files: middle (default), all (one record per "
+                        "frame, ids <id>#frame<N>) or a frame number from 0")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output folder that already holds files (atomically, "
                         "once the new shards are complete)")
@@ -74,6 +85,13 @@ def main(argv=None):
 
     from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.data.images import DEFAULT_MAX_PIXELS
+    from medmoe_mcore.data.dicom import DicomOptions
+
+    try:  # a bad flag is named before any record is read
+        dicom_options = DicomOptions.parse(args.dicom_window, args.dicom_frames)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from medmoe_mcore.data.records import folder_reader, load_json_records, write_shards
 
     if args.json:
@@ -97,7 +115,8 @@ def main(argv=None):
                               samples_per_shard=args.samples_per_shard,
                               max_chars=args.max_chars, prefix=args.prefix, total=len(records),
                               show_progress=not args.no_progress, overwrite=args.overwrite,
-                              max_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS)
+                              max_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+                              dicom_options=dicom_options)
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,26 +40,14 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 
 
-def dicom_to_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "DICOM"
-                 ) -> Image.Image:
-    """A DICOM file (path or file-like) as 8-bit RGB: colour kept; grey levels windowed to
-    the 0.5-99.5 percentiles, MONOCHROME1 inverted (white = air). The pixel count is checked
-    from the header before any pixel is decoded."""
-    import pydicom
+def dicom_to_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "DICOM",
+                 options=None) -> Image.Image:
+    """A DICOM file (path or file-like) as 8-bit RGB, by the standard (data/dicom.py): the
+    file's modality LUT and window (percentiles only without one), its middle frame unless
+    `options` (a dicom.DicomOptions) says otherwise."""
+    from medmoe_mcore.data import dicom
 
-    ds = pydicom.dcmread(source)
-    _check_size(label, int(ds.Columns), int(ds.Rows), max_pixels)
-    pixels = ds.pixel_array
-    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-        pixels = pixels[pixels.shape[0] // 2]  # a multi-frame file: its middle frame
-    if ds.PhotometricInterpretation == "RGB":
-        return Image.fromarray(pixels.astype(np.uint8)).convert("RGB")
-    pixels = pixels.astype(np.float32)
-    lo, hi = np.percentile(pixels, 0.5), np.percentile(pixels, 99.5)
-    pixels = np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1)
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        pixels = 1.0 - pixels
-    return Image.fromarray((pixels * 255).astype(np.uint8)).convert("RGB")
+    return dicom.decode(source, options or dicom.DicomOptions(), max_pixels, label)[0].image
 
 
 def load_image(source: bytes | str | Path, name: str | None = None,

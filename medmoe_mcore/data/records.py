@@ -23,12 +23,12 @@ from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.conventions import IMAGE_TOKEN
 from medmoe_mcore.data import energon_format
 from medmoe_mcore.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError,
-                                      load_image)
+                                      is_dicom, load_image)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 REASONS = ("malformed", "missing_image", "corrupt_image", "image_too_large",
            "path_outside_root", "no_image_token", "image_count_mismatch", "empty_answer",
-           "unknown_role", "not_utf8", "too_long")
+           "unknown_role", "not_utf8", "too_long", "dicom_frame_missing")
 REPORT = "report.json"
 
 
@@ -59,8 +59,9 @@ def _utf8(text: str) -> None:
 
 
 def check(record: dict, image_bytes: Optional[bytes], max_chars: int,
-          max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Raise SkipRecord naming the first problem of a record."""
+          max_pixels: int = DEFAULT_MAX_PIXELS, image_needed: bool = True) -> None:
+    """Raise SkipRecord naming the first problem of a record (its image too, unless
+    `image_needed` is False: the text alone)."""
     if not isinstance(record, dict):
         raise SkipRecord("malformed", "not a JSON object")
     if "image" in record and not isinstance(record["image"], str):
@@ -86,6 +87,8 @@ def check(record: dict, image_bytes: Optional[bytes], max_chars: int,
                                                  "1 image")
     if total > max_chars:
         raise SkipRecord("too_long", f"{total} characters > {max_chars}")
+    if not image_needed:
+        return
     if image_bytes is None:
         raise SkipRecord("missing_image", str(record.get("image")))
     try:
@@ -120,6 +123,7 @@ class Report:
     skipped: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> first few record ids
     shards: list = field(default_factory=list)  # [{"name", "records"}]
+    dicom: Counter = field(default_factory=Counter)  # frames written, by data/dicom.py's HOW
 
     def skip(self, reason: str, record_id) -> None:
         self.skipped[reason] += 1
@@ -130,15 +134,19 @@ class Report:
     def to_json(self) -> str:
         return json.dumps({"written": self.written, "skipped": dict(self.skipped),
                            "skipped_total": sum(self.skipped.values()),
-                           "examples": self.examples, "shards": self.shards}, indent=2)
+                           "examples": self.examples, "shards": self.shards,
+                           "dicom_frames_by_windowing": dict(self.dicom)}, indent=2)
 
 
 def write_shards(records: Iterable[dict], image_reader: Callable[[dict], Optional[bytes]],
                  out_dir, samples_per_shard: int = 1000, max_chars: int = 8000,
                  prefix: str = "shard", total: Optional[int] = None,
                  show_progress: bool = True, overwrite: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Report:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, dicom_options=None) -> Report:
     """Validate and write records to `out_dir/{prefix}-000000.tar, ...` + `report.json`.
+    DICOM images are stored as the PNG of each frame `dicom_options` asks for (data/dicom.py;
+    several frames: one record each, ids `<id>#frame<N>`), counted in the report by how they
+    were windowed.
 
     Written into a fresh sibling folder that replaces `out_dir` only when complete: a folder
     already holding files is refused unless `overwrite` (then replaced whole, never mixed)."""
@@ -152,7 +160,7 @@ def write_shards(records: Iterable[dict], image_reader: Callable[[dict], Optiona
     work.mkdir()
     try:
         report = _write(records, image_reader, work, samples_per_shard, max_chars, prefix,
-                        total, show_progress, max_pixels)
+                        total, show_progress, max_pixels, dicom_options)
         (work / REPORT).write_text(report.to_json())
         if report.shards:  # energon-ready: its index and a crude dataset description
             energon_format.write_meta(work, [s["name"] for s in report.shards])
@@ -162,30 +170,65 @@ def write_shards(records: Iterable[dict], image_reader: Callable[[dict], Optiona
     return report
 
 
+def _dicom_records(record: dict, image: bytes, options, max_pixels) -> list:
+    """[(record, PNG bytes, how)] of a DICOM record: one per frame asked for."""
+    from medmoe_mcore.data import dicom
+
+    label = str(record.get("image"))
+    try:
+        frames = dicom.decode(io.BytesIO(image), options or dicom.DicomOptions(), max_pixels,
+                              label)
+    except ImageTooLargeError as e:
+        raise SkipRecord("image_too_large", str(e)) from None
+    except ValueError as e:
+        if "--dicom-frames" in str(e):
+            raise SkipRecord("dicom_frame_missing", str(e)) from None
+        raise SkipRecord("corrupt_image", f"{label}: cannot decode DICOM ({e})") from None
+    except Exception as e:  # pydicom raises many kinds for a broken file
+        raise SkipRecord("corrupt_image", f"{label}: cannot decode DICOM ({e})") from None
+    out = []
+    for frame in frames:
+        buf = io.BytesIO()
+        frame.image.save(buf, format="PNG")
+        one = dict(record, image=f"{label}.frame{frame.index}.png")
+        if len(frames) > 1:
+            one["id"] = f"{record.get('id')}#frame{frame.index}"
+        out.append((one, buf.getvalue(), frame.how))
+    return out
+
+
 def _write(records, image_reader, folder: Path, samples_per_shard, max_chars, prefix, total,
-           show_progress, max_pixels) -> Report:
+           show_progress, max_pixels, dicom_options=None) -> Report:
     report, tar = Report(), None
     for index, record in enumerate(tqdm(records, total=total, desc="records",
                                         disable=not show_progress)):
         rid = record.get("id", index) if isinstance(record, dict) else index
         try:
             image = image_reader(record) if isinstance(record, dict) else None
-            check(record, image, max_chars, max_pixels)
+            items = [(record, image, None)]
+            if image is not None and is_dicom(image):
+                check(record, None, max_chars, max_pixels, image_needed=False)
+                items = _dicom_records(record, image, dicom_options, max_pixels)
+            for item, data, _ in items:
+                check(item, data, max_chars, max_pixels)
         except SkipRecord as e:
             report.skip(e.reason, rid)
             continue
-        if tar is None or report.shards[-1]["records"] == samples_per_shard:
-            if tar is not None:
-                tar.close()
-            name = f"{prefix}-{len(report.shards):06d}.tar"
-            tar = tarfile.open(folder / name, "w")
-            report.shards.append({"name": name, "records": 0})
-        key = f"{report.written:09d}"
-        ext = Path(str(record.get("image", "x.png"))).suffix.lstrip(".").lower() or "png"
-        _add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode("utf-8"))
-        _add(tar, f"{key}.{ext}", image)
-        report.written += 1
-        report.shards[-1]["records"] += 1
+        for item, data, how in items:
+            if tar is None or report.shards[-1]["records"] == samples_per_shard:
+                if tar is not None:
+                    tar.close()
+                name = f"{prefix}-{len(report.shards):06d}.tar"
+                tar = tarfile.open(folder / name, "w")
+                report.shards.append({"name": name, "records": 0})
+            key = f"{report.written:09d}"
+            ext = Path(str(item.get("image", "x.png"))).suffix.lstrip(".").lower() or "png"
+            _add(tar, f"{key}.json", json.dumps(item, ensure_ascii=False).encode("utf-8"))
+            _add(tar, f"{key}.{ext}", data)
+            report.written += 1
+            report.shards[-1]["records"] += 1
+            if how is not None:
+                report.dicom[how] += 1
     if tar is not None:
         tar.close()
     return report
