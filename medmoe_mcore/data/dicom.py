@@ -22,6 +22,8 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
+from medmoe_mcore.data.image_limits import DEFAULT_MAX_PIXELS, check_size
+
 # (center, width) of common CT windows, in Hounsfield units.
 WINDOW_PRESETS = {"ct-lung": (-600.0, 1500.0), "ct-mediastinum": (50.0, 350.0),
                   "ct-abdomen": (40.0, 400.0), "ct-bone": (400.0, 1800.0),
@@ -127,11 +129,9 @@ def decode(source, options: DicomOptions = DicomOptions(), max_pixels: Optional[
     import pydicom
     from pydicom.pixels import apply_color_lut
 
-    from medmoe_mcore.data.images import DEFAULT_MAX_PIXELS, _check_size
-
     ds = pydicom.dcmread(source)
     count = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_size(label, int(ds.Columns), int(ds.Rows) * count, max_pixels or DEFAULT_MAX_PIXELS)
+    check_size(label, int(ds.Columns), int(ds.Rows) * count, max_pixels or DEFAULT_MAX_PIXELS)
     photometric = str(ds.PhotometricInterpretation)
     colour = int(ds.get("SamplesPerPixel", 1)) == 3
     out = []

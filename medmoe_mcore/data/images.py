@@ -17,22 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from medmoe_mcore.config.model import VisionConfig
 
-# PIL's own decompression-bomb threshold (it refuses twice this); --max-image-pixels sets ours.
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-
-
-class ImageDecodeError(ValueError):
-    """An image that cannot be read; the message names its source."""
-
-
-class ImageTooLargeError(ImageDecodeError):
-    """More pixels than allowed (a decompression bomb, or simply too large): never decoded."""
-
-
-def _check_size(label: str, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise ImageTooLargeError(f"{label}: {width} x {height} pixels, more than the limit "
-                                 f"{max_pixels} (--max-image-pixels)")
+from medmoe_mcore.data.image_limits import (DEFAULT_MAX_PIXELS, ImageDecodeError,  # noqa: F401
+                                            ImageTooLargeError, check_size)
 
 
 def is_dicom(data: bytes) -> bool:
@@ -68,7 +54,7 @@ def load_image(source: bytes | str | Path, name: str | None = None,
             raise ImageDecodeError(f"{label}: cannot decode DICOM ({e})") from None
     try:
         image = Image.open(io.BytesIO(data))  # reads the header only
-        _check_size(label, *image.size, max_pixels)
+        check_size(label, *image.size, max_pixels)
         image.load()
     except ImageTooLargeError:
         raise
