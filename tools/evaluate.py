@@ -33,6 +33,7 @@ import time
 def main(argv=None):
     from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.eval.predict import PROMPT_STYLES
+    from medmoe_mcore.data import dicom
     from medmoe_mcore.inference.config import GenerationConfig
     from medmoe_mcore.training.arguments import add_config_arguments
 
@@ -59,6 +60,7 @@ def main(argv=None):
                    help="the line after each question, by answer type (default: authors)")
     g.add_argument("--expert-stats", metavar="DIR", help="MoE models: write the expert "
                    "activation (CSV + heatmap PNG) of the answers here")
+    dicom.add_arguments(g, one_frame=True)
     add_config_arguments(g, GenerationConfig, "generation")
     add_config_arguments(g, ParallelConfig, "parallelism")
     args = p.parse_args(argv)
@@ -88,7 +90,10 @@ def score(args) -> int:
 
 
 def generate(args) -> int:
+    import dataclasses
+
     from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.data import dicom
     from medmoe_mcore.config.model import ParallelConfig
     from medmoe_mcore.conversion.engine import ConversionError
     from medmoe_mcore.data.images import ImageDecodeError
@@ -102,7 +107,12 @@ def generate(args) -> int:
     try:
         gen = GenerationConfig(**given(args, GenerationConfig)).validate()
         par = ParallelConfig(**given(args, ParallelConfig))
+        try:
+            options = dicom.options_of(args, one_frame=True)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         questions, gold = test_questions(args.data, args.image_folder, args.prompt_style)
+        questions = [dataclasses.replace(q, dicom=options) for q in questions]
         model, cfg, tok = load_asked_model(args.load, args.hf_dir, par, gen,
                                            make_groups=parallel.initialize)
         if args.expert_stats and cfg.moe is None:

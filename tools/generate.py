@@ -5,7 +5,8 @@
         --tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2
     python tools/generate.py --hf-dir EXPORT --image x.png --question "..."   # a release folder
 
-Images: PNG/JPEG/... or DICOM. A question file is JSON lines with `question` (or `text`),
+Images: PNG/JPEG/... or DICOM (windowed by the file, or --dicom-window; data/dicom.py). A
+question file is JSON lines with `question` (or `text`),
 `image` (relative to --image-folder, default the file's folder) and optional `id`. Rank 0
 prints one JSON line per question in input order (`id`, `question`, `image`, `answer`,
 `tokens`), also written to --output when given.
@@ -18,6 +19,7 @@ import sys
 
 def parser() -> argparse.ArgumentParser:
     from medmoe_mcore.config.model import ParallelConfig
+    from medmoe_mcore.data import dicom
     from medmoe_mcore.inference.config import GenerationConfig
     from medmoe_mcore.training.arguments import add_config_arguments
 
@@ -35,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="the image of --question (PNG/JPEG/DICOM)")
     p.add_argument("--image-folder", help="where --questions' image paths are relative to")
     p.add_argument("--output", help="also write the answers here (JSON lines)")
+    dicom.add_arguments(p, one_frame=True)
     add_config_arguments(p, GenerationConfig, "generation")
     add_config_arguments(p, ParallelConfig, "parallelism")
     return p
@@ -43,16 +46,24 @@ def parser() -> argparse.ArgumentParser:
 def _questions(args):
     from pathlib import Path
 
+    import dataclasses
+
     from medmoe_mcore.config.fields import ConfigError
+    from medmoe_mcore.data import dicom
     from medmoe_mcore.inference.questions import Question, read_questions
 
+    try:
+        options = dicom.options_of(args, one_frame=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.questions:
-        return read_questions(args.questions, args.image_folder)
+        return [dataclasses.replace(q, dicom=options)
+                for q in read_questions(args.questions, args.image_folder)]
     if not args.image:
         raise ConfigError("--question needs --image")
     if not Path(args.image).is_file():
         raise ConfigError(f"--image {args.image}: not found")
-    return [Question(0, 0, args.question, args.image)]
+    return [Question(0, 0, args.question, args.image, dicom=options)]
 
 
 def main(argv=None):

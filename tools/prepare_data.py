@@ -69,14 +69,9 @@ def main(argv=None):
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="images with more pixels are skipped (image_too_large) before "
                         "decoding (default: PIL's decompression-bomb limit, ~89.5M)")
-    p.add_argument("--dicom-window",
-                   help="DICOM: CENTER,WIDTH (in the modality LUT's units: Hounsfield for CT) "
-                        "or a preset (ct-lung, ct-mediastinum, ct-abdomen, ct-bone, ct-brain) "
-                        "instead of the file's own window (default: the file's VOI LUT or first "
-                        "window; percentiles only when it has none, counted in the report)")
-    p.add_argument("--dicom-frames", default="middle",
-                   help="DICOM multi-frame files: middle (default), all (one record per "
-                        "frame, ids <id>#frame<N>) or a frame number from 0")
+    from medmoe_mcore.data import dicom
+
+    dicom.add_arguments(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output folder that already holds files (atomically, "
                         "once the new shards are complete)")
@@ -85,10 +80,8 @@ def main(argv=None):
 
     from medmoe_mcore.config.fields import ConfigError
     from medmoe_mcore.data.images import DEFAULT_MAX_PIXELS
-    from medmoe_mcore.data.dicom import DicomOptions
-
     try:  # a bad flag is named before any record is read
-        dicom_options = DicomOptions.parse(args.dicom_window, args.dicom_frames)
+        dicom_options = dicom.options_of(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -64,6 +64,30 @@ class DicomOptions:
         return cls(chosen, frames)
 
 
+def add_arguments(parser, one_frame: bool = False) -> None:
+    """--dicom-window and --dicom-frames on a tool's parser (`one_frame`: a question carries
+    one image, so `all` is not offered)."""
+    presets = ", ".join(WINDOW_PRESETS)
+    parser.add_argument("--dicom-window",
+                        help="DICOM: CENTER,WIDTH (in the modality LUT's units: Hounsfield for "
+                             f"CT) or a preset ({presets}) instead of the file's own window "
+                             "(default: the file's VOI LUT or first window; percentiles only "
+                             "when it has none)")
+    parser.add_argument("--dicom-frames", default="middle",
+                        help="DICOM multi-frame files: middle (default)"
+                             + (" or a frame number from 0" if one_frame else
+                                ", all (one record per frame, ids <id>#frame<N>) or a frame "
+                                "number from 0"))
+
+
+def options_of(args, one_frame: bool = False) -> "DicomOptions":
+    """The DicomOptions of a tool's parsed flags; ValueError naming a bad one."""
+    if one_frame and args.dicom_frames == "all":
+        raise ValueError("--dicom-frames all: a question carries one image; choose middle or "
+                         "a frame number")
+    return DicomOptions.parse(args.dicom_window, args.dicom_frames)
+
+
 @dataclass
 class DicomFrame:
     image: Image.Image  # RGB

@@ -37,9 +37,10 @@ def dicom_to_rgb(source, max_pixels: int = DEFAULT_MAX_PIXELS, label: str = "DIC
 
 
 def load_image(source: bytes | str | Path, name: str | None = None,
-               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode PNG/JPEG/... or DICOM to RGB; raises ImageDecodeError naming `name` (or the
-    path), ImageTooLargeError before decoding an image of more than `max_pixels`."""
+               max_pixels: int = DEFAULT_MAX_PIXELS, dicom=None) -> Image.Image:
+    """Decode PNG/JPEG/... or DICOM (by data/dicom.py, with `dicom` options) to RGB; raises
+    ImageDecodeError naming `name` (or the path), ImageTooLargeError before decoding an image
+    of more than `max_pixels`."""
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -47,7 +48,7 @@ def load_image(source: bytes | str | Path, name: str | None = None,
         raise ImageDecodeError(f"{label}: cannot read ({e})") from None
     if is_dicom(data):
         try:
-            return dicom_to_rgb(io.BytesIO(data), max_pixels, label)
+            return dicom_to_rgb(io.BytesIO(data), max_pixels, label, dicom)
         except ImageTooLargeError:
             raise
         except Exception as e:  # pydicom raises many kinds for a broken file

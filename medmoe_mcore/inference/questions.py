@@ -33,10 +33,11 @@ class Question:
     image: str  # a path, or the image's name when `image_bytes` holds it (shards)
     modality: str = "-"
     image_bytes: bytes | None = None
+    dicom: object = None  # data/dicom.py's DicomOptions (None: the file's window)
 
     def load_image(self):
         return load_image(self.image_bytes if self.image_bytes is not None else self.image,
-                          name=self.image)
+                          name=self.image, dicom=self.dicom)
 
 
 def read_questions(path, image_folder=None) -> list[Question]:

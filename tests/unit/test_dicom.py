@@ -179,3 +179,14 @@ def test_prepare_stores_each_frame_windowed_and_counts_how(tmp_path):
     report = write_shards(records, folder_reader(folder), tmp_path / "c", show_progress=False,
                           dicom_options=dicom.DicomOptions.parse(frames="4"))
     assert report.written == 1 and report.skipped == {"dicom_frame_missing": 2}
+
+
+def test_generation_and_evaluation_read_dicom_through_the_same_function():
+    from medmoe_mcore.inference.questions import Question
+
+    path = _file("693_UNCI.dcm")
+    options = dicom.DicomOptions.parse("ct-bone")
+    asked = Question(0, 0, "q", path, dicom=options).load_image()
+    assert np.array_equal(np.asarray(asked), np.asarray(dicom.decode(path, options)[0].image))
+    default = Question(0, 0, "q", path).load_image()
+    assert np.array_equal(np.asarray(default), np.asarray(dicom.decode(path)[0].image))

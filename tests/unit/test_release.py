@@ -260,6 +260,10 @@ def test_generate_tool_checks_its_inputs_before_any_model(tmp_path, capsys):
     assert main(["--load", str(tmp_path), "--question", "q", "--image", "x",
                  "--temperature", "0", "--top-p", "0.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+    for flags, named in ((["--dicom-frames", "all"], "--dicom-frames all: a question carries"),
+                         (["--dicom-window", "lung"], "--dicom-window lung: give CENTER,WIDTH")):
+        assert main(["--load", str(tmp_path), "--question", "q", "--image", "x", *flags]) == 2
+        assert named in capsys.readouterr().err
 
 
 def test_release_imports_back_and_answers_through_generate_tool(tmp_path, single_rank, capsys):
