@@ -4,6 +4,7 @@ with a validation report (records skipped and counted by reason, never silently)
     python tools/prepare_data.py --json data.json --image-folder images --output SHARDS
     python tools/prepare_data.py --medmnist pneumoniamnist.npz --split train \\
         --label-names normal,pneumonia --modality X-Ray --output SHARDS
+    python tools/prepare_data.py --hf-dataset vqa-rad/ --split train --output SHARDS
 
 Reasons: malformed, missing_image, corrupt_image, image_too_large (more than
 --max-image-pixels: never decoded), path_outside_root (an image path leading outside
@@ -58,8 +59,16 @@ def main(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--json", help="LLaVA JSON list or JSONL")
     src.add_argument("--medmnist", help="MedMNIST .npz")
-    p.add_argument("--image-folder", help="images referenced by the JSON's `image` field")
-    p.add_argument("--split", default="train", help="MedMNIST split: train, val or test")
+    src.add_argument("--hf-dataset", help="a local Hugging Face dataset folder (parquet files "
+                     "as on the hub, or a save_to_disk Arrow folder), read offline with the "
+                     "datasets library")
+    p.add_argument("--columns", help="--hf-dataset: FIELD=COLUMN,... for image, question, "
+                   "answer, id, answer_type, modality (default image=image,question=question,"
+                   "answer=answer; docs/data.md has VQA-RAD's, SLAKE's and PathVQA's)")
+    p.add_argument("--image-folder", help="images referenced by the JSON's `image` field (or "
+                   "by --hf-dataset's image column when it holds file names)")
+    p.add_argument("--split", default="train", help="MedMNIST or --hf-dataset split (train, "
+                   "val / validation, test)")
     p.add_argument("--label-names", help="MedMNIST: comma-separated names, index = label")
     p.add_argument("--modality", help="MedMNIST: modality label of every record")
     p.add_argument("--output", required=True, help="shard folder")
@@ -87,7 +96,24 @@ def main(argv=None):
         return 2
     from medmoe_mcore.data.records import folder_reader, load_json_records, write_shards
 
-    if args.json:
+    import tempfile
+
+    cache = tempfile.TemporaryDirectory(prefix="medmoe-hf-datasets-")
+    if args.hf_dataset:
+        from medmoe_mcore.data import hf_datasets
+
+        try:
+            data = hf_datasets.load(args.hf_dataset, args.split, cache.name)
+            records, reader = hf_datasets.records(
+                data, hf_datasets.parse_columns(args.columns), args.image_folder,
+                name=f"{Path(args.hf_dataset).name}-{args.split}")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif args.columns:
+        print("error: --columns goes with --hf-dataset", file=sys.stderr)
+        return 2
+    elif args.json:
         if not args.image_folder:
             raise SystemExit("error: --json needs --image-folder")
         if not Path(args.image_folder).is_dir():
@@ -113,6 +139,7 @@ def main(argv=None):
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cache.cleanup()
     print(report.to_json())
     print(f"wrote {report.written} records in {len(report.shards)} shard(s) to {args.output}; "
           f"skipped {sum(report.skipped.values())}")

@@ -202,3 +202,68 @@ def test_shards_are_an_energon_dataset_and_foreign_code_is_refused(tmp_path):
         description.write_text(text)
         with pytest.raises(ConfigError, match=f"refused.*{named}"):
             shard_paths(folder)
+
+
+def _hf_dataset(root, broken: bool = False):
+    """A Med-VQA dataset as the hub keeps VQA-RAD (image bytes, question, answer), saved both
+    as parquet files (data/train-*.parquet) and as a save_to_disk Arrow folder."""
+    import datasets
+
+    names = ["RG1_UNCI", "MR_small", "693_UNCI", "immunohistochemistry"]
+    images = [{"bytes": _png(n), "path": f"{n}.png"} for n in names]
+    if broken:
+        images[1] = {"bytes": b"not an image at all", "path": "x.png"}
+    rows = {"image": images, "question": [f"Is this image {i}?" for i in range(4)],
+            "answer": ["yes", "no", "the left lung", "yes"],
+            "modality": ["X-Ray", "MRI", "CT", "Pathology"]}
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features({
+        "image": datasets.Image(), "question": datasets.Value("string"),
+        "answer": datasets.Value("string"), "modality": datasets.Value("string")}))
+    (root / "parquet" / "data").mkdir(parents=True)
+    ds.to_parquet(str(root / "parquet" / "data" / "train-00000-of-00001.parquet"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(root / "arrow"))
+    return root / "parquet", root / "arrow"
+
+
+def test_hf_datasets_prepare_and_train(tmp_path, single_rank):
+    """Parquet and Arrow dataset folders with real images prepare into shards (the JSON path's
+    report fields), which train in the main job's path; bad input is named or counted."""
+    pytest.importorskip("datasets")
+    from tests.demo_setup import make_workspace
+
+    parquet, arrow = _hf_dataset(tmp_path / "hub")
+    reports = {}
+    for kind, folder in (("parquet", parquet), ("arrow", arrow)):
+        r = run_tool("tools/prepare_data.py", "--hf-dataset", str(folder), "--columns",
+                     "modality=modality", "--output", str(tmp_path / kind), "--no-progress")
+        assert r.returncode == 0, r.stderr[-2000:]
+        reports[kind] = json.loads((tmp_path / kind / "report.json").read_text())
+    assert reports["parquet"] == reports["arrow"] and reports["parquet"]["written"] == 4
+    assert set(reports["parquet"]) == {"written", "skipped", "skipped_total", "examples",
+                                       "shards", "dicom_frames_by_windowing"}
+    stored = [r for r, _ in read_shards(shard_paths(tmp_path / "parquet"))]
+    assert [(r["answer_type"], r["modality"]) for r in stored] == [
+        ("CLOSED", "X-Ray"), ("CLOSED", "MRI"), ("OPEN", "CT"), ("CLOSED", "Pathology")]
+    assert stored[2]["conversations"][0]["value"] == "<image>\nIs this image 2?"
+
+    ws = make_workspace(tmp_path / "ws")
+    r = run_tool("examples/pretrain_medmoe.py", "--stage", "2", "--data-path",
+                 str(tmp_path / "parquet"), "--pretrained-checkpoint", str(ws["init"]),
+                 "--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "2",
+                 "--seq-length", "96", "--lr", "1e-3", "--num-workers", "0", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads(r.stdout.strip().splitlines()[-1])["losses"]) == 2
+
+    broken, _ = _hf_dataset(tmp_path / "broken", broken=True)
+    r = run_tool("tools/prepare_data.py", "--hf-dataset", str(broken), "--output",
+                 str(tmp_path / "b"), "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["written"] == 3 and report["skipped"] == {"corrupt_image": 1}
+    r = run_tool("tools/prepare_data.py", "--hf-dataset", str(broken), "--columns",
+                 "question=query", "--output", str(tmp_path / "c"), "--no-progress")
+    assert r.returncode == 2 and "the dataset has no column question=query (its columns: " \
+        "image, question, answer, modality)" in r.stderr
+    r = run_tool("tools/prepare_data.py", "--hf-dataset", str(broken), "--split", "test",
+                 "--output", str(tmp_path / "d"), "--no-progress")
+    assert r.returncode == 2 and "--hf-dataset" in r.stderr and "test" in r.stderr
