@@ -5,8 +5,10 @@ overrides device detection."""
 from __future__ import annotations
 
 import os
+import random
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -67,6 +69,10 @@ def initialize(parallel: ParallelConfig, seed: int = DEFAULT_SEED) -> None:
         expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
+    # Python's and NumPy's global generators too, as Megatron-LM's _set_random_seed (nothing
+    # in training draws from them today; a run's saved random state is then its seed's)
+    random.seed(seed)
+    np.random.seed(seed)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.config.flavors import language_flavor
-from medmoe_mcore.config.model import ModelConfig, MoEConfig
+from medmoe_mcore.config.model import ModelConfig, MoEConfig, ParallelConfig
 from medmoe_mcore.models.language import LanguageModel
 from medmoe_mcore.runtime import cpu, parallel
 
@@ -81,3 +81,16 @@ def test_params_norm_counts_every_parameter_once(single_rank):
     expected = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in model.parameters()))
     assert any(getattr(p, "allreduce", True) is False for p in model.parameters())  # experts
     assert metrics.params_norm(model) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_initialize_seeds_python_and_numpy_as_megatron_does():
+    import random
+
+    import numpy as np
+
+    draws = []
+    for _ in range(2):
+        parallel.initialize(ParallelConfig(), seed=7)
+        draws.append((random.random(), float(np.random.rand())))
+    parallel.initialize(ParallelConfig())  # the session's default seed back
+    assert draws[0] == draws[1]
