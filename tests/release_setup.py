@@ -5,13 +5,14 @@ with tools/generate.py."""
 import json
 from pathlib import Path
 
-# (image of the catalogue, file written, question): a DICOM file, a PNG and a JPEG, and
-# questions of different lengths (one batch mixes prompt lengths).
+# (image of the catalogue, file written, question): a DICOM file, a PNG and a JPEG, a text-only
+# question, and questions of different lengths (one batch mixes prompt lengths and kinds).
 QUESTIONS = (
     ("RG1_UNCI", None, "What modality is this?"),
     ("immunohistochemistry", "ihc.png",
      "Is there an abnormality in the left lung field of this image, and where is it?"),
     ("MR2_UNCI", "mr.jpg", "Which organ is shown?"),
+    (None, None, "What does the abbreviation CT stand for?"),  # a text-only question
 )
 
 
@@ -25,7 +26,9 @@ def write_questions(folder) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for n, (name, file, question) in enumerate(QUESTIONS):
-        if file is None:
+        if name is None:
+            image = None
+        elif file is None:
             image = get_testdata_file(f"{name}.dcm")
         else:
             BY_NAME[name].load().save(folder / file)
@@ -51,11 +54,17 @@ def hf_answers(export_dir, questions_file, max_new_tokens: int, dtype="float32",
     out = []
     for line in Path(questions_file).read_text().splitlines():
         q = json.loads(line)
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": q["question"]}]}]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True)
-        image = load_image(q["image"] if Path(q["image"]).is_absolute() else folder / q["image"])
-        inputs = processor(images=image, text=text, return_tensors="pt").to(device)
+        content = [{"type": "text", "text": q["question"]}]
+        if q["image"] is not None:
+            content.insert(0, {"type": "image"})
+        text = processor.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True)
+        if q["image"] is None:  # a text-only question
+            inputs = processor(text=text, return_tensors="pt").to(device)
+        else:
+            image = load_image(q["image"] if Path(q["image"]).is_absolute()
+                               else folder / q["image"])
+            inputs = processor(images=image, text=text, return_tensors="pt").to(device)
         with torch.no_grad():
             tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(tokens[0, inputs["input_ids"].shape[1]:].tolist())

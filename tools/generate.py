@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
     asked = p.add_mutually_exclusive_group(required=True)
     asked.add_argument("--question", help="one question (with --image)")
     asked.add_argument("--questions", help="JSON lines: question/text, image, optional id")
-    p.add_argument("--image", help="the image of --question (PNG/JPEG/DICOM)")
+    p.add_argument("--image", help="the image of --question (PNG/JPEG/DICOM; without it a "
+                                   "text-only question)")
     p.add_argument("--image-folder", help="where --questions' image paths are relative to")
     p.add_argument("--output", help="also write the answers here (JSON lines)")
     dicom.add_arguments(p, one_frame=True)
@@ -59,9 +60,7 @@ def _questions(args):
     if args.questions:
         return [dataclasses.replace(q, dicom=options)
                 for q in read_questions(args.questions, args.image_folder)]
-    if not args.image:
-        raise ConfigError("--question needs --image")
-    if not Path(args.image).is_file():
+    if args.image is not None and not Path(args.image).is_file():
         raise ConfigError(f"--image {args.image}: not found")
     return [Question(0, 0, args.question, args.image, dicom=options)]
 

@@ -6,9 +6,11 @@ with a validation report (records skipped and counted by reason, never silently)
         --label-names normal,pneumonia --modality X-Ray --output SHARDS
     python tools/prepare_data.py --hf-dataset vqa-rad/ --split train --output SHARDS
 
-Reasons: malformed, missing_image, corrupt_image, image_too_large (more than
+A record without `image` and without `<image>` is a text-only conversation (the shard holds its
+JSON alone). Reasons: malformed, missing_image, corrupt_image, image_too_large (more than
 --max-image-pixels: never decoded), path_outside_root (an image path leading outside
---image-folder, symlinks followed: never opened), no_image_token, image_count_mismatch (more
+--image-folder, symlinks followed: never opened), no_image_token (an image but no <image>),
+image_count_mismatch (more
 <image> tokens than the record's one image), empty_answer, unknown_role, not_utf8, too_long,
 dicom_frame_missing (--dicom-frames N past the file's frames). DICOM images are stored as the
 PNG of each frame asked for, windowed by the standard (data/dicom.py); the report counts them by

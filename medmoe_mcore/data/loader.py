@@ -38,6 +38,8 @@ MAX_SAMPLES_PER_SEQUENCE = 100
 # A worker whose first this-many records were all skipped stops the run (energon would go on
 # skipping forever): the records cannot fit, e.g. --seq-length below the image tokens.
 GIVE_UP_AFTER_SKIPPING = 100
+# the modality label of a record without an image (balanced batches, expert statistics)
+TEXT_ONLY = "text-only"
 # --balanced-modality-batches: micro-batches whose samples are regrouped by modality together
 BALANCE_WINDOW = 8
 
@@ -105,13 +107,15 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
             raise SkipSample() from None
         self.encoded += 1
         image = None
-        if self.vision is not None:  # decodable: checked when the shards were written
+        if self.vision is not None and sample["image"] is not None:  # (text-only: none)
+            # decodable: checked when the shards were written
             image = preprocess(load_image(sample["image"], name=str(record.get("id"))),
                                self.vision, train=self.train)
         sources = sample.get("__sources__") or ()
         return dict(**basic_sample_keys(sample), ids=ids, labels=labels, image=image,
                     dataset=str(sources[0].dataset_path) if sources else "",
-                    modality=str(record.get("modality") or ""))
+                    modality=str(record.get("modality") or ("" if image is not None
+                                                            else TEXT_ONLY)))
 
     def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
         """Energon's packing stage used as a sampler: a window of BALANCE_WINDOW micro-batches'

@@ -77,17 +77,21 @@ def check(record: dict, image_bytes: Optional[bytes], max_chars: int,
         total += len(turn["value"])
         if ROLES[turn["from"]] == "assistant" and not turn["value"].strip():
             raise SkipRecord("empty_answer", f"turn {i}")
-    if ROLES[turns[0]["from"]] != "user" or IMAGE_TOKEN not in turns[0]["value"]:
-        raise SkipRecord("no_image_token", "the first human turn has no <image>")
+    if ROLES[turns[0]["from"]] != "user":
+        raise SkipRecord("unknown_role", "the first turn is not the user's")
     if not any(ROLES[t["from"]] == "assistant" for t in turns):
         raise SkipRecord("empty_answer", "no answer turn")
     placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
-    if placeholders != 1:
+    text_only = "image" not in record and not placeholders  # a text conversation
+    if not text_only and IMAGE_TOKEN not in turns[0]["value"]:
+        raise SkipRecord("no_image_token", "the record has an image and its first human turn "
+                                           "no <image>")
+    if not text_only and placeholders != 1:
         raise SkipRecord("image_count_mismatch", f"{placeholders} {IMAGE_TOKEN} tokens for "
                                                  "1 image")
     if total > max_chars:
         raise SkipRecord("too_long", f"{total} characters > {max_chars}")
-    if not image_needed:
+    if not image_needed or text_only:
         return
     if image_bytes is None:
         raise SkipRecord("missing_image", str(record.get("image")))
@@ -204,7 +208,8 @@ def _write(records, image_reader, folder: Path, samples_per_shard, max_chars, pr
                                         disable=not show_progress)):
         rid = record.get("id", index) if isinstance(record, dict) else index
         try:
-            image = image_reader(record) if isinstance(record, dict) else None
+            image = image_reader(record) if isinstance(record, dict) and "image" in record \
+                else None
             items = [(record, image, None)]
             if image is not None and is_dicom(image):
                 check(record, None, max_chars, max_pixels, image_needed=False)
@@ -224,7 +229,8 @@ def _write(records, image_reader, folder: Path, samples_per_shard, max_chars, pr
             key = f"{report.written:09d}"
             ext = Path(str(item.get("image", "x.png"))).suffix.lstrip(".").lower() or "png"
             _add(tar, f"{key}.json", json.dumps(item, ensure_ascii=False).encode("utf-8"))
-            _add(tar, f"{key}.{ext}", data)
+            if data is not None:  # a text-only record has the JSON alone
+                _add(tar, f"{key}.{ext}", data)
             report.written += 1
             report.shards[-1]["records"] += 1
             if how is not None:
@@ -249,8 +255,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def read_shards(paths: Iterable) -> Iterator[tuple[dict, bytes]]:
-    """(record, image bytes) pairs from tar shards, in order. A shard that is truncated or
+def read_shards(paths: Iterable) -> Iterator[tuple[dict, Optional[bytes]]]:
+    """(record, image bytes or None for a text-only record) pairs from tar shards, in order. A shard that is truncated or
     corrupt, or holds another number of records than its folder's report.json says, stops
     the reading with a ShardError naming the file."""
     reports: dict[Path, dict] = {}  # one read of each folder's report, not one per shard
@@ -261,15 +267,21 @@ def read_shards(paths: Iterable) -> Iterator[tuple[dict, bytes]]:
         count = 0
         try:
             with tarfile.open(path) as tar:
-                pending: dict[str, dict] = {}
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    data = tar.extractfile(member).read()
-                    entry = pending.setdefault(key, {})
-                    entry["json" if ext == "json" else "image"] = data
-                    if len(entry) == 2:
+                # a sample's members are consecutive (JSON, then its image unless text-only)
+                key, entry = None, {}
+                for member in [*tar, None]:
+                    name = member.name.partition(".") if member is not None else (None, "", "")
+                    if entry and name[0] != key:
+                        if "json" not in entry:
+                            raise ShardError(f"{path}: sample {key} has no JSON record")
                         count += 1
-                        yield json.loads(pending.pop(key)["json"]), entry["image"]
+                        yield json.loads(entry["json"]), entry.get("image")
+                        entry = {}
+                    if member is None:
+                        break
+                    key, ext = name[0], name[2]
+                    entry["json" if ext == "json" else "image"] = \
+                        tar.extractfile(member).read()
         except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
             raise ShardError(f"{path}: corrupt or truncated shard ({e})") from None
         if expected is not None and count != expected:

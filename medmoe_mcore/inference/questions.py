@@ -30,7 +30,8 @@ class Question:
     index: int  # position in the input (answers come back in this order; sampling seed)
     id: object
     question: str
-    image: str  # a path, or the image's name when `image_bytes` holds it (shards)
+    image: str | None  # a path, the image's name when `image_bytes` holds it (shards), or
+    # None: a text-only question
     modality: str = "-"
     image_bytes: bytes | None = None
     dicom: object = None  # data/dicom.py's DicomOptions (None: the file's window)
@@ -52,23 +53,26 @@ def read_questions(path, image_folder=None) -> list[Question]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not JSON ({e})") from None
         text = record.get("question", record.get("text"))
-        if not isinstance(text, str) or not isinstance(record.get("image"), str):
+        if not isinstance(text, str) or not isinstance(record.get("image"), (str, type(None))):
             raise ConfigError(f"{path}:{n}: needs a 'question' (or 'text') string and an "
-                              "'image' path")
-        image = Path(record["image"])
-        image = image if image.is_absolute() else folder / image
-        if not image.is_file():
-            raise ConfigError(f"{path}:{n}: image {image} not found")
+                              "'image' path (or none: a text-only question)")
+        image = None
+        if record.get("image") is not None:
+            image = Path(record["image"])
+            image = image if image.is_absolute() else folder / image
+            if not image.is_file():
+                raise ConfigError(f"{path}:{n}: image {image} not found")
         out.append(Question(len(out), record.get("id", record.get("question_id", n)),
-                            text.replace(IMAGE_TOKEN, "").strip(), str(image)))
+                            text.replace(IMAGE_TOKEN, "").strip(),
+                            None if image is None else str(image)))
     if not out:
         raise ConfigError(f"{path}: no questions")
     return out
 
 
 def _prompt(q: Question, tok: Tokenizer, template: str) -> list[int]:
-    record = {"conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q.question}"}]}
-    return encode_prompt(record, tok, template)
+    text = q.question if q.image is None else f"{IMAGE_TOKEN}\n{q.question}"
+    return encode_prompt({"conversations": [{"from": "human", "value": text}]}, tok, template)
 
 
 def answer(model, questions: list[Question], tok: Tokenizer, gen: GenerationConfig,
@@ -91,7 +95,9 @@ def answer(model, questions: list[Question], tok: Tokenizer, gen: GenerationConf
     for b in range(int(count.item())):
         batch = batches[b] if b < len(batches) else questions[:1]  # a stand-in, discarded
         prompts = [_prompt(q, tok, gen.template) for q in batch]
-        images = torch.stack([preprocess(q.load_image(), vision, train=False) for q in batch])
+        pictures = [preprocess(q.load_image(), vision, train=False) for q in batch
+                    if q.image is not None]  # text-only questions have none
+        images = torch.stack(pictures) if pictures else None
         tokens = generate(model, prompts, images, tok.eos_id, gen,
                           sample_ids=[q.index for q in batch], pad_id=tok.pad_id)
         if expert_stats is not None:

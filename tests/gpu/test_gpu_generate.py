@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import run_tool
 from tests.demo_setup import make_workspace
-from tests.release_setup import hf_answers, write_questions
+from tests.release_setup import QUESTIONS, hf_answers, write_questions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 NEW_TOKENS = 16
@@ -34,7 +34,7 @@ def test_generate_matches_hf_on_gpu(tmp_path, single_rank, dtype):
                  str(questions), "--max-new-tokens", str(NEW_TOKENS),
                  *(["--bf16"] if dtype == "bfloat16" else []))
     assert r.returncode == 0, r.stderr[-3000:]
-    ours = [json.loads(line)["tokens"] for line in r.stdout.strip().splitlines()[-3:]]
+    ours = [json.loads(line)["tokens"] for line in r.stdout.strip().splitlines()[-len(QUESTIONS):]]
     theirs = hf_answers(tmp_path / "export", questions, NEW_TOKENS, dtype, "cuda")
     prefix = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                for x, y in zip(ours, theirs)]

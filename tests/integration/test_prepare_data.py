@@ -53,6 +53,8 @@ def mixed_records(folder):
              "conversations": _conv("<image>\nWhat modality?", "An X-ray.")} for i in range(6)]
     good.append({"id": "typo", "image": "ihc.png",  # the authors' misspelt key
                  "conversatons": _conv("<image>\nWhat stain?", "IHC.")})
+    good.append({"id": "text", "conversations": _conv("What does CT stand for?",
+                                                      "Computed tomography.")})  # text only
     bad = [
         {"id": "missing", "image": "nope.png", "conversations": _conv("<image>\nQ?", "A.")},
         {"id": "corrupt", "image": "broken.png", "conversations": _conv("<image>\nQ?", "A.")},
@@ -92,8 +94,8 @@ def _mixed_shards(tmp_path):
 def test_prepare_data_counts_each_bad_kind(tmp_path):
     path = _mixed_shards(tmp_path)
     report = json.loads((tmp_path / "shards" / "report.json").read_text())
-    assert report["written"] == 7
-    assert [s["records"] for s in report["shards"]] == [3, 3, 1]
+    assert report["written"] == 8
+    assert [s["records"] for s in report["shards"]] == [3, 3, 2]
     assert report["skipped"] == {**{k: 1 for k in (
         "missing_image", "corrupt_image", "no_image_token", "empty_answer", "unknown_role",
         "too_long", "malformed", "not_utf8", "image_too_large", "image_count_mismatch")},
@@ -101,8 +103,9 @@ def test_prepare_data_counts_each_bad_kind(tmp_path):
     assert report["examples"]["corrupt_image"] == ["corrupt"]
     assert report["examples"]["path_outside_root"] == ["dotdot", "absolute", "symlink"]
     assert report["examples"]["image_too_large"] == ["bomb"]
-    records = [rec for rec, _ in read_shards(shard_paths(tmp_path / "shards"))]
-    assert [rec["id"] for rec in records] == [f"g{i}" for i in range(6)] + ["typo"]
+    records = list(read_shards(shard_paths(tmp_path / "shards")))
+    assert [rec["id"] for rec, _ in records] == [f"g{i}" for i in range(6)] + ["typo", "text"]
+    assert records[-1][1] is None and all(image for _, image in records[:-1])
 
     # an output folder holding shards is refused; --overwrite replaces it whole
     again = ("tools/prepare_data.py", "--json", str(path), "--image-folder",
@@ -188,11 +191,11 @@ def test_shards_are_an_energon_dataset_and_foreign_code_is_refused(tmp_path):
     report = json.loads((folder / "report.json").read_text())
     info = json.loads((folder / ".nv-meta" / ".info.json").read_text())
     assert info["shard_counts"] == {s["name"]: s["records"] for s in report["shards"]}
-    dataset = get_train_dataset(str(folder), batch_size=7, shuffle_buffer_size=None,
+    dataset = get_train_dataset(str(folder), batch_size=8, shuffle_buffer_size=None,
                                 max_samples_per_sequence=None, task_encoder=_Ids(),
                                 worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0))
     assert sorted(next(iter(get_savable_loader(dataset)))) == \
-        sorted([f"g{i}" for i in range(6)] + ["typo"])
+        sorted([f"g{i}" for i in range(6)] + ["typo", "text"])  # the text-only one too
     description = folder / ".nv-meta" / "dataset.yaml"
     for text, named in (("__module__: evil\n__class__: Payload\n", "__module__: 'evil'"),
                         ("__module__: megatron.energon\n__class__: CrudeWebdataset\n"
@@ -267,3 +270,20 @@ def test_hf_datasets_prepare_and_train(tmp_path, single_rank):
     r = run_tool("tools/prepare_data.py", "--hf-dataset", str(broken), "--split", "test",
                  "--output", str(tmp_path / "d"), "--no-progress")
     assert r.returncode == 2 and "--hf-dataset" in r.stderr and "test" in r.stderr
+
+
+def test_text_only_and_image_records_train_together(tmp_path, single_rank):
+    """The prepared shards (image records and one text-only record) train in the main job's
+    path (2 iterations of 4 read the 8 records: one epoch), none skipped."""
+    from tests.demo_setup import make_workspace
+
+    _mixed_shards(tmp_path)
+    ws = make_workspace(tmp_path / "ws")
+    r = run_tool("examples/pretrain_medmoe.py", "--stage", "2", "--data-path",
+                 str(tmp_path / "shards"), "--pretrained-checkpoint", str(ws["init"]),
+                 "--train-iters", "2", "--micro-batch-size", "4", "--global-batch-size", "4",
+                 "--seq-length", "96", "--lr", "1e-3", "--num-workers", "0", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = json.loads(r.stdout.strip().splitlines()[-1])["losses"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert "skipped" not in r.stdout.split("data read this run")[-1]
