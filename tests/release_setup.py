@@ -6,13 +6,16 @@ import json
 from pathlib import Path
 
 # (image of the catalogue, file written, question): a DICOM file, a PNG and a JPEG, a text-only
-# question, and questions of different lengths (one batch mixes prompt lengths and kinds).
+# question, a question about two images, and questions of different lengths (one batch mixes
+# prompt lengths and kinds).
 QUESTIONS = (
     ("RG1_UNCI", None, "What modality is this?"),
     ("immunohistochemistry", "ihc.png",
      "Is there an abnormality in the left lung field of this image, and where is it?"),
     ("MR2_UNCI", "mr.jpg", "Which organ is shown?"),
     (None, None, "What does the abbreviation CT stand for?"),  # a text-only question
+    (("immunohistochemistry", "MR2_UNCI"), ("prior.png", "current.jpg"),
+     "What changed between the two studies?"),  # a question about two images
 )
 
 
@@ -26,6 +29,12 @@ def write_questions(folder) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for n, (name, file, question) in enumerate(QUESTIONS):
+        if isinstance(name, tuple):
+            for one, written in zip(name, file):
+                BY_NAME[one].load().save(folder / written)
+            lines.append(json.dumps({"id": f"q{n}", "question": question,
+                                     "images": list(file)}))
+            continue
         if name is None:
             image = None
         elif file is None:
@@ -54,17 +63,15 @@ def hf_answers(export_dir, questions_file, max_new_tokens: int, dtype="float32",
     out = []
     for line in Path(questions_file).read_text().splitlines():
         q = json.loads(line)
-        content = [{"type": "text", "text": q["question"]}]
-        if q["image"] is not None:
-            content.insert(0, {"type": "image"})
+        names = q.get("images") or ([q["image"]] if q.get("image") else [])
+        content = [{"type": "image"}] * len(names) + [{"type": "text", "text": q["question"]}]
         text = processor.apply_chat_template([{"role": "user", "content": content}],
                                              add_generation_prompt=True)
-        if q["image"] is None:  # a text-only question
+        if not names:  # a text-only question
             inputs = processor(text=text, return_tensors="pt").to(device)
         else:
-            image = load_image(q["image"] if Path(q["image"]).is_absolute()
-                               else folder / q["image"])
-            inputs = processor(images=image, text=text, return_tensors="pt").to(device)
+            images = [load_image(n if Path(n).is_absolute() else folder / n) for n in names]
+            inputs = processor(images=images, text=text, return_tensors="pt").to(device)
         with torch.no_grad():
             tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         out.append(tokens[0, inputs["input_ids"].shape[1]:].tolist())

@@ -7,7 +7,8 @@ with a validation report (records skipped and counted by reason, never silently)
     python tools/prepare_data.py --hf-dataset vqa-rad/ --split train --output SHARDS
 
 A record without `image` and without `<image>` is a text-only conversation (the shard holds its
-JSON alone). Reasons: malformed, missing_image, corrupt_image, image_too_large (more than
+JSON alone); one with an `images` list (prior and current study) needs one `<image>` per image,
+stored in that order. Reasons: malformed, missing_image, corrupt_image, image_too_large (more than
 --max-image-pixels: never decoded), path_outside_root (an image path leading outside
 --image-folder, symlinks followed: never opened), no_image_token (an image but no <image>),
 image_count_mismatch (more
@@ -77,6 +78,9 @@ def main(argv=None):
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--max-chars", type=int, default=8000, help="longer records are skipped")
     p.add_argument("--prefix", default="shard")
+    p.add_argument("--max-images-per-sample", type=int, default=4,
+                   help="a record of more images (an `images` list) is skipped "
+                        "(too_many_images)")
     p.add_argument("--max-image-pixels", type=int, default=None,
                    help="images with more pixels are skipped (image_too_large) before "
                         "decoding (default: PIL's decompression-bomb limit, ~89.5M)")
@@ -137,7 +141,8 @@ def main(argv=None):
                               max_chars=args.max_chars, prefix=args.prefix, total=len(records),
                               show_progress=not args.no_progress, overwrite=args.overwrite,
                               max_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
-                              dicom_options=dicom_options)
+                              dicom_options=dicom_options,
+                              max_images=args.max_images_per_sample)
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 `plain` (stage 1): `<image>` + caption + newline. `phi` / `stablelm` (stages 2-3, identical):
 system line, then per turn ` USER: {q} ASSISTANT: {a}<|endoftext|>`, `<image>\\n` leading the
-first question. Labels are unshifted, -100 where no loss (the model shifts)."""
+first question (once per image; the release's chat template writes the same). Labels are
+unshifted, -100 where no loss (the model shifts)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ def _pieces(record: dict, template: str) -> list[tuple[str, bool]]:
     turns = conversations(record)
     if template == "plain":
         answer = next(t["value"] for t in turns if ROLES[t["from"]] == "assistant")
-        return [(IMAGE_TOKEN, False), (answer.strip() + "\n", True)]
+        images = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
+        return [(IMAGE_TOKEN * images, False)] * bool(images) + [(answer.strip() + "\n", True)]
     pieces = [(SYSTEM_PROMPT, False)]
     for turn in turns:
         text = turn["value"].strip()
         if ROLES[turn["from"]] == "user":
-            if IMAGE_TOKEN in text:  # LLaVA puts the image first, then a newline
-                text = IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()
+            if IMAGE_TOKEN in text:  # LLaVA puts the images first, each with a newline
+                text = (IMAGE_TOKEN + "\n") * text.count(IMAGE_TOKEN) + \
+                    text.replace(IMAGE_TOKEN, "").strip()
             pieces.append((f" USER: {text} ASSISTANT:", False))
         else:
             pieces.append((f" {text}{EOS}", True))

@@ -53,12 +53,20 @@ def _on_error(error: Exception, sample, sources=None) -> None:
     log_exception(error, sample, sources)
 
 
+def _image_order(part: str) -> int:
+    """`img3.png` -> 3 (a record of several images); a single image's part -> 0."""
+    head = part.partition(".")[0]
+    return int(head[3:]) if head.startswith("img") and head[3:].isdigit() else 0
+
+
 @stateless
 def _raw_record(sample: dict) -> dict:
-    """A crude webdataset sample (`{key}.json` + `{key}.{ext}` bytes) -> record + image."""
-    image = next((v for k, v in sample.items() if not k.startswith("__") and k != "json"),
-                 None)
-    return dict(**basic_sample_keys(sample), record=json.loads(sample["json"]), image=image)
+    """A crude webdataset sample (`{key}.json` + its images' bytes: `{key}.{ext}`, or
+    `{key}.img0.{ext}`, `{key}.img1.{ext}`, ... in <image> order) -> record + images."""
+    parts = sorted((k for k in sample if not k.startswith("__") and k != "json"),
+                   key=_image_order)
+    return dict(**basic_sample_keys(sample), record=json.loads(sample["json"]),
+                images=[sample[k] for k in parts])
 
 
 def _worker_id() -> int:
@@ -106,15 +114,15 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
                     f"{patches} image tokens per image, do they fit?") from None
             raise SkipSample() from None
         self.encoded += 1
-        image = None
-        if self.vision is not None and sample["image"] is not None:  # (text-only: none)
-            # decodable: checked when the shards were written
-            image = preprocess(load_image(sample["image"], name=str(record.get("id"))),
-                               self.vision, train=self.train)
+        images = []
+        if self.vision is not None:  # decodable: checked when the shards were written
+            images = [preprocess(load_image(data, name=str(record.get("id"))), self.vision,
+                                 train=self.train) for data in sample["images"]]
         sources = sample.get("__sources__") or ()
-        return dict(**basic_sample_keys(sample), ids=ids, labels=labels, image=image,
+        # the sample-level modality: the record's, for all its images (text-only: none)
+        return dict(**basic_sample_keys(sample), ids=ids, labels=labels, images=images,
                     dataset=str(sources[0].dataset_path) if sources else "",
-                    modality=str(record.get("modality") or ("" if image is not None
+                    modality=str(record.get("modality") or ("" if sample["images"]
                                                             else TEXT_ONLY)))
 
     def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
@@ -137,7 +145,7 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
         for b, s in enumerate(samples):
             ids[b, :len(s["ids"])] = torch.tensor(s["ids"])
             labels[b, :len(s["labels"])] = torch.tensor(s["labels"])
-        images = [s["image"] for s in samples if s["image"] is not None]
+        images = [image for s in samples for image in s["images"]]  # in placeholder order
         return {"input_ids": ids, "labels": labels,
                 "images": torch.stack(images) if images else None,
                 "lengths": [len(s["ids"]) for s in samples],

@@ -22,25 +22,19 @@ from tqdm import tqdm
 from medmoe_mcore.config.fields import ConfigError
 from medmoe_mcore.conventions import IMAGE_TOKEN
 from medmoe_mcore.data import energon_format
+from medmoe_mcore.data.record_images import dicom_records, extension, several_images
+from medmoe_mcore.data.skips import REASONS, SkipRecord  # noqa: F401 (re-exported)
 from medmoe_mcore.data.images import (DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError,
                                       is_dicom, load_image)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-REASONS = ("malformed", "missing_image", "corrupt_image", "image_too_large",
-           "path_outside_root", "no_image_token", "image_count_mismatch", "empty_answer",
-           "unknown_role", "not_utf8", "too_long", "dicom_frame_missing")
 REPORT = "report.json"
+DEFAULT_MAX_IMAGES = 4  # --max-images-per-sample
 
 
 class ShardError(ConfigError):
     """A shard that cannot be read as written (truncated, corrupt, or not the report's)."""
 
-
-class SkipRecord(ValueError):
-    def __init__(self, reason: str, detail: str = ""):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def conversations(record: dict) -> list:
@@ -58,14 +52,16 @@ def _utf8(text: str) -> None:
         raise SkipRecord("not_utf8", repr(text[:40])) from None
 
 
-def check(record: dict, image_bytes: Optional[bytes], max_chars: int,
-          max_pixels: int = DEFAULT_MAX_PIXELS, image_needed: bool = True) -> None:
-    """Raise SkipRecord naming the first problem of a record (its image too, unless
-    `image_needed` is False: the text alone)."""
+def check(record: dict, image_bytes, max_chars: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+          image_needed: bool = True, max_images: int = DEFAULT_MAX_IMAGES) -> None:
+    """Raise SkipRecord naming the first problem of a record (its images too, unless
+    `image_needed` is False: the text alone). `image_bytes`: one image's bytes, or a list in
+    the order of the record's `images`."""
     if not isinstance(record, dict):
         raise SkipRecord("malformed", "not a JSON object")
     if "image" in record and not isinstance(record["image"], str):
         raise SkipRecord("malformed", "`image` must be one file name")
+    names = image_names(record)  # "malformed" unless a list of file names
     turns = conversations(record)
     total = 0
     for i, turn in enumerate(turns):
@@ -82,25 +78,43 @@ def check(record: dict, image_bytes: Optional[bytes], max_chars: int,
     if not any(ROLES[t["from"]] == "assistant" for t in turns):
         raise SkipRecord("empty_answer", "no answer turn")
     placeholders = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
-    text_only = "image" not in record and not placeholders  # a text conversation
+    text_only = not names and not placeholders  # a text conversation
     if not text_only and IMAGE_TOKEN not in turns[0]["value"]:
         raise SkipRecord("no_image_token", "the record has an image and its first human turn "
                                            "no <image>")
-    if not text_only and placeholders != 1:
+    if not text_only and placeholders != len(names):
         raise SkipRecord("image_count_mismatch", f"{placeholders} {IMAGE_TOKEN} tokens for "
-                                                 "1 image")
+                                                 f"{len(names)} image(s)")
+    if len(names) > max_images:
+        raise SkipRecord("too_many_images", f"{len(names)} images, more than "
+                                            f"--max-images-per-sample {max_images}")
     if total > max_chars:
         raise SkipRecord("too_long", f"{total} characters > {max_chars}")
     if not image_needed or text_only:
         return
-    if image_bytes is None:
-        raise SkipRecord("missing_image", str(record.get("image")))
-    try:
-        load_image(image_bytes, name=str(record.get("image")), max_pixels=max_pixels)
-    except ImageTooLargeError as e:
-        raise SkipRecord("image_too_large", str(e)) from None
-    except ImageDecodeError as e:
-        raise SkipRecord("corrupt_image", str(e)) from None
+    blobs = image_bytes if isinstance(image_bytes, list) else [image_bytes]
+    for name, data in zip(names, blobs):
+        if data is None:
+            raise SkipRecord("missing_image", name)
+        try:
+            load_image(data, name=name, max_pixels=max_pixels)
+        except ImageTooLargeError as e:
+            raise SkipRecord("image_too_large", str(e)) from None
+        except ImageDecodeError as e:
+            raise SkipRecord("corrupt_image", str(e)) from None
+
+
+def image_names(record: dict) -> list:
+    """The file names of a record's images: `image` (one) or `images` (several, in the order
+    of their <image> tokens); [] for a text-only record."""
+    if "images" not in record:
+        return [record["image"]] if "image" in record else []
+    names = record["images"]
+    if "image" in record or not isinstance(names, list) or not names or \
+            not all(isinstance(n, str) and n for n in names):
+        raise SkipRecord("malformed", "`images` must be a non-empty list of file names (and "
+                                      "no `image` beside it)")
+    return names
 
 
 def folder_reader(folder) -> Callable[[dict], Optional[bytes]]:
@@ -146,7 +160,8 @@ def write_shards(records: Iterable[dict], image_reader: Callable[[dict], Optiona
                  out_dir, samples_per_shard: int = 1000, max_chars: int = 8000,
                  prefix: str = "shard", total: Optional[int] = None,
                  show_progress: bool = True, overwrite: bool = False,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, dicom_options=None) -> Report:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, dicom_options=None,
+                 max_images: int = DEFAULT_MAX_IMAGES) -> Report:
     """Validate and write records to `out_dir/{prefix}-000000.tar, ...` + `report.json`.
     DICOM images are stored as the PNG of each frame `dicom_options` asks for (data/dicom.py;
     several frames: one record each, ids `<id>#frame<N>`), counted in the report by how they
@@ -164,7 +179,7 @@ def write_shards(records: Iterable[dict], image_reader: Callable[[dict], Optiona
     work.mkdir()
     try:
         report = _write(records, image_reader, work, samples_per_shard, max_chars, prefix,
-                        total, show_progress, max_pixels, dicom_options)
+                        total, show_progress, max_pixels, dicom_options, max_images)
         (work / REPORT).write_text(report.to_json())
         if report.shards:  # energon-ready: its index and a crude dataset description
             energon_format.write_meta(work, [s["name"] for s in report.shards])
@@ -174,48 +189,29 @@ def write_shards(records: Iterable[dict], image_reader: Callable[[dict], Optiona
     return report
 
 
-def _dicom_records(record: dict, image: bytes, options, max_pixels) -> list:
-    """[(record, PNG bytes, how)] of a DICOM record: one per frame asked for."""
-    from medmoe_mcore.data import dicom
-
-    label = str(record.get("image"))
-    try:
-        frames = dicom.decode(io.BytesIO(image), options or dicom.DicomOptions(), max_pixels,
-                              label)
-    except ImageTooLargeError as e:
-        raise SkipRecord("image_too_large", str(e)) from None
-    except ValueError as e:
-        if "--dicom-frames" in str(e):
-            raise SkipRecord("dicom_frame_missing", str(e)) from None
-        raise SkipRecord("corrupt_image", f"{label}: cannot decode DICOM ({e})") from None
-    except Exception as e:  # pydicom raises many kinds for a broken file
-        raise SkipRecord("corrupt_image", f"{label}: cannot decode DICOM ({e})") from None
-    out = []
-    for frame in frames:
-        buf = io.BytesIO()
-        frame.image.save(buf, format="PNG")
-        one = dict(record, image=f"{label}.frame{frame.index}.png")
-        if len(frames) > 1:
-            one["id"] = f"{record.get('id')}#frame{frame.index}"
-        out.append((one, buf.getvalue(), frame.how))
-    return out
-
-
 def _write(records, image_reader, folder: Path, samples_per_shard, max_chars, prefix, total,
-           show_progress, max_pixels, dicom_options=None) -> Report:
+           show_progress, max_pixels, dicom_options=None,
+           max_images: int = DEFAULT_MAX_IMAGES) -> Report:
     report, tar = Report(), None
     for index, record in enumerate(tqdm(records, total=total, desc="records",
                                         disable=not show_progress)):
         rid = record.get("id", index) if isinstance(record, dict) else index
         try:
-            image = image_reader(record) if isinstance(record, dict) and "image" in record \
-                else None
+            several = isinstance(record, dict) and "images" in record
+            names = image_names(record) if isinstance(record, dict) else []
+            image = image_reader(record) if names and not several else None
             items = [(record, image, None)]
-            if image is not None and is_dicom(image):
-                check(record, None, max_chars, max_pixels, image_needed=False)
-                items = _dicom_records(record, image, dicom_options, max_pixels)
+            if several:  # an `images` list: one record, each image as stored or a PNG
+                check(record, None, max_chars, max_pixels, image_needed=False,
+                      max_images=max_images)
+                items = [several_images(record, names, image_reader, dicom_options,
+                                        max_pixels)]
+            elif image is not None and is_dicom(image):
+                check(record, None, max_chars, max_pixels, image_needed=False,
+                      max_images=max_images)
+                items = dicom_records(record, image, dicom_options, max_pixels)
             for item, data, _ in items:
-                check(item, data, max_chars, max_pixels)
+                check(item, data, max_chars, max_pixels, max_images=max_images)
         except SkipRecord as e:
             report.skip(e.reason, rid)
             continue
@@ -227,14 +223,17 @@ def _write(records, image_reader, folder: Path, samples_per_shard, max_chars, pr
                 tar = tarfile.open(folder / name, "w")
                 report.shards.append({"name": name, "records": 0})
             key = f"{report.written:09d}"
-            ext = Path(str(item.get("image", "x.png"))).suffix.lstrip(".").lower() or "png"
             _add(tar, f"{key}.json", json.dumps(item, ensure_ascii=False).encode("utf-8"))
-            if data is not None:  # a text-only record has the JSON alone
-                _add(tar, f"{key}.{ext}", data)
+            if isinstance(data, list):  # {key}.img0.png, {key}.img1.jpg, ...
+                for i, (name, blob) in enumerate(zip(item["images"], data)):
+                    _add(tar, f"{key}.img{i}.{extension(name)}", blob)
+            elif data is not None:  # a text-only record has the JSON alone
+                _add(tar, f"{key}.{extension(item.get('image'))}", data)
             report.written += 1
             report.shards[-1]["records"] += 1
-            if how is not None:
-                report.dicom[how] += 1
+            for one in how if isinstance(how, list) else [how]:
+                if one is not None:
+                    report.dicom[one] += 1
     if tar is not None:
         tar.close()
     return report
@@ -255,8 +254,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def read_shards(paths: Iterable) -> Iterator[tuple[dict, Optional[bytes]]]:
-    """(record, image bytes or None for a text-only record) pairs from tar shards, in order. A shard that is truncated or
+def read_shards(paths: Iterable) -> Iterator[tuple[dict, object]]:
+    """(record, image bytes; a list for an `images` record; None for a text-only record)
+    pairs from tar shards, in order. A shard that is truncated or
     corrupt, or holds another number of records than its folder's report.json says, stops
     the reading with a ShardError naming the file."""
     reports: dict[Path, dict] = {}  # one read of each folder's report, not one per shard
@@ -275,13 +275,18 @@ def read_shards(paths: Iterable) -> Iterator[tuple[dict, Optional[bytes]]]:
                         if "json" not in entry:
                             raise ShardError(f"{path}: sample {key} has no JSON record")
                         count += 1
-                        yield json.loads(entry["json"]), entry.get("image")
+                        record, images = json.loads(entry["json"]), entry.get("images", [])
+                        yield record, images if "images" in record else \
+                            (images[0] if images else None)
                         entry = {}
                     if member is None:
                         break
                     key, ext = name[0], name[2]
-                    entry["json" if ext == "json" else "image"] = \
-                        tar.extractfile(member).read()
+                    data = tar.extractfile(member).read()
+                    if ext == "json":
+                        entry["json"] = data
+                    else:  # one image, or img0, img1, ... in order
+                        entry.setdefault("images", []).append(data)
         except (tarfile.TarError, EOFError, OSError, json.JSONDecodeError) as e:
             raise ShardError(f"{path}: corrupt or truncated shard ({e})") from None
         if expected is not None and count != expected:

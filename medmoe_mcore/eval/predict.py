@@ -65,17 +65,22 @@ def test_questions(path, image_folder=None, prompt_style: str = "authors"
         if not isinstance(text, str):
             problems.append(f"id {qid}: needs a question")
             continue
-        image = str(r["image"]) if r.get("image") else None  # None: a text-only question
-        if image is not None and image_bytes is None:
-            where = (folder / image).resolve()
-            if not where.is_relative_to(folder):
-                problems.append(f"id {qid}: image {image!r} is outside the image folder "
+        given = r.get("images", r.get("image"))  # a list: several; none: text-only
+        names = [str(x) for x in given] if isinstance(given, list) else \
+            [str(given)] if given else []
+        if image_bytes is None:
+            found = [(folder / name).resolve() for name in names]
+            outside = [n for n, w in zip(names, found) if not w.is_relative_to(folder)]
+            missing = [str(w) for w in found if w.is_relative_to(folder) and not w.is_file()]
+            if outside:
+                problems.append(f"id {qid}: image {outside[0]!r} is outside the image folder "
                                 f"{folder}")
                 continue
-            if not where.is_file():
-                problems.append(f"id {qid}: image {where} not found")
+            if missing:
+                problems.append(f"id {qid}: image {missing[0]} not found")
                 continue
-            image = str(where)
+            names = [str(w) for w in found]
+        image = names if isinstance(given, list) else (names[0] if names else None)
         suffix = PROMPT_STYLES[prompt_style][gold[qid]["answer_type"]]
         questions.append(Question(len(questions), qid,
                                   text.replace(IMAGE_TOKEN, "").strip() + suffix, image,

@@ -30,15 +30,28 @@ class Question:
     index: int  # position in the input (answers come back in this order; sampling seed)
     id: object
     question: str
-    image: str | None  # a path, the image's name when `image_bytes` holds it (shards), or
-    # None: a text-only question
+    # a path, the image's name when `image_bytes` holds it (shards), a list of them (a
+    # question about several images, in <image> order), or None: a text-only question
+    image: str | list | None
     modality: str = "-"
-    image_bytes: bytes | None = None
+    image_bytes: bytes | list | None = None
     dicom: object = None  # data/dicom.py's DicomOptions (None: the file's window)
 
+    @property
+    def images(self) -> list:
+        return [] if self.image is None else \
+            list(self.image) if isinstance(self.image, list) else [self.image]
+
+    def load_images(self) -> list:
+        blobs = self.image_bytes if isinstance(self.image_bytes, list) else \
+            [self.image_bytes] * len(self.images)
+        return [load_image(data if data is not None else name, name=name, dicom=self.dicom)
+                for name, data in zip(self.images, blobs)]
+
     def load_image(self):
-        return load_image(self.image_bytes if self.image_bytes is not None else self.image,
-                          name=self.image, dicom=self.dicom)
+        """The question's one image (router features, single-image tools)."""
+        (image,) = self.load_images()
+        return image
 
 
 def read_questions(path, image_folder=None) -> list[Question]:
@@ -53,25 +66,29 @@ def read_questions(path, image_folder=None) -> list[Question]:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{n}: not JSON ({e})") from None
         text = record.get("question", record.get("text"))
-        if not isinstance(text, str) or not isinstance(record.get("image"), (str, type(None))):
+        given = record.get("images", record.get("image"))
+        names = given if isinstance(given, list) else [] if given is None else [given]
+        if not isinstance(text, str) or not all(isinstance(x, str) for x in names):
             raise ConfigError(f"{path}:{n}: needs a 'question' (or 'text') string and an "
-                              "'image' path (or none: a text-only question)")
-        image = None
-        if record.get("image") is not None:
-            image = Path(record["image"])
-            image = image if image.is_absolute() else folder / image
+                              "'image' path, an 'images' list, or neither (a text-only "
+                              "question)")
+        paths = []
+        for name in names:
+            image = Path(name) if Path(name).is_absolute() else folder / name
             if not image.is_file():
                 raise ConfigError(f"{path}:{n}: image {image} not found")
+            paths.append(str(image))
         out.append(Question(len(out), record.get("id", record.get("question_id", n)),
                             text.replace(IMAGE_TOKEN, "").strip(),
-                            None if image is None else str(image)))
+                            paths if isinstance(given, list) else
+                            (paths[0] if paths else None)))
     if not out:
         raise ConfigError(f"{path}: no questions")
     return out
 
 
 def _prompt(q: Question, tok: Tokenizer, template: str) -> list[int]:
-    text = q.question if q.image is None else f"{IMAGE_TOKEN}\n{q.question}"
+    text = f"{IMAGE_TOKEN}\n" * len(q.images) + q.question
     return encode_prompt({"conversations": [{"from": "human", "value": text}]}, tok, template)
 
 
@@ -95,8 +112,8 @@ def answer(model, questions: list[Question], tok: Tokenizer, gen: GenerationConf
     for b in range(int(count.item())):
         batch = batches[b] if b < len(batches) else questions[:1]  # a stand-in, discarded
         prompts = [_prompt(q, tok, gen.template) for q in batch]
-        pictures = [preprocess(q.load_image(), vision, train=False) for q in batch
-                    if q.image is not None]  # text-only questions have none
+        pictures = [preprocess(image, vision, train=False)  # in <image> order
+                    for q in batch for image in q.load_images()]
         images = torch.stack(pictures) if pictures else None
         tokens = generate(model, prompts, images, tok.eos_id, gen,
                           sample_ids=[q.index for q in batch], pad_id=tok.pad_id)

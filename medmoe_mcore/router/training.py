@@ -109,6 +109,9 @@ def router_samples(records, tok, cfg) -> tuple[list, list[str], Counter]:
             if image is None:
                 skipped["no image"] += 1
                 continue
+            if isinstance(image, list):  # the router learns from one image per question
+                skipped["several images"] += 1
+                continue
             pixels = preprocess(load_image(image, name=str(record.get("id"))), cfg.vision,
                                 train=True)
         samples.append((ids, pixels))
