@@ -207,6 +207,18 @@ def test_shards_are_an_energon_dataset_and_foreign_code_is_refused(tmp_path):
             shard_paths(folder)
 
 
+def _train_two_iterations(shards, ws, batch: int) -> str:
+    """Stage 2 for 2 iterations of `batch` on `shards` in the main job's path; its log."""
+    r = run_tool("examples/pretrain_medmoe.py", "--stage", "2", "--data-path", str(shards),
+                 "--pretrained-checkpoint", str(ws["init"]), "--train-iters", "2",
+                 "--micro-batch-size", str(batch), "--global-batch-size", str(batch),
+                 "--seq-length", "96", "--lr", "1e-3", "--num-workers", "0", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = json.loads(r.stdout.strip().splitlines()[-1])["losses"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    return r.stdout
+
+
 def _hf_dataset(root, broken: bool = False):
     """A Med-VQA dataset as the hub keeps VQA-RAD (image bytes, question, answer), saved both
     as parquet files (data/train-*.parquet) and as a save_to_disk Arrow folder."""
@@ -249,13 +261,7 @@ def test_hf_datasets_prepare_and_train(tmp_path, single_rank):
         ("CLOSED", "X-Ray"), ("CLOSED", "MRI"), ("OPEN", "CT"), ("CLOSED", "Pathology")]
     assert stored[2]["conversations"][0]["value"] == "<image>\nIs this image 2?"
 
-    ws = make_workspace(tmp_path / "ws")
-    r = run_tool("examples/pretrain_medmoe.py", "--stage", "2", "--data-path",
-                 str(tmp_path / "parquet"), "--pretrained-checkpoint", str(ws["init"]),
-                 "--train-iters", "2", "--micro-batch-size", "2", "--global-batch-size", "2",
-                 "--seq-length", "96", "--lr", "1e-3", "--num-workers", "0", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert len(json.loads(r.stdout.strip().splitlines()[-1])["losses"]) == 2
+    _train_two_iterations(tmp_path / "parquet", make_workspace(tmp_path / "ws"), batch=2)
 
     broken, _ = _hf_dataset(tmp_path / "broken", broken=True)
     r = run_tool("tools/prepare_data.py", "--hf-dataset", str(broken), "--output",
@@ -278,12 +284,5 @@ def test_text_only_and_image_records_train_together(tmp_path, single_rank):
     from tests.demo_setup import make_workspace
 
     _mixed_shards(tmp_path)
-    ws = make_workspace(tmp_path / "ws")
-    r = run_tool("examples/pretrain_medmoe.py", "--stage", "2", "--data-path",
-                 str(tmp_path / "shards"), "--pretrained-checkpoint", str(ws["init"]),
-                 "--train-iters", "2", "--micro-batch-size", "4", "--global-batch-size", "4",
-                 "--seq-length", "96", "--lr", "1e-3", "--num-workers", "0", timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    losses = json.loads(r.stdout.strip().splitlines()[-1])["losses"]
-    assert len(losses) == 2 and all(np.isfinite(losses))
-    assert "skipped" not in r.stdout.split("data read this run")[-1]
+    log = _train_two_iterations(tmp_path / "shards", make_workspace(tmp_path / "ws"), batch=4)
+    assert "skipped" not in log.split("data read this run")[-1]
