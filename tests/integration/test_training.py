@@ -180,7 +180,7 @@ def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
                          workspace["shards"]["stage2"], "--pretrained-checkpoint",
                          workspace["init"], "--train-iters", "2",
                          "--use-distributed-optimizer", "--tensorboard-dir", tmp_path / "tb")
-    assert len(losses) == 2 and "in a blend of 2: shards 7 samples (weight 0.75); stage2" in log
+    assert len(losses) == 2 and "in a blend of 2: shards 8 samples (weight 0.75); stage2" in log
     assert "data read this run: shards " in log and " | stage2 " in log
     assert list((tmp_path / "tb" / "stage2").glob("events.out.tfevents.*"))  # one per stage
     # a shard truncated at a record boundary: refused naming the file, before any model
