@@ -30,6 +30,7 @@ from medmoe_mcore.data.blend import DataBlend
 from medmoe_mcore.data.encoding import encode
 from medmoe_mcore.data.images import load_image, preprocess
 from medmoe_mcore.data.loader_process import LoaderProcess
+from medmoe_mcore.data.packing import PACKING_BUFFER_SIZE, sequence_packs
 from medmoe_mcore.data.records import SkipRecord
 from medmoe_mcore.data.tokenizer import Tokenizer
 
@@ -69,6 +70,20 @@ def _raw_record(sample: dict) -> dict:
                 images=[sample[k] for k in parts])
 
 
+def _check_packing(cfg: ModelConfig) -> None:
+    """--pack-sequences needs attention that honours a sample mask and routing per token."""
+    if cfg.moe is not None and cfg.moe.routing_granularity == "sample":
+        raise ConfigError("--pack-sequences with --moe-routing-granularity sample: the sample "
+                          "router pools over the whole row, which would mix the packed "
+                          "samples; use token routing or leave packing off")
+    if cfg.parallel.transformer_impl != "local":
+        raise ConfigError(f"--pack-sequences with --transformer-impl "
+                          f"{cfg.parallel.transformer_impl}: packed rows are masked per sample "
+                          "in the local attention (SDPA with a block-diagonal mask); Transformer "
+                          "Engine would need THD packed-sequence parameters, not built; use "
+                          "--transformer-impl local")
+
+
 def _worker_id() -> int:
     info = torch.utils.data.get_worker_info()
     return info.id if info is not None else -1
@@ -76,16 +91,21 @@ def _worker_id() -> int:
 
 class MedMoETaskEncoder(DefaultTaskEncoder):
     """Records -> (ids, labels, image) with our templates, in the loader's workers; micro-
-    batches padded, with each sample's dataset and the worker's running skip counts."""
+    batches padded, with each sample's dataset and the worker's running skip counts. With
+    `pack_length`, each row of a micro-batch holds several samples (`sample_index` says whose
+    each token is; data/packing.py chooses them)."""
 
     cookers = [Cooker(_raw_record)]
     decoder = None  # raw bytes: images are decoded by data/images.py (DICOM included)
 
     def __init__(self, tokenizer, template: str, seq_length: int, cfg: ModelConfig,
-                 train: bool = True, balance_micro_batch: int = 0):
+                 train: bool = True, balance_micro_batch: int = 0, pack: bool = False):
         super().__init__()
         # > 0: micro-batches of this size composed from the modality mix (select_samples_to_pack)
         self.balance_micro_batch = balance_micro_batch
+        if pack:
+            _check_packing(cfg)
+        self.pack_length = seq_length if pack else 0
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         v = cfg.vision
         if tok.vocab_size > cfg.language.vocab_size:
@@ -126,10 +146,14 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
                                                             else TEXT_ONLY)))
 
     def select_samples_to_pack(self, samples: list[dict]) -> list[list[dict]]:
-        """Energon's packing stage used as a sampler: a window of BALANCE_WINDOW micro-batches'
-        samples (in the epoch's shuffled order) regrouped into micro-batches that each carry
-        the window's modality mix. Energon saves the window with the loader state, so a resume
-        is exact."""
+        """Energon's packing stage: rows of packed samples (data/packing.py), or, used as a
+        sampler, a window of BALANCE_WINDOW micro-batches' samples (in the epoch's shuffled
+        order) regrouped into micro-batches that each carry the window's modality mix.
+        Energon saves the buffer with the loader state, so a resume is exact."""
+        if self.pack_length:
+            patches = self.vision.num_patches if self.vision is not None else 1
+            lengths = [len(s["ids"]) + len(s["images"]) * (patches - 1) for s in samples]
+            return sequence_packs(samples, lengths, self.pack_length)
         return balanced_micro_batches(samples, self.balance_micro_batch)
 
     @stateless
@@ -137,21 +161,37 @@ class MedMoETaskEncoder(DefaultTaskEncoder):
         return dict(**basic_sample_keys(samples[0]), members=samples)
 
     def batch(self, samples: list[dict]) -> dict:
-        if "members" in samples[0]:  # one balanced micro-batch
-            samples = [m for pack in samples for m in pack["members"]]
-        length = max(len(s["ids"]) for s in samples)
-        ids = torch.full((len(samples), length), self.tok.pad_id, dtype=torch.long)
-        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        for b, s in enumerate(samples):
-            ids[b, :len(s["ids"])] = torch.tensor(s["ids"])
-            labels[b, :len(s["labels"])] = torch.tensor(s["labels"])
-        images = [image for s in samples for image in s["images"]]  # in placeholder order
-        return {"input_ids": ids, "labels": labels,
-                "images": torch.stack(images) if images else None,
-                "lengths": [len(s["ids"]) for s in samples],
-                "datasets": [s["dataset"] for s in samples],
-                "modalities": [s["modality"] for s in samples],
-                "skipped": (_worker_id(), dict(self.skipped))}
+        if self.pack_length:  # each is a pack: one row of several samples
+            rows = [pack["members"] for pack in samples]
+        elif "members" in samples[0]:  # one balanced micro-batch
+            rows = [[m] for pack in samples for m in pack["members"]]
+        else:
+            rows = [[s] for s in samples]
+        lengths = [sum(len(m["ids"]) for m in row) for row in rows]
+        ids = torch.full((len(rows), max(lengths)), self.tok.pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        index = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            at = 0
+            for i, m in enumerate(row):
+                n = len(m["ids"])
+                ids[r, at:at + n] = torch.tensor(m["ids"])
+                labels[r, at:at + n] = torch.tensor(m["labels"])
+                labels[r, at] = IGNORE_INDEX  # no token predicts a sample's first one
+                index[r, at:at + n] = i
+                at += n
+            index[r, at:] = len(row)  # the padding: a segment of its own
+        members = [m for row in rows for m in row]
+        images = [image for m in members for image in m["images"]]  # in placeholder order
+        batch = {"input_ids": ids, "labels": labels,
+                 "images": torch.stack(images) if images else None,
+                 "lengths": lengths, "samples": len(members),
+                 "datasets": [m["dataset"] for m in members],
+                 "modalities": [m["modality"] for m in members],
+                 "skipped": (_worker_id(), dict(self.skipped))}
+        if self.pack_length:
+            batch["sample_index"] = index
+        return batch
 
     def encode_batch(self, batch: dict) -> dict:
         return batch
@@ -226,6 +266,8 @@ class TrainingBatches(_Batches):
         if encoder.balance_micro_batch:  # one pack of energon's = one balanced micro-batch
             batching = dict(batch_size=1,
                             packing_buffer_size=micro_batch_size * BALANCE_WINDOW)
+        elif encoder.pack_length:  # one pack = one row
+            batching = dict(batch_size=micro_batch_size, packing_buffer_size=PACKING_BUFFER_SIZE)
         dataset = get_train_dataset(blend.source, **batching,
                                     shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
                                     max_samples_per_sequence=MAX_SAMPLES_PER_SEQUENCE,

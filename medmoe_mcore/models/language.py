@@ -49,6 +49,16 @@ class LanguageModel(GPTModel):
         if cfg.lora is not None and perform_initialization:
             initialize_adapters(self, cfg.lora.init_seed)
 
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
+        """Megatron's, except that given position_ids (packed samples: positions restart per
+        sample) set each token's rotary angle; Megatron's RoPE takes 0..S-1 in every row."""
+        out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input,
+                                  **kwargs)
+        if position_ids is None or out[1] is None:
+            return out
+        table = out[1][:, 0, 0]  # [S, rotary dim]: positions 0..S-1
+        return (out[0], table[position_ids.t()].unsqueeze(2), *out[2:])  # [S, b, 1, dim]
+
     def compute_language_model_loss(self, labels, logits):
         return super().compute_language_model_loss(labels, self.mask_padded_vocab(logits))
 

@@ -80,18 +80,49 @@ def splice_images(text_embeds: torch.Tensor, input_ids: torch.Tensor,
 TEXT, IMAGE = 1, 2  # token_kinds' values; 0 is padding
 
 
+def _splice_values(values: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                   image_len: int, pad_to_multiple: int, image_value=None) -> torch.Tensor:
+    """[b, s] per-token values -> [S, b] over the spliced sequence, by splice_images' own
+    layout applied to a one-channel stand-in for the embeddings: an image's tokens take
+    `image_value`, or else the value of its placeholder; the splice's right padding is 0."""
+    is_image = input_ids == image_token_id
+    n_images = int(is_image.sum())
+    images = None
+    if n_images:
+        at_slots = values[is_image].float() if image_value is None else \
+            torch.full((n_images,), float(image_value), device=values.device)
+        images = at_slots.view(n_images, 1, 1).expand(n_images, image_len, 1)
+    spliced, _ = splice_images(values.t().float().unsqueeze(-1), input_ids, images,
+                               image_token_id, pad_to_multiple=pad_to_multiple)
+    return spliced[..., 0].long()
+
+
 def token_kinds(input_ids: torch.Tensor, lengths, image_token_id: int, image_len: int,
                 pad_to_multiple: int = 1) -> torch.Tensor:
     """[S, b] long over the spliced sequence: TEXT, IMAGE, or 0 for padding (positions past a
-    sample's `lengths[b]` ids, and the splice's own right padding). The layout is
-    splice_images' own, applied to a one-channel stand-in for the embeddings."""
-    s, b = input_ids.shape[1], input_ids.shape[0]
-    real = torch.arange(s).unsqueeze(1) < torch.as_tensor(list(lengths)).unsqueeze(0)
-    n_images = int((input_ids == image_token_id).sum())
-    images = torch.full((n_images, image_len, 1), float(IMAGE)) if n_images else None
-    spliced, _ = splice_images((real.float() * TEXT).unsqueeze(-1), input_ids.cpu(), images,
-                               image_token_id, pad_to_multiple=pad_to_multiple)
-    return spliced[..., 0].long()
+    sample's `lengths[b]` ids, and the splice's own right padding)."""
+    ids = input_ids.cpu()
+    real = torch.arange(ids.shape[1]).unsqueeze(0) < torch.as_tensor(list(lengths)).unsqueeze(1)
+    return _splice_values(real.long() * TEXT, ids, image_token_id, image_len, pad_to_multiple,
+                          image_value=IMAGE)
+
+
+def packed_layout(sample_index: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                  image_len: int, pad_to_multiple: int = 1):
+    """Rows that each hold several samples (`sample_index` [b, s]: which sample of its row a
+    token belongs to, its images included) -> (position_ids [b, S]: each sample's positions
+    from 0; attention_mask [b, 1, S, S], Megatron's True = masked: causal within a sample,
+    nothing across samples). The splice's right padding is a segment of its own."""
+    segment = _splice_values(sample_index + 1, input_ids, image_token_id, image_len,
+                             pad_to_multiple).t()  # [b, S]
+    b, length = segment.shape
+    index = torch.arange(length, device=segment.device).expand(b, length)
+    starts = torch.ones_like(segment, dtype=torch.bool)
+    starts[:, 1:] = segment[:, 1:] != segment[:, :-1]
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    allowed = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal
+    return positions, ~allowed.unsqueeze(1)
 
 
 class MedMoEModel(MegatronModule):
@@ -135,10 +166,12 @@ class MedMoEModel(MegatronModule):
         return self.projector(features.contiguous())
 
     def forward(self, input_ids: torch.Tensor, images: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None):
+                labels: torch.Tensor | None = None, sample_index: torch.Tensor | None = None):
         """input_ids [b, s] with one `vision.image_token_id` per image; images [n, 3, H, W]
         (preprocessed, in order of appearance); labels [b, s] unshifted, IGNORE_INDEX where no
-        loss (HF convention; shifted here).
+        loss (HF convention; shifted here). sample_index [b, s]: rows of packed samples (each
+        sample attends to itself only, its positions start at 0; see packed_layout); a
+        sample's first label must be IGNORE_INDEX, as no token predicts it.
 
         Returns logits [b, S, vocab (/TP with parallel_output)] without labels, else
         (per-token loss [b, S], loss mask [b, S]) over the spliced sequence."""
@@ -153,16 +186,25 @@ class MedMoEModel(MegatronModule):
         multiple = par.tensor_model_parallel_size if par.sequence_parallel else 1
         embeds, labels = splice_images(text, input_ids, image_embeds, image_token_id, labels,
                                        pad_to_multiple=multiple)
+        positions = mask = None
+        if sample_index is not None:
+            moe = self.model_config.moe
+            if moe is not None and moe.routing_granularity == "sample":
+                raise MultimodalInputError(
+                    "packed samples need moe.routing_granularity='token': the 'sample' router "
+                    "pools over the whole row, which would mix the packed samples")
+            positions, mask = packed_layout(sample_index, input_ids, image_token_id,
+                                            self.model_config.vision.num_patches, multiple)
         if par.sequence_parallel:
             embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)
         if labels is None:
-            return lm(input_ids=None, position_ids=None, attention_mask=None,
+            return lm(input_ids=None, position_ids=positions, attention_mask=mask,
                       decoder_input=embeds)
         shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1),
                                                             IGNORE_INDEX)], dim=1)
         loss_mask = shifted != IGNORE_INDEX
-        loss = lm(input_ids=None, position_ids=None, attention_mask=None, decoder_input=embeds,
-                  labels=shifted.clamp(min=0))
+        loss = lm(input_ids=None, position_ids=positions, attention_mask=mask,
+                  decoder_input=embeds, labels=shifted.clamp(min=0))
         return loss, loss_mask
 
 

@@ -43,6 +43,10 @@ class TrainConfig:
         "worth of samples (the epoch's order otherwise kept; resumes exactly): with a fixed "
         "modality router the expert load follows the batch's modalities, so expert-parallel "
         "ranks stay balanced without an auxiliary loss")
+    pack_sequences: bool = option(
+        False, "pack several samples into each row of up to --seq-length tokens (energon's "
+        "packing stage, first fit over 64 samples; resumes exactly), each attending to itself "
+        "only with its positions from 0: less padding. --micro-batch-size then counts rows")
     eval_interval: Optional[int] = option(None, "iterations between validations (default "
                                           "1000, and at the end; needs --valid-data-path)")
     eval_iters: Optional[int] = option(None, "global batches per validation (default 100), "
@@ -285,6 +289,9 @@ class TrainConfig:
         if early and self.save is None:
             raise ConfigError(f"{', '.join(early)} without --save: the run would stop without "
                               "a checkpoint of its work")
+        if self.pack_sequences and self.balanced_modality_batches:
+            raise ConfigError("--pack-sequences and --balanced-modality-batches both regroup "
+                              "samples in energon's packing stage: choose one")
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
             raise ConfigError("--override-opt_param-scheduler and "
                               "--use-checkpoint-opt_param-scheduler: choose one")

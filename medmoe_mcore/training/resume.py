@@ -109,7 +109,7 @@ def run_flag_differences(saved_scheduler: dict, saved_flags: dict | None, train:
 
 
 # data-layout keys added after checkpoints were first saved, with the behaviour of those saves
-DATA_LAYOUT_BEFORE_KEYS = {"balanced_modality_batches": False}
+DATA_LAYOUT_BEFORE_KEYS = {"balanced_modality_batches": False, "pack_sequences": False}
 
 def _lock_save_folder(train: TrainConfig) -> FolderLock | None:
     """Collective: rank 0 takes the --save folder's lock for the run (one run per folder), or

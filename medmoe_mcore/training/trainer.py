@@ -78,12 +78,14 @@ class Trainer:
         blend = data_blend(train.data_path)
         encoder = MedMoETaskEncoder(
             train.tokenizer, train.template_or_default, train.seq_length, cfg,
-            balance_micro_batch=train.micro_batch_size if train.balanced_modality_batches else 0)
+            balance_micro_batch=train.micro_batch_size if train.balanced_modality_batches else 0,
+            pack=train.pack_sequences)
         self.blend = blend
         self.data = training_batches(blend, encoder, train.micro_batch_size, *self._dp_layout())
         log(f"data: {blend.summary()}; {train.template_or_default} template, "
             f"{train.num_workers} loader workers per rank"
-            f"{'; modality-balanced micro-batches' if train.balanced_modality_batches else ''}")
+            f"{'; modality-balanced micro-batches' if train.balanced_modality_batches else ''}"
+            f"{'; packed sequences of up to --seq-length tokens' if train.pack_sequences else ''}")
         self.valid = None
         if train.validation:
             valid = data_blend(train.valid_data_path, "--valid-data-path")
@@ -98,7 +100,8 @@ class Trainer:
         self.checkpoint = RunCheckpoint(cfg, train, dict(
             datasets=blend.identity(), data_parallel_size=self.dp,
             num_workers=train.num_workers, micro_batch_size=train.micro_batch_size,
-            balanced_modality_batches=train.balanced_modality_batches))
+            balanced_modality_batches=train.balanced_modality_batches,
+            pack_sequences=train.pack_sequences))
         model, trainable = training_setup.stage_model(cfg, train)
         self.checkpoint.load_starting_weights(model)
         self.setup = training_setup.wrap(model, trainable, cfg, train)
@@ -153,7 +156,9 @@ class Trainer:
             self.expert_load.begin_batch(
                 batch["input_ids"], batch["lengths"], ["-"] * len(batch["lengths"]),
                 par.tensor_model_parallel_size if par.sequence_parallel else 1)
-        loss, mask = model(batch["input_ids"].to(dev), images, labels=batch["labels"].to(dev))
+        packed = batch.get("sample_index")
+        loss, mask = model(batch["input_ids"].to(dev), images, labels=batch["labels"].to(dev),
+                           **({} if packed is None else {"sample_index": packed.to(dev)}))
         if counting:
             self.expert_load.end_batch()
 

@@ -194,23 +194,37 @@ def test_training_runs_on_prepared_shards_with_bad_records(tmp_path, workspace):
     assert "shard-000000.tar: truncated" in r.stderr and "initialised" not in r.stdout
 
 
-@pytest.mark.slow
-def test_balanced_modality_batches_resume_bitwise(tmp_path, workspace):
-    """Stage 3 at EP=2 with modality-balanced micro-batches: interrupted and resumed equals
+def _stage3_resumes_bitwise(tmp_path, workspace, flag, extra, logged, iters, saved_key):
+    """Stage 3 at EP=2 with a data-layout flag: interrupted halfway and resumed equals
     uninterrupted bitwise; resuming without the flag is refused, naming it."""
     start = _upcycled(tmp_path, workspace)
     stage3 = ("--stage", "3", "--data-path", workspace["shards"]["stage3"],
-              "--pretrained-checkpoint", start, "--train-iters", "6", "--num-workers", "2",
-              "--expert-model-parallel-size", "2", "--balanced-modality-batches")
+              "--pretrained-checkpoint", start, "--train-iters", str(iters), "--num-workers",
+              "2", "--expert-model-parallel-size", "2", *extra, flag)
     full, log = _train(*stage3, "--save", tmp_path / "a")
-    assert "modality-balanced micro-batches" in log
-    first, _ = _train(*stage3, "--save", tmp_path / "b", "--exit-interval", "3")
+    assert logged in log
+    half = iters // 2
+    first, _ = _train(*stage3, "--save", tmp_path / "b", "--exit-interval", half)
     rest, _ = _train(*stage3, "--save", tmp_path / "b", "--load", tmp_path / "b")
-    assert first == full[:3] and rest == full[3:]
+    assert first == full[:half] and rest == full[half:]
     r = run_tool("examples/pretrain_medmoe.py", *COMMON, *map(str, stage3[:-1]), "--save",
-                 str(tmp_path / "b"), "--load", str(tmp_path / "b"), "--train-iters", "8",
-                 "--override-opt_param-scheduler", nproc=2, timeout=600)
-    assert r.returncode != 0 and "balanced_modality_batches: saved True, now False" in r.stderr
+                 str(tmp_path / "b"), "--load", str(tmp_path / "b"), "--train-iters",
+                 str(iters + 2), "--override-opt_param-scheduler", nproc=2, timeout=600)
+    assert r.returncode != 0 and f"{saved_key}: saved True, now False" in r.stderr
+
+
+@pytest.mark.slow
+def test_balanced_modality_batches_resume_bitwise(tmp_path, workspace):
+    _stage3_resumes_bitwise(tmp_path, workspace, "--balanced-modality-batches", (),
+                            "modality-balanced micro-batches", 6, "balanced_modality_batches")
+
+
+@pytest.mark.slow
+def test_packed_sequences_train_and_resume_bitwise(tmp_path, workspace):
+    """Rows of 256 positions hold two or three of the demo's stage-3 samples."""
+    _stage3_resumes_bitwise(tmp_path, workspace, "--pack-sequences", ("--seq-length", "256"),
+                            "packed sequences of up to --seq-length tokens", 4,
+                            "pack_sequences")
 
 
 def test_lora_stage3_adapters_reshard_and_resume(tmp_path, workspace):

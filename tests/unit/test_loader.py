@@ -30,6 +30,22 @@ def encoder_cfg(encoder):
     return ModelConfig(language=medmoe_language("tiny"), vision=encoder.vision)
 
 
+def restored_after(batches, keys, n=3):
+    """Reads 2n micro-batches from one loader; a second, restored from the state after n,
+    gives the last n again (each key equal). Returns (first, again, head, rest)."""
+    first = batches()
+    head = [first.next() for _ in range(n)]
+    state = first.state_bytes()
+    rest = [first.next() for _ in range(n)]
+    again = batches()
+    again.restore_bytes(state, "test")
+    for a, b in zip(rest, [again.next() for _ in range(n)]):
+        for key in keys:
+            assert (torch.equal(a[key], b[key]) if torch.is_tensor(a[key])
+                    else a[key] == b[key]), key
+    return first, again, head, rest
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restore_continues_exactly(shards, workers):
     folders, encoder = shards
@@ -38,15 +54,7 @@ def test_restore_continues_exactly(shards, workers):
         return training_batches(data_blend(str(folders["stage2"])), encoder, 2, 0, 1, workers,
                                 seed=1234)
 
-    first = batches()
-    head = [first.next() for _ in range(3)]
-    state = first.state_bytes()
-    rest = [first.next() for _ in range(3)]
-    again = batches()
-    again.restore_bytes(state, "test")
-    for a, b in zip(rest, [again.next() for _ in range(3)]):
-        assert torch.equal(a["input_ids"], b["input_ids"])
-        assert torch.equal(a["images"], b["images"]) and a["lengths"] == b["lengths"]
+    first, again, head, rest = restored_after(batches, ("input_ids", "images", "lengths"))
     assert head[0]["images"].shape == (2, 3, 56, 56)
     assert sum(first.read_per_dataset()) == 12
     first.close(), again.close()
@@ -161,3 +169,55 @@ def test_balanced_batches_mix_modalities_and_restore_exactly(shards, workers):
     assert sum(mixed) > sum(unmixed), (mixed, unmixed)
     for loader in (first, again, plain):
         loader.close()
+
+
+def test_sequence_packs_fill_rows_first_fit_and_drop_nothing():
+    from medmoe_mcore.data.packing import sequence_packs
+
+    lengths = [70, 50, 60, 20, 128, 40, 30]
+    packs = sequence_packs(list(range(7)), lengths, 128)
+    assert sorted(i for p in packs for i in p) == list(range(7))
+    assert all(sum(lengths[i] for i in p) <= 128 for p in packs)
+    assert packs == [[0, 1], [2, 3, 5], [4], [6]]  # longest first, each to the first row it fits
+    assert sequence_packs(list(range(7)), lengths, 128) == packs  # no randomness
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_packed_rows_hold_several_samples_and_restore_exactly(shards, workers):
+    folders, encoder = shards
+    # the demo's stage-2 samples take 87-105 tokens: two to a row of 256
+    packing = MedMoETaskEncoder(encoder.tok, "phi", 256, encoder_cfg(encoder), pack=True)
+    patches = encoder.vision.num_patches
+
+    def batches():
+        return training_batches(data_blend(str(folders["stage2"])), packing, 2, 0, 1, workers,
+                                seed=1234)
+
+    first, again, head, rest = restored_after(
+        batches, ("input_ids", "labels", "sample_index", "images", "lengths"))
+    for batch in head + rest:
+        index, ids = batch["sample_index"], batch["input_ids"]
+        assert batch["samples"] > ids.shape[0]  # several samples per row
+        assert batch["samples"] == len(batch["datasets"]) == \
+            sum(int(row[:n].max()) + 1 for row, n in zip(index, batch["lengths"]))
+        images = (ids == encoder.tok.image_token_id).sum(dim=1)
+        assert all(n + k * (patches - 1) <= 256 for n, k in zip(batch["lengths"], images))
+    assert sum(first.read_per_dataset()) == sum(b["samples"] for b in head + rest)
+    first.close(), again.close()
+
+
+def test_packing_refuses_sample_routing_and_balanced_batches(shards):
+    from medmoe_mcore.config.model import MoEConfig
+
+    _, encoder = shards
+    cfg = encoder_cfg(encoder)
+    cfg.moe = MoEConfig(num_experts=4, routing_granularity="sample")
+    with pytest.raises(ConfigError, match="--moe-routing-granularity sample"):
+        MedMoETaskEncoder(encoder.tok, "phi", 128, cfg, pack=True)
+    from medmoe_mcore.training.config import TrainConfig
+
+    train = TrainConfig(stage=2, data_path=["d"], train_iters=1, lr=1e-3,
+                        pretrained_checkpoint="c", pack_sequences=True,
+                        balanced_modality_batches=True)
+    with pytest.raises(ConfigError, match="--pack-sequences and --balanced-modality-batches"):
+        train.validate(dp=1)
