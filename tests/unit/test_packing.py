@@ -70,7 +70,8 @@ def test_packed_rows_equal_the_samples_unpacked(single_rank, experts):
 
 def compare_packed_with_unpacked(model, cfg, reduce_grads=lambda grads: grads):
     """The four samples in rows of their own, then packed 3 + 1: loss and every gradient
-    (`reduce_grads` sums what sequence-parallel ranks hold in part) within 1e-5."""
+    (`reduce_grads` sums what sequence-parallel ranks hold in part) within 1e-5
+    relative."""
     gen = torch.Generator().manual_seed(0)
     xs = samples(gen)
     v = cfg.vision
@@ -83,8 +84,10 @@ def compare_packed_with_unpacked(model, cfg, reduce_grads=lambda grads: grads):
     assert torch.allclose(packed, alone, rtol=1e-5, atol=0)
     assert packed_grads.keys() == alone_grads.keys() and len(packed_grads) > 10
     for name, grad in alone_grads.items():
-        assert torch.allclose(packed_grads[name], grad, rtol=1e-5, atol=1e-7), \
-            (name, (packed_grads[name] - grad).abs().max().item(), grad.abs().max().item())
+        # Relative to the tensor's largest entry: summation order moves a small entry by
+        # float32 rounding of the large ones, which an element-wise rtol would flag.
+        error = (packed_grads[name] - grad).abs().max().item()
+        assert error <= 1e-5 * grad.abs().max().item() + 1e-9, (name, error)
 
 
 def test_unmasked_packing_would_differ(single_rank):
