@@ -13,10 +13,10 @@ def test_overlapped_runs_equal_the_plain_ones(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = torch.load(tmp_path / "out.pt", weights_only=True)
     # (a, b, largest difference allowed): overlapping all-reduces change no sum; the
-    # distributed optimizer over several buckets adds its gradient norm's pieces in another
-    # order (the clipping factor's last bits), so there a float32 tolerance
+    # distributed optimizer adds its gradient norm's pieces in another order per bucket
+    # layout (the clipping factor's last bits), so there float32 rounding of the updates
     pairs = (("plain", "overlap_grad_reduce", 0.0),
-             ("distributed_optimizer", "distributed_optimizer_overlap", 2e-5),
+             ("distributed_optimizer", "distributed_optimizer_overlap", 1e-6),
              ("plain", "distributed_optimizer", 1e-6))
     for a, b, tolerance in pairs:
         for part in ("grads", "weights"):
