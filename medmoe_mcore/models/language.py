@@ -51,10 +51,12 @@ class LanguageModel(GPTModel):
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
         """Megatron's, except that given position_ids (packed samples: positions restart per
-        sample) set each token's rotary angle; Megatron's RoPE takes 0..S-1 in every row."""
+        sample) set each token's rotary angle; Megatron's RoPE takes 0..S-1 in every row.
+        Under an inference context Megatron's table spans the cache and attention picks the
+        step's rows by the context's offset, so the table is left as it is."""
         out = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input,
                                   **kwargs)
-        if position_ids is None or out[1] is None:
+        if position_ids is None or out[1] is None or kwargs.get("inference_context"):
             return out
         table = out[1][:, 0, 0]  # [S, rotary dim]: positions 0..S-1
         return (out[0], table[position_ids.t()].unsqueeze(2), *out[2:])  # [S, b, 1, dim]

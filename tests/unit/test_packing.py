@@ -121,3 +121,29 @@ def test_sample_level_routing_refuses_packed_rows(single_rank):
     with pytest.raises(MultimodalInputError, match="routing_granularity='token'"):
         model(ids, None, labels=labels, sample_index=index)
 
+
+
+def test_position_ids_leave_cached_decoding_alone(single_rank):
+    """Under an inference context Megatron's rotary table spans the cache; given position_ids
+    (as Megatron's own inference engine passes them) must not replace it: a prefill and a
+    decoding step give the logits they give without position_ids."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    model, _ = tiny_model(0)
+    lm = model.language_model.eval()
+    ids = torch.randint(3, 500, (2, 6), generator=torch.Generator().manual_seed(0))
+
+    def prefill_then_step(with_positions):
+        context = StaticInferenceContext(2, 16)
+        logits = []
+        for start, end in ((0, 5), (5, 6)):
+            positions = torch.arange(start, end).expand(2, -1) if with_positions else None
+            with torch.no_grad():
+                logits.append(lm(input_ids=ids[:, start:end], position_ids=positions,
+                                 attention_mask=None, inference_context=context,
+                                 runtime_gather_output=True))
+            context.sequence_len_offset += end - start
+        return logits
+
+    for given, plain in zip(prefill_then_step(True), prefill_then_step(False)):
+        assert torch.equal(given, plain)
