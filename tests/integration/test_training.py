@@ -213,6 +213,26 @@ def _stage3_resumes_bitwise(tmp_path, workspace, flag, extra, logged, iters, sav
     assert r.returncode != 0 and f"{saved_key}: saved True, now False" in r.stderr
 
 
+def test_expert_paths_scored_alike_at_every_step(tmp_path, workspace):
+    """tools/compare_expert_paths.py: each stage-3 step's loss with the grouped and with the
+    sequential experts on the same weights and batch, EP=2; the scoring leaves the run as a
+    plain run of the same flags."""
+    stage3 = ("--stage", "3", "--data-path", workspace["shards"]["stage3"],
+              "--pretrained-checkpoint", _upcycled(tmp_path, workspace), "--train-iters", "3",
+              "--expert-model-parallel-size", "2")
+    plain, _ = _train(*stage3)
+    r = run_tool("tools/compare_expert_paths.py", "--out", str(tmp_path / "paths.jsonl"),
+                 *COMMON, *map(str, stage3), nproc=2, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    lines = r.stdout.strip().splitlines()
+    assert json.loads(lines[-2])["losses"] == plain
+    summary = json.loads(lines[-1])["expert_paths"]
+    assert summary["steps_with_experts"] == 3 and summary["own_experts_reproduce_every_step"]
+    assert summary["largest_relative_difference"] < 1e-5
+    records = [json.loads(x) for x in (tmp_path / "paths.jsonl").read_text().splitlines()]
+    assert [x["step_loss"] for x in records] == plain
+
+
 @pytest.mark.slow
 def test_balanced_modality_batches_resume_bitwise(tmp_path, workspace):
     _stage3_resumes_bitwise(tmp_path, workspace, "--balanced-modality-batches", (),
