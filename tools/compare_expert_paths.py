@@ -32,6 +32,7 @@ def shadow_losses(records: list):
     import torch
 
     from medmoe_mcore.models.moe.experts import GroupedExperts, LeanSequentialMLP
+    from medmoe_mcore.training import setup as training_setup
     from medmoe_mcore.training.resume import rng_state, set_rng_state
     from medmoe_mcore.training.trainer import Trainer
 
@@ -44,7 +45,8 @@ def shadow_losses(records: list):
         own = type(experts[0])
         scored, rng = {}, rng_state()
         try:
-            with torch.no_grad():
+            # as evaluate(): with --overlap-param-gather every parameter current first
+            with torch.no_grad(), training_setup.params_in_sync(self.setup.ddp):
                 for name, cls in (("sequential", LeanSequentialMLP), ("grouped", GroupedExperts)):
                     for m in experts:
                         m.__class__ = cls
