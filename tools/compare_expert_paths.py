@@ -14,10 +14,9 @@ drift from the two computations' difference in a single step.
     torchrun --nproc_per_node 2 tools/compare_expert_paths.py --out paths.jsonl \
         --work-dir /tmp/paths [the main job's flags]
 
-Writes --out (JSON lines), one line per step with
-experts: stage, iteration, the step's own loss, the sequential and grouped losses, and their
-relative difference. It checks that the run's own experts reproduce the step's loss exactly, and
-prints a summary line.
+Writes --out (JSON lines), one line per step with experts: stage, iteration, the step's own
+loss, the sequential and grouped losses, and their relative difference. It checks that the
+run's own experts reproduce the step's loss exactly, and prints a summary line.
 """
 
 import argparse
